@@ -1,0 +1,202 @@
+"""The values the codec produces and consumes: headers, addresses, TLVs and SSL details.
+
+All are immutable ``attrs`` values. The parser fills them in after full validation, so
+the typed accessors here never raise.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+
+import attrs
+
+__all__ = [
+    "Address",
+    "ClientFlags",
+    "Command",
+    "Family",
+    "InetAddress",
+    "ProxyHeader",
+    "SSLInfo",
+    "SSLSubType",
+    "TLVType",
+    "TLV",
+    "Transport",
+    "UnixAddress",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+class Command(enum.IntEnum):
+    """The v2 command nibble; a v1 header is always PROXY."""
+
+    LOCAL = 0x0
+    PROXY = 0x1
+
+
+class Family(enum.IntEnum):
+    """The v2 address family (high nibble of byte 13). v1 TCP4/TCP6/UNKNOWN map to these."""
+
+    UNSPEC = 0x0
+    INET = 0x1
+    INET6 = 0x2
+    UNIX = 0x3
+
+
+class Transport(enum.IntEnum):
+    """The v2 transport protocol (low nibble of byte 13)."""
+
+    UNSPEC = 0x0
+    STREAM = 0x1
+    DGRAM = 0x2
+
+
+class TLVType(enum.IntEnum):
+    """The TLV types the spec names. Others (custom 0xE0-0xEF and so on) are kept raw."""
+
+    ALPN = 0x01
+    AUTHORITY = 0x02
+    CRC32C = 0x03
+    NOOP = 0x04
+    UNIQUE_ID = 0x05
+    SSL = 0x20
+    NETNS = 0x30
+
+
+class SSLSubType(enum.IntEnum):
+    """The sub-TLVs carried inside a PP2_TYPE_SSL value."""
+
+    VERSION = 0x21
+    CN = 0x22
+    CIPHER = 0x23
+    SIG_ALG = 0x24
+    KEY_ALG = 0x25
+    GROUP = 0x26
+    SIG_SCHEME = 0x27
+    CLIENT_CERT = 0x28
+
+
+class ClientFlags(enum.IntFlag):
+    """The ``client`` byte of the SSL TLV."""
+
+    SSL = 0x01
+    CERT_CONN = 0x02
+    CERT_SESS = 0x04
+
+
+@attrs.frozen(repr=False)
+class InetAddress:
+    """An IPv4 or IPv6 endpoint. v4-mapped IPv6 is normalised to IPv4 by the parser."""
+
+    ip: IPAddress
+    port: int
+
+    def __repr__(self) -> str:
+        if self.ip.version == 6:
+            return f"InetAddress([{self.ip}]:{self.port})"
+        return f"InetAddress({self.ip}:{self.port})"
+
+
+@attrs.frozen
+class UnixAddress:
+    """An AF_UNIX endpoint: the path with its NUL padding removed."""
+
+    path: bytes
+
+
+Address = InetAddress | UnixAddress
+
+
+@attrs.frozen
+class TLV:
+    """One type-length-value entry, raw, as it appeared on the wire."""
+
+    type: int
+    value: bytes
+
+
+@attrs.frozen
+class SSLInfo:
+    """The decoded PP2_TYPE_SSL TLV: what the proxy knows of the client's TLS session."""
+
+    client: ClientFlags
+    # 0 means the client certificate verified; only meaningful when a CERT bit is set.
+    verify: int
+    version: str | None = None
+    cn: str | None = None
+    cipher: str | None = None
+    sig_alg: str | None = None
+    key_alg: str | None = None
+    group: str | None = None
+    sig_scheme: str | None = None
+    client_cert: bytes | None = attrs.field(default=None, repr=False)
+    # Every sub-TLV raw, in wire order, including ones this version does not decode.
+    tlvs: tuple[TLV, ...] = attrs.field(default=(), repr=False)
+
+    @property
+    def client_ssl(self) -> bool:
+        """True when the client reached the proxy over TLS (the CLIENT_SSL bit)."""
+        return bool(self.client & ClientFlags.SSL)
+
+    @property
+    def cert_presented(self) -> bool:
+        """True when the client presented a certificate, on this connection or session."""
+        return bool(self.client & (ClientFlags.CERT_CONN | ClientFlags.CERT_SESS))
+
+    @property
+    def verified(self) -> bool:
+        """True only when a certificate was presented *and* the proxy verified it.
+
+        HAProxy sends verify 0 when no certificate was presented, so verify alone says nothing.
+        """
+        return self.cert_presented and self.verify == 0
+
+
+def _first(tlvs: tuple[TLV, ...], type_: int) -> bytes | None:
+    for tlv in tlvs:
+        if tlv.type == type_:
+            return tlv.value
+    return None
+
+
+@attrs.frozen
+class ProxyHeader:
+    """A complete, validated PROXY protocol header (v1 or v2)."""
+
+    version: int
+    command: Command
+    family: Family
+    transport: Transport
+    # None when the header carries no usable address: LOCAL, v1 UNKNOWN, v2 UNSPEC.
+    source: Address | None
+    destination: Address | None
+    # Every TLV raw, in wire order (v2 only; empty for v1).
+    tlvs: tuple[TLV, ...] = attrs.field(default=(), repr=False)
+    # The decoded SSL TLV, when one was present.
+    ssl: SSLInfo | None = None
+    # True when a CRC32C TLV was present and matched; a mismatch never produces a header.
+    crc32c_verified: bool = False
+
+    @property
+    def alpn(self) -> bytes | None:
+        """The PP2_TYPE_ALPN value: the protocol the client negotiated, e.g. ``b"h2"``."""
+        return _first(self.tlvs, TLVType.ALPN)
+
+    @property
+    def authority(self) -> str | None:
+        """The PP2_TYPE_AUTHORITY value (the SNI host name), validated as UTF-8 by the parser."""
+        value = _first(self.tlvs, TLVType.AUTHORITY)
+        return None if value is None else value.decode("utf-8")
+
+    @property
+    def unique_id(self) -> bytes | None:
+        """The PP2_TYPE_UNIQUE_ID value: an opaque id of at most 128 bytes."""
+        return _first(self.tlvs, TLVType.UNIQUE_ID)
+
+    @property
+    def netns(self) -> str | None:
+        """The PP2_TYPE_NETNS value: the network namespace name, validated by the parser."""
+        value = _first(self.tlvs, TLVType.NETNS)
+        return None if value is None else value.decode("ascii")
