@@ -1,0 +1,459 @@
+"""The configuration as values: the server-wide settings, the listeners and their gate knobs.
+
+The names follow Stalwart's configuration model in snake_case: a server-wide
+``proxy_trusted_networks`` list (:class:`SystemSettings`), and per listener an optional
+``override_proxy_trusted_networks`` that replaces it (:class:`NetworkListener`).
+
+Unlike Stalwart, an explicitly *empty* override turns PROXY off on that listener instead of
+inheriting the server-wide list (Stalwart issue #557): ``None`` inherits, ``TrustedNetworks()``
+disables.
+
+Every value validates itself when built and raises :class:`InvalidSettingError` (a
+``ValueError``) naming the field; :mod:`mailedge.config` maps those fields back to the keys
+of the configuration file.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from collections.abc import Callable
+from ipaddress import IPv4Address, IPv6Address
+from typing import Any
+
+import attrs
+
+from mailedge.networks import IPAddress, TrustedNetworks
+
+__all__ = [
+    "BindAddress",
+    "HeaderMode",
+    "InvalidSettingError",
+    "NetworkListener",
+    "Protocol",
+    "Settings",
+    "SystemSettings",
+    "UnknownListenerError",
+    # limits and defaults
+    "DEFAULT_PROXY_HEADER_TIMEOUT",
+    "MAX_PROXY_HEADER_TIMEOUT",
+    "DEFAULT_PROXY_MAX_HEADER_LENGTH",
+    "MIN_PROXY_MAX_HEADER_LENGTH",
+    "MAX_PROXY_MAX_HEADER_LENGTH",
+    "DEFAULT_PROXY_OPTIONAL_WAIT",
+    "MAX_PROXY_OPTIONAL_WAIT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_CONNECTIONS_PER_IP",
+    "DEFAULT_IDLE_TIMEOUT",
+    "MAX_IDLE_TIMEOUT",
+    "DEFAULT_TLS_HANDSHAKE_TIMEOUT",
+    "MAX_TLS_HANDSHAKE_TIMEOUT",
+]
+
+# The spec asks for at least 3 s so that a header delayed by one TCP retransmission still
+# arrives; Dovecot and Exim use 3, Postfix 5, go-proxyproto 10. 5 leaves margin for a slow proxy.
+DEFAULT_PROXY_HEADER_TIMEOUT = 5.0
+# Beyond 5 minutes is a unit mistake (milliseconds written as seconds), and every silent peer
+# would hold a connection slot that long.
+MAX_PROXY_HEADER_TIMEOUT = 300.0
+# go-proxyproto's cap on a whole v2 header. HAProxy's usual TLVs (SSL details, ALPN, authority,
+# unique id) take a few hundred bytes, so 4 KiB is ample, yet no peer makes us buffer 64 KiB.
+# Raise it if the proxy forwards client certificates.
+DEFAULT_PROXY_MAX_HEADER_LENGTH = 4096
+# 16-byte v2 fixed part + 216-byte AF_UNIX address block: the longest header without any TLV.
+MIN_PROXY_MAX_HEADER_LENGTH = 16 + 216
+# 16 + 65,535: the most a v2 header's 16-bit length field can announce.
+MAX_PROXY_MAX_HEADER_LENGTH = 16 + 0xFFFF
+# Long enough for a proxy's header, already in flight, to land after accept(); short enough that
+# a direct client from a trusted address (a health check, a local script) hardly notices.
+DEFAULT_PROXY_OPTIONAL_WAIT = 0.25
+# Every direct connection from a trusted address pays this wait before its greeting; more than
+# 10 s is a unit mistake (250 meaning milliseconds).
+MAX_PROXY_OPTIONAL_WAIT = 10.0
+
+# Every open connection costs a descriptor and a task; 512 per listener keeps a few listeners
+# inside a default 4,096-descriptor limit while serving far more than a typical MX sees at once.
+DEFAULT_MAX_CONNECTIONS = 512
+# Counted on the recovered client (an IPv6 /64): one host rarely needs more than a handful of
+# parallel sessions, and a flood from one address must not take every slot.
+DEFAULT_MAX_CONNECTIONS_PER_IP = 16
+# RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
+DEFAULT_IDLE_TIMEOUT = 300.0
+# An hour without a byte is a dead peer, or a unit mistake.
+MAX_IDLE_TIMEOUT = 3600.0
+# A handshake is a few round trips; 10 s covers slow links and bounds a client that stalls in it.
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
+# Beyond a minute a handshake is an attack or a unit mistake.
+MAX_TLS_HANDSHAKE_TIMEOUT = 60.0
+
+# A listener name appears in every event about its connections; whitespace would split it.
+_NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
+# A port is plain ASCII decimal without leading zeros: never "025", "+25" or "2_5".
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+
+
+class InvalidSettingError(ValueError):
+    """A setting with a wrong type or an out-of-range value. The message names the field."""
+
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(f"{field}: {detail}")
+        # The attribute's name ("proxy_header_timeout"); mailedge.config maps it to its key.
+        self.field = field
+        # The message without the field, e.g. "must be more than 0 ..., got 0".
+        self.detail = detail
+
+
+class UnknownListenerError(KeyError):
+    """:meth:`Settings.listener` was asked for a name that no listener has."""
+
+    def __init__(self, name: str, known: tuple[str, ...]) -> None:
+        super().__init__(name)
+        self.name = name
+        self.message = f"no listener named {name!r}; " + (
+            f"the listeners are {', '.join(map(repr, known))}" if known else "there are none"
+        )
+
+    def __str__(self) -> str:
+        # KeyError's own __str__ would print the message as a quoted repr.
+        return self.message
+
+
+class Protocol(enum.StrEnum):
+    """What a listener speaks after the PROXY header."""
+
+    SMTP = "smtp"
+    IMAP = "imap"
+    HTTP = "http"
+
+    @property
+    def server_first(self) -> bool:
+        """True when the server speaks first (a greeting), so a client may send nothing."""
+        return self is not Protocol.HTTP
+
+
+class HeaderMode(enum.StrEnum):
+    """Whether a trusted peer must send a PROXY header."""
+
+    # The spec: a receiver must not guess whether a header is coming.
+    REQUIRED = "required"
+    # Opt-in: trusted peers may also connect directly (health checks, local tools).
+    OPTIONAL = "optional"
+
+
+Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
+
+
+def _of_type(kind: str, *types: type) -> Validator:
+    """An attrs validator: ``value`` is one of ``types`` (and a bool only if bool is listed)."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise InvalidSettingError(attribute.name, f"expected {kind}, got {value!r}")
+
+    return check
+
+
+def _expect_int(attribute: attrs.Attribute[Any], value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidSettingError(attribute.name, f"expected an integer, got {value!r}")
+    return value
+
+
+def _seconds(maximum: float) -> Validator:
+    """An attrs validator: a number of seconds, more than 0 and at most ``maximum``."""
+
+    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise InvalidSettingError(
+                attribute.name, f"expected a number of seconds, got {value!r}"
+            )
+        # Written so that NaN, which compares false with everything, fails too.
+        if not 0 < value <= maximum:
+            raise InvalidSettingError(
+                attribute.name,
+                f"must be more than 0 and at most {maximum:g} seconds, got {value!r}",
+            )
+
+    return check
+
+
+def _check_header_length(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    length = _expect_int(attribute, value)
+    if not MIN_PROXY_MAX_HEADER_LENGTH <= length <= MAX_PROXY_MAX_HEADER_LENGTH:
+        raise InvalidSettingError(
+            attribute.name,
+            f"must be from {MIN_PROXY_MAX_HEADER_LENGTH} (a v2 header with a UNIX address "
+            f"and no TLVs) to {MAX_PROXY_MAX_HEADER_LENGTH} bytes, got {length!r}",
+        )
+
+
+def _count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if _expect_int(attribute, value) < 1:
+        raise InvalidSettingError(attribute.name, f"must be at least 1, got {value!r}")
+
+
+def _check_name(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, str):
+        raise InvalidSettingError(attribute.name, f"expected a string, got {value!r}")
+    if not _NAME.fullmatch(value):
+        raise InvalidSettingError(
+            attribute.name,
+            f"must be non-empty, without whitespace or control characters, got {value!r}",
+        )
+
+
+def _check_host(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _of_type("an IPv4Address or IPv6Address", IPv4Address, IPv6Address)(_instance, attribute, value)
+    if isinstance(value, IPv6Address):
+        if value.scope_id is not None:
+            raise InvalidSettingError(attribute.name, f"zone ids are not supported, got {value}")
+        if value.ipv4_mapped is not None:
+            raise InvalidSettingError(
+                attribute.name, f"bind the IPv4 address {value.ipv4_mapped}, not {value!r}"
+            )
+
+
+def _check_port(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    # Port 0 asks the system for a free port: tests bind that way.
+    if not 0 <= _expect_int(attribute, value) <= 0xFFFF:
+        raise InvalidSettingError(attribute.name, f"must be from 0 to 65535, got {value!r}")
+
+
+def _bind_error(text: str, detail: str) -> ValueError:
+    return ValueError(f"{text!r} {detail}")
+
+
+@attrs.frozen(repr=False)
+class BindAddress:
+    """An IP address and port a listener binds: ``127.0.0.1:2525`` or ``[::1]:2525``."""
+
+    host: IPAddress = attrs.field(validator=_check_host)
+    port: int = attrs.field(validator=_check_port)
+
+    @classmethod
+    def parse(cls, text: str) -> BindAddress:
+        """Parse ``"127.0.0.1:25"`` or ``"[::1]:25"``; raise ``ValueError`` naming ``text``.
+
+        IPv6 must be bracketed, and host names are refused: a mail server binds addresses,
+        and a name that resolves differently tomorrow would move the listener silently.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"a bind address is a string, not {type(text).__name__}")
+        example = "such as '127.0.0.1:25' or '[::1]:25'"
+        host_text: str
+        if text.startswith("["):
+            host_text, bracket, port_text = text[1:].partition("]")
+            if not bracket or not port_text.startswith(":"):
+                raise _bind_error(text, f"is not an address and port {example}")
+            port_text = port_text[1:]
+            if "%" in host_text:
+                raise _bind_error(text, "has a zone id; zone ids are not supported")
+            try:
+                host: IPAddress = IPv6Address(host_text)
+            except ValueError:
+                raise _bind_error(
+                    text, f"is not an address and port: {host_text!r} is not an IPv6 address"
+                ) from None
+        else:
+            host_text, colon, port_text = text.rpartition(":")
+            if ":" in host_text:
+                raise _bind_error(text, f"needs brackets around an IPv6 address, {example}")
+            if not colon:
+                raise _bind_error(text, f"has no port; write an address and port {example}")
+            try:
+                host = IPv4Address(host_text)
+            except ValueError:
+                raise _bind_error(
+                    text,
+                    f"is not an address and port: {host_text!r} is not an IP address "
+                    "(listeners bind IP addresses, not host names)",
+                ) from None
+        if not _PORT.fullmatch(port_text) or int(port_text) > 0xFFFF:
+            raise _bind_error(
+                text, f"has an invalid port {port_text!r}; write a number from 0 to 65535"
+            )
+        if isinstance(host, IPv6Address) and host.ipv4_mapped is not None:
+            raise _bind_error(
+                text,
+                f"is an IPv4-mapped address; write '{host.ipv4_mapped}:{port_text}' instead",
+            )
+        return cls(host, int(port_text))
+
+    def __str__(self) -> str:
+        if isinstance(self.host, IPv6Address):
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"BindAddress({str(self)!r})"
+
+
+def _check_networks(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    _of_type("a TrustedNetworks", TrustedNetworks)(_instance, attribute, value)
+
+
+def _check_override(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _of_type("a TrustedNetworks or None", TrustedNetworks)(_instance, attribute, value)
+
+
+def _check_bind(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, tuple):
+        raise InvalidSettingError(attribute.name, f"expected a tuple of BindAddress, got {value!r}")
+    if not value:
+        # A listener that binds nothing is a mistake, not a way to disable it.
+        raise InvalidSettingError(attribute.name, "must list at least one address")
+    seen: set[BindAddress] = set()
+    for item in value:
+        if not isinstance(item, BindAddress):
+            raise InvalidSettingError(attribute.name, f"expected a BindAddress, got {item!r}")
+        # Port 0 picks a fresh port on each bind, so it may repeat.
+        if item in seen and item.port != 0:
+            raise InvalidSettingError(attribute.name, f"{item} is listed twice")
+        seen.add(item)
+
+
+@attrs.frozen
+class SystemSettings:
+    """The server-wide settings."""
+
+    # Peers whose PROXY headers are believed on every listener without an override. Empty by
+    # default, as in Stalwart: PROXY stays off until you name the proxies.
+    proxy_trusted_networks: TrustedNetworks = attrs.field(
+        default=TrustedNetworks(), validator=_check_networks
+    )
+
+
+@attrs.frozen(repr=False)
+class NetworkListener:
+    """One listener: where it binds, what it speaks, and how its PROXY gate behaves."""
+
+    # Names the listener in events and in Settings.listener(); unique across the settings.
+    name: str = attrs.field(validator=_check_name)
+    protocol: Protocol = attrs.field(validator=_of_type("a Protocol", Protocol))
+    bind: tuple[BindAddress, ...] = attrs.field(validator=_check_bind)
+    # Implicit TLS: the server's own handshake follows the PROXY header (smtps, imaps, https).
+    tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
+    # None inherits the server-wide list; a list replaces it; an empty list turns PROXY off.
+    override_proxy_trusted_networks: TrustedNetworks | None = attrs.field(
+        default=None, validator=_check_override
+    )
+    # How long a trusted peer has to deliver its whole header (see the constant for why 5 s).
+    proxy_header_timeout: float = attrs.field(
+        default=DEFAULT_PROXY_HEADER_TIMEOUT, validator=_seconds(MAX_PROXY_HEADER_TIMEOUT)
+    )
+    # Cap on a whole v2 header, TLVs included (v1 is capped at 107 bytes by the spec).
+    proxy_max_header_length: int = attrs.field(
+        default=DEFAULT_PROXY_MAX_HEADER_LENGTH, validator=_check_header_length
+    )
+    # Required by default, as the spec says; optional lets trusted peers also connect directly.
+    proxy_header_mode: HeaderMode = attrs.field(
+        default=HeaderMode.REQUIRED, validator=_of_type("a HeaderMode", HeaderMode)
+    )
+    # Optional mode, server-first protocols: how long to wait for a trusted peer's first bytes
+    # before greeting it as a direct client.
+    proxy_optional_wait: float = attrs.field(
+        default=DEFAULT_PROXY_OPTIONAL_WAIT, validator=_seconds(MAX_PROXY_OPTIONAL_WAIT)
+    )
+    # nginx terminating TLS sends v1, which has no way to say so; off unless you know it is.
+    proxy_v1_implies_tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
+    # nginx's out-of-spec "PROXY TCP6" line carrying IPv4 addresses; off, the spec forbids it.
+    proxy_allow_v1_mixed_family: bool = attrs.field(
+        default=False, validator=_of_type("a boolean", bool)
+    )
+
+    # Open connections on this listener, from accept to close; over it, a protocol refusal.
+    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_count)
+    # Open connections per recovered client IP (IPv6: per /64); never counted on the proxy.
+    max_connections_per_ip: int = attrs.field(
+        default=DEFAULT_MAX_CONNECTIONS_PER_IP, validator=_count
+    )
+    # A session in which the peer neither sends nor reads for this long is closed.
+    idle_timeout: float = attrs.field(
+        default=DEFAULT_IDLE_TIMEOUT, validator=_seconds(MAX_IDLE_TIMEOUT)
+    )
+    # The server's own handshake (implicit TLS, STARTTLS) must finish within this.
+    tls_handshake_timeout: float = attrs.field(
+        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=_seconds(MAX_TLS_HANDSHAKE_TIMEOUT)
+    )
+
+    def effective_proxy_trusted_networks(self, system: SystemSettings) -> TrustedNetworks:
+        """The networks this listener trusts: its override if set, else the server-wide list."""
+        if self.override_proxy_trusted_networks is not None:
+            return self.override_proxy_trusted_networks
+        return system.proxy_trusted_networks
+
+    @property
+    def proxy_disabled_explicitly(self) -> bool:
+        """True when an empty override turns PROXY off here, whatever the server-wide list."""
+        override = self.override_proxy_trusted_networks
+        return override is not None and not override
+
+    def __repr__(self) -> str:
+        # Name, protocol and bind always; the other fields only when they differ from the default.
+        parts = [
+            f"name={self.name!r}",
+            f"protocol={str(self.protocol)!r}",
+            f"bind={tuple(str(address) for address in self.bind)!r}",
+        ]
+        for field in attrs.fields(NetworkListener)[3:]:
+            value = getattr(self, field.name)
+            if value != field.default:
+                shown = repr(str(value)) if isinstance(value, enum.Enum) else repr(value)
+                parts.append(f"{field.name}={shown}")
+        return f"NetworkListener({', '.join(parts)})"
+
+
+def _check_listeners(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not isinstance(value, tuple):
+        raise InvalidSettingError(
+            attribute.name, f"expected a tuple of NetworkListener, got {value!r}"
+        )
+    first_index: dict[str, int] = {}
+    for index, listener in enumerate(value):
+        if not isinstance(listener, NetworkListener):
+            raise InvalidSettingError(
+                attribute.name, f"expected a NetworkListener, got {listener!r}"
+            )
+        if listener.name in first_index:
+            raise InvalidSettingError(
+                attribute.name,
+                f"duplicate listener name {listener.name!r} "
+                f"(listeners[{first_index[listener.name]}] and listeners[{index}])",
+            )
+        first_index[listener.name] = index
+
+
+@attrs.frozen
+class Settings:
+    """The whole configuration: the server-wide settings and every listener."""
+
+    system: SystemSettings = attrs.field(
+        default=SystemSettings(), validator=_of_type("a SystemSettings", SystemSettings)
+    )
+    # Listener names are unique, so events and Settings.listener() can name one unambiguously.
+    listeners: tuple[NetworkListener, ...] = attrs.field(default=(), validator=_check_listeners)
+
+    def listener(self, name: str) -> NetworkListener:
+        """The listener called ``name``; raises :class:`UnknownListenerError` (a KeyError)."""
+        for listener in self.listeners:
+            if listener.name == name:
+                return listener
+        raise UnknownListenerError(name, tuple(listener.name for listener in self.listeners))
+
+    def effective_proxy_trusted_networks(self, name: str) -> TrustedNetworks:
+        """The networks the listener called ``name`` trusts, after its override."""
+        return self.listener(name).effective_proxy_trusted_networks(self.system)
+
+    def all_proxy_trusted_networks(self) -> TrustedNetworks:
+        """The server-wide list and every listener's override: every proxy this server trusts.
+
+        Auto-ban must exempt all of these; exempting only the server-wide list gets a proxy
+        behind a per-listener override banned, and everyone behind it with it (Stalwart #2158).
+        """
+        overrides = (
+            listener.override_proxy_trusted_networks
+            for listener in self.listeners
+            if listener.override_proxy_trusted_networks is not None
+        )
+        return self.system.proxy_trusted_networks.union(*overrides)

@@ -1,0 +1,579 @@
+"""Tests for mailedge.config: the documented example, and every error with its exact message."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import re
+from ipaddress import ip_address
+
+import pytest
+
+from mailedge import config
+from mailedge.config import ConfigError, load, loads
+from mailedge.networks import TrustedNetworks
+from mailedge.settings import (
+    BindAddress,
+    HeaderMode,
+    NetworkListener,
+    Protocol,
+    Settings,
+    SystemSettings,
+)
+
+EXAMPLE_TOML = """\
+[SystemSettings]
+proxyTrustedNetworks = ["127.0.0.0/8", "::1"]
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:2525", "[::1]:2525"]
+overrideProxyTrustedNetworks = ["10.0.0.0/8"]   # optional; [] turns PROXY off here
+"""
+
+EXAMPLE_JSON = """\
+{
+  "SystemSettings": {"proxyTrustedNetworks": ["127.0.0.0/8", "::1"]},
+  "NetworkListener": [
+    {
+      "name": "smtp",
+      "protocol": "smtp",
+      "bind": ["127.0.0.1:2525", "[::1]:2525"],
+      "overrideProxyTrustedNetworks": ["10.0.0.0/8"]
+    }
+  ]
+}
+"""
+
+EXAMPLE = Settings(
+    system=SystemSettings(TrustedNetworks(["127.0.0.0/8", "::1"])),
+    listeners=(
+        NetworkListener(
+            name="smtp",
+            protocol=Protocol.SMTP,
+            bind=(BindAddress.parse("127.0.0.1:2525"), BindAddress.parse("[::1]:2525")),
+            override_proxy_trusted_networks=TrustedNetworks(["10.0.0.0/8"]),
+        ),
+    ),
+)
+
+# Every key, none at its default: the JSON twin of the full example in docs/configuration.md.
+FULL = {
+    "SystemSettings": {"proxyTrustedNetworks": ["127.0.0.0/8", "::1", "10.0.0.0/8"]},
+    "NetworkListener": [
+        {
+            "name": "submissions",
+            "protocol": "smtp",
+            "bind": ["0.0.0.0:465"],
+            "tls": True,
+            "overrideProxyTrustedNetworks": ["192.0.2.10", "2001:db8::/32"],
+            "proxyHeaderTimeout": 3,
+            "proxyMaxHeaderLength": 8192,
+        },
+        {
+            "name": "submission-nginx",
+            "protocol": "smtp",
+            "bind": ["127.0.0.1:10587", "[::1]:10587"],
+            "proxyHeaderMode": "optional",
+            "proxyOptionalWait": 0.5,
+            "proxyV1ImpliesTls": True,
+            "proxyAllowV1MixedFamily": True,
+        },
+        {
+            "name": "imap",
+            "protocol": "imap",
+            "bind": ["0.0.0.0:143"],
+            "overrideProxyTrustedNetworks": [],
+        },
+    ],
+}
+
+
+def listener(**fields: object) -> str:
+    """A TOML listener with the three required keys, plus ``fields`` written as JSON values."""
+    lines = ["[[NetworkListener]]", 'name = "smtp"', 'protocol = "smtp"', 'bind = ["0.0.0.0:25"]']
+    lines += [f"{key} = {json.dumps(value)}" for key, value in fields.items()]
+    return "\n".join(lines) + "\n"
+
+
+def toml_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        loads(text, format="toml")
+    return caught.value
+
+
+def json_error(text: str) -> ConfigError:
+    with pytest.raises(ConfigError) as caught:
+        loads(text, format="json")
+    return caught.value
+
+
+# -- what loads ---------------------------------------------------------------------------------
+
+
+def test_the_example_and_its_json_twin_load_to_equal_settings() -> None:
+    from_toml = loads(EXAMPLE_TOML, format="toml")
+    from_json = loads(EXAMPLE_JSON, format="json")
+    assert from_toml == from_json == EXAMPLE
+    smtp = from_toml.listener("smtp")
+    assert smtp.effective_proxy_trusted_networks(from_toml.system) == TrustedNetworks(
+        ["10.0.0.0/8"]
+    )
+
+
+def test_every_key() -> None:
+    settings = loads(json.dumps(FULL), format="json")
+    submissions = settings.listener("submissions")
+    assert submissions.tls is True
+    assert submissions.override_proxy_trusted_networks == TrustedNetworks(
+        ["192.0.2.10", "2001:db8::/32"]
+    )
+    assert submissions.proxy_header_timeout == 3
+    assert submissions.proxy_max_header_length == 8192
+    nginx = settings.listener("submission-nginx")
+    assert nginx.bind == (BindAddress.parse("127.0.0.1:10587"), BindAddress.parse("[::1]:10587"))
+    assert nginx.override_proxy_trusted_networks is None
+    assert nginx.effective_proxy_trusted_networks(settings.system) == TrustedNetworks(
+        ["127.0.0.0/8", "::1", "10.0.0.0/8"]
+    )
+    assert nginx.proxy_header_mode is HeaderMode.OPTIONAL
+    assert nginx.proxy_optional_wait == 0.5
+    assert nginx.proxy_v1_implies_tls is True
+    assert nginx.proxy_allow_v1_mixed_family is True
+    imap = settings.listener("imap")
+    assert imap.protocol is Protocol.IMAP
+    assert imap.proxy_disabled_explicitly
+    assert not imap.effective_proxy_trusted_networks(settings.system)
+    every = settings.all_proxy_trusted_networks()
+    assert ip_address("192.0.2.10") in every
+    assert ip_address("10.1.1.1") in every
+
+
+def test_the_documented_full_example_matches_its_json_twin() -> None:
+    docs = pathlib.Path(__file__).parent.parent / "docs" / "configuration.md"
+    blocks = re.findall(r"```(toml|json)\n(.*?)```", docs.read_text(), re.S)
+    loaded = [loads(text, format=kind) for kind, text in blocks if "submissions" in text]
+    # One TOML block and one JSON block hold the full example.
+    assert [kind for kind, text in blocks if "submissions" in text] == ["toml", "json"]
+    assert loaded[0] == loaded[1] == loads(json.dumps(FULL), format="json")
+    short = [loads(text, format=kind) for kind, text in blocks if "2525" in text]
+    assert short == [EXAMPLE, EXAMPLE]
+
+
+def test_every_key_is_documented() -> None:
+    docs = (pathlib.Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    for section in config._SECTIONS:
+        assert f"## `{section.name}`" in docs
+        for key in section.keys:
+            assert f"| `{key.name}` |" in docs, key.name
+
+
+@pytest.mark.parametrize(("text", "kind"), [("", "toml"), ("{}", "json")])
+def test_an_empty_config_has_no_listeners_and_no_trusted_networks(text: str, kind: str) -> None:
+    settings = loads(text, format=kind)  # type: ignore[arg-type]
+    assert settings == Settings()
+    assert not settings.system.proxy_trusted_networks
+
+
+def test_either_table_may_be_missing() -> None:
+    only_system = loads('[SystemSettings]\nproxyTrustedNetworks = ["::1"]\n', format="toml")
+    assert only_system.listeners == ()
+    only_listener = loads(listener(), format="toml")
+    assert not only_listener.system.proxy_trusted_networks
+    assert loads("[SystemSettings]\n", format="toml") == Settings()
+
+
+def test_load_picks_the_format_by_suffix(tmp_path: pathlib.Path) -> None:
+    (tmp_path / "mailedge.toml").write_text(EXAMPLE_TOML)
+    (tmp_path / "mailedge.json").write_text(EXAMPLE_JSON)
+    (tmp_path / "UPPER.TOML").write_text(EXAMPLE_TOML)
+    assert load(tmp_path / "mailedge.toml") == EXAMPLE
+    assert load(str(tmp_path / "mailedge.json")) == EXAMPLE
+    assert load(tmp_path / "UPPER.TOML") == EXAMPLE
+
+
+def test_load_skips_a_byte_order_mark(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mailedge.json"
+    path.write_bytes(b"\xef\xbb\xbf" + EXAMPLE_JSON.encode())
+    assert load(path) == EXAMPLE
+
+
+# -- errors: values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        (
+            EXAMPLE_TOML + listener(overrideProxyTrustedNetworks=["::1", "10.0.0.300/8"]),
+            "NetworkListener[1].overrideProxyTrustedNetworks[1]",
+            "NetworkListener[1].overrideProxyTrustedNetworks[1]: "
+            "'10.0.0.300/8' is not an IP network",
+        ),
+        (
+            '[SystemSettings]\nproxyTrustedNetworks = ["10.0.0.1/8"]\n',
+            "SystemSettings.proxyTrustedNetworks[0]",
+            "SystemSettings.proxyTrustedNetworks[0]: '10.0.0.1/8' has host bits set: "
+            "write '10.0.0.0/8' for the network or '10.0.0.1' for one host",
+        ),
+        (
+            '[SystemSettings]\nproxyTrustedNetworks = ["fe80::1%eth0"]\n',
+            "SystemSettings.proxyTrustedNetworks[0]",
+            "SystemSettings.proxyTrustedNetworks[0]: 'fe80::1%eth0' is not an IP network: "
+            "zone ids ('%eth0') are not allowed",
+        ),
+        (
+            '[SystemSettings]\nproxyTrustedNetworks = ["127.0.0.1", 10]\n',
+            "SystemSettings.proxyTrustedNetworks[1]",
+            "SystemSettings.proxyTrustedNetworks[1]: expected a string, got 10",
+        ),
+        (
+            '[SystemSettings]\nproxyTrustedNetworks = "127.0.0.0/8"\n',
+            "SystemSettings.proxyTrustedNetworks",
+            "SystemSettings.proxyTrustedNetworks: expected an array of strings, "
+            "got '127.0.0.0/8'; write [\"127.0.0.0/8\"]",
+        ),
+        (
+            "[SystemSettings]\nproxyTrustedNetworks = {}\n",
+            "SystemSettings.proxyTrustedNetworks",
+            "SystemSettings.proxyTrustedNetworks: expected an array of strings, got a table",
+        ),
+        (
+            listener(tls="yes"),
+            "NetworkListener[0].tls",
+            "NetworkListener[0].tls: expected a boolean, got 'yes'",
+        ),
+        (
+            listener(tls=1),
+            "NetworkListener[0].tls",
+            "NetworkListener[0].tls: expected a boolean, got 1",
+        ),
+        (
+            listener(proxyHeaderTimeout=True),
+            "NetworkListener[0].proxyHeaderTimeout",
+            "NetworkListener[0].proxyHeaderTimeout: expected a number of seconds, got true",
+        ),
+        (
+            listener(proxyHeaderTimeout="5s"),
+            "NetworkListener[0].proxyHeaderTimeout",
+            "NetworkListener[0].proxyHeaderTimeout: expected a number of seconds, got '5s'",
+        ),
+        (
+            listener(proxyHeaderTimeout=0),
+            "NetworkListener[0].proxyHeaderTimeout",
+            "NetworkListener[0].proxyHeaderTimeout: "
+            "must be more than 0 and at most 300 seconds, got 0",
+        ),
+        (
+            listener() + "proxyHeaderTimeout = inf\n",
+            "NetworkListener[0].proxyHeaderTimeout",
+            "NetworkListener[0].proxyHeaderTimeout: "
+            "must be more than 0 and at most 300 seconds, got inf",
+        ),
+        (
+            listener(proxyMaxHeaderLength=4096.0),
+            "NetworkListener[0].proxyMaxHeaderLength",
+            "NetworkListener[0].proxyMaxHeaderLength: expected an integer, got 4096.0",
+        ),
+        (
+            listener(proxyMaxHeaderLength=False),
+            "NetworkListener[0].proxyMaxHeaderLength",
+            "NetworkListener[0].proxyMaxHeaderLength: expected an integer, got false",
+        ),
+        (
+            listener(proxyMaxHeaderLength=100),
+            "NetworkListener[0].proxyMaxHeaderLength",
+            "NetworkListener[0].proxyMaxHeaderLength: must be from 232 (a v2 header with a "
+            "UNIX address and no TLVs) to 65551 bytes, got 100",
+        ),
+        (
+            listener(proxyHeaderMode="Required"),
+            "NetworkListener[0].proxyHeaderMode",
+            "NetworkListener[0].proxyHeaderMode: "
+            "expected one of 'required', 'optional', got 'Required'",
+        ),
+        (
+            listener(proxyOptionalWait=250),
+            "NetworkListener[0].proxyOptionalWait",
+            "NetworkListener[0].proxyOptionalWait: "
+            "must be more than 0 and at most 10 seconds, got 250",
+        ),
+        (
+            listener(proxyV1ImpliesTls="true"),
+            "NetworkListener[0].proxyV1ImpliesTls",
+            "NetworkListener[0].proxyV1ImpliesTls: expected a boolean, got 'true'",
+        ),
+        (
+            listener(proxyAllowV1MixedFamily=[]),
+            "NetworkListener[0].proxyAllowV1MixedFamily",
+            "NetworkListener[0].proxyAllowV1MixedFamily: expected a boolean, got an array",
+        ),
+        (
+            listener() + "tls = 2024-01-01\n",
+            "NetworkListener[0].tls",
+            "NetworkListener[0].tls: expected a boolean, got a date",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "pop3"\nbind = ["0.0.0.0:110"]\n',
+            "NetworkListener[0].protocol",
+            "NetworkListener[0].protocol: expected one of 'smtp', 'imap', 'http', got 'pop3'",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp in"\nprotocol = "smtp"\nbind = ["0.0.0.0:25"]\n',
+            "NetworkListener[0].name",
+            "NetworkListener[0].name: "
+            "must be non-empty, without whitespace or control characters, got 'smtp in'",
+        ),
+        (
+            '[[NetworkListener]]\nname = 25\nprotocol = "smtp"\nbind = ["0.0.0.0:25"]\n',
+            "NetworkListener[0].name",
+            "NetworkListener[0].name: expected a string, got 25",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = "0.0.0.0:25"\n',
+            "NetworkListener[0].bind",
+            "NetworkListener[0].bind: expected an array of strings, got '0.0.0.0:25'; "
+            'write ["0.0.0.0:25"]',
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = []\n',
+            "NetworkListener[0].bind",
+            "NetworkListener[0].bind: must list at least one address",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\n'
+            'bind = ["0.0.0.0:25", "localhost:25"]\n',
+            "NetworkListener[0].bind[1]",
+            "NetworkListener[0].bind[1]: 'localhost:25' is not an address and port: "
+            "'localhost' is not an IP address (listeners bind IP addresses, not host names)",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["::1:25"]\n',
+            "NetworkListener[0].bind[0]",
+            "NetworkListener[0].bind[0]: '::1:25' needs brackets around an IPv6 address, "
+            "such as '127.0.0.1:25' or '[::1]:25'",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\n'
+            'bind = ["0.0.0.0:25", "0.0.0.0:25"]\n',
+            "NetworkListener[0].bind",
+            "NetworkListener[0].bind: 0.0.0.0:25 is listed twice",
+        ),
+    ],
+)
+def test_value_errors_name_the_path_and_the_value(text: str, path: str, message: str) -> None:
+    error = toml_error(text)
+    assert str(error) == message
+    assert error.path == path
+    assert error.file is None
+    assert error.line is None
+    assert isinstance(error, ValueError)
+
+
+# -- errors: structure ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        (
+            listener(overideProxyTrustedNetworks=[]),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'overideProxyTrustedNetworks' "
+            "(did you mean 'overrideProxyTrustedNetworks'?)",
+        ),
+        (
+            listener(proxyTrustedNetworks=[]),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'proxyTrustedNetworks' "
+            "(did you mean 'overrideProxyTrustedNetworks'?)",
+        ),
+        (
+            listener(proxy_header_timeout=3),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'proxy_header_timeout' "
+            "(did you mean 'proxyHeaderTimeout'?)",
+        ),
+        (
+            listener(TLS=True),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'TLS' (did you mean 'tls'?)",
+        ),
+        (
+            listener(maxSessions=100),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'maxSessions' (did you mean 'maxConnections'?)",
+        ),
+        (
+            "[SystemSettings]\nproxyTrustedNetwork = []\n",
+            "SystemSettings",
+            "SystemSettings: unknown key 'proxyTrustedNetwork' "
+            "(did you mean 'proxyTrustedNetworks'?)",
+        ),
+        (
+            "[NetworkListeners]\n",
+            None,
+            "unknown key 'NetworkListeners' (did you mean 'NetworkListener'?)",
+        ),
+        ("[server]\n", None, "unknown key 'server'"),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\n',
+            "NetworkListener[0]",
+            "NetworkListener[0]: missing required key 'bind'",
+        ),
+        (
+            '[[NetworkListener]]\nname = "smtp"\nbind = ["0.0.0.0:25"]\n',
+            "NetworkListener[0]",
+            "NetworkListener[0]: missing required key 'protocol'",
+        ),
+        (
+            EXAMPLE_TOML + '[[NetworkListener]]\nprotocol = "imap"\nbind = ["0.0.0.0:143"]\n',
+            "NetworkListener[1]",
+            "NetworkListener[1]: missing required key 'name'",
+        ),
+        (
+            '[NetworkListener]\nname = "smtp"\n',
+            "NetworkListener",
+            "NetworkListener: expected an array of tables, got a table "
+            "(write [[NetworkListener]] for each one)",
+        ),
+        (
+            "NetworkListener = [1]\n",
+            "NetworkListener[0]",
+            "NetworkListener[0]: expected a table, got 1",
+        ),
+        (
+            "SystemSettings = []\n",
+            "SystemSettings",
+            "SystemSettings: expected a table, got an array",
+        ),
+        (
+            EXAMPLE_TOML + listener(),
+            "NetworkListener[1].name",
+            "NetworkListener[1].name: duplicate listener name 'smtp' "
+            "(already used by NetworkListener[0])",
+        ),
+    ],
+)
+def test_structure_errors(text: str, path: str | None, message: str) -> None:
+    error = toml_error(text)
+    assert str(error) == message
+    assert error.path == path
+
+
+@pytest.mark.parametrize(
+    ("text", "path", "message"),
+    [
+        ("[]", None, "the document must be an object, got an array"),
+        ("null", None, "the document must be an object, got null"),
+        (
+            '{"NetworkListener": {}}',
+            "NetworkListener",
+            "NetworkListener: expected an array of objects, got an object",
+        ),
+        (
+            '{"SystemSettings": null}',
+            "SystemSettings",
+            "SystemSettings: expected an object, got null",
+        ),
+        (
+            '{"SystemSettings": {"proxyTrustedNetworks": ["::1"], "proxyTrustedNetworks": []}}',
+            "SystemSettings",
+            "SystemSettings: duplicate key 'proxyTrustedNetworks'",
+        ),
+        ('{"SystemSettings": {}, "SystemSettings": {}}', None, "duplicate key 'SystemSettings'"),
+        (
+            '{"NetworkListener": [{"name": "smtp", "protocol": "smtp", "bind": ["[::]:25"],'
+            ' "proxyOptionalWait": NaN}]}',
+            "NetworkListener[0].proxyOptionalWait",
+            "NetworkListener[0].proxyOptionalWait: "
+            "must be more than 0 and at most 10 seconds, got nan",
+        ),
+        (
+            '{"NetworkListener": [{"name": "smtp", "protocol": "smtp", "bind": ["[::]:25"],'
+            ' "tls": "false"}]}',
+            "NetworkListener[0].tls",
+            "NetworkListener[0].tls: expected a boolean, got 'false'",
+        ),
+        (
+            '{"NetworkListener": [{"name": "smtp", "protocol": "smtp", "bind": ["[::]:25"],'
+            ' "tls": {}}]}',
+            "NetworkListener[0].tls",
+            "NetworkListener[0].tls: expected a boolean, got an object",
+        ),
+    ],
+)
+def test_json_structure_errors(text: str, path: str | None, message: str) -> None:
+    error = json_error(text)
+    assert str(error) == message
+    assert error.path == path
+
+
+# -- errors: syntax -----------------------------------------------------------------------------
+
+
+def test_toml_syntax_error_names_the_line() -> None:
+    error = toml_error('[SystemSettings]\nproxyTrustedNetworks = ["::1",\n  "10.0.0.0/8"\n  oops\n')
+    assert str(error) == "line 4, column 3: invalid TOML: Unclosed array"
+    assert (error.line, error.column, error.path) == (4, 3, None)
+
+
+def test_toml_syntax_error_at_the_end_names_the_last_line() -> None:
+    error = toml_error('[SystemSettings]\nproxyTrustedNetworks = ["::1"\n')
+    assert str(error) == "line 3: invalid TOML: Unclosed array"
+    assert (error.line, error.column) == (3, None)
+
+
+def test_json_syntax_error_names_the_line() -> None:
+    error = json_error('{\n  "SystemSettings": {\n    "proxyTrustedNetworks": ["::1",]\n  }\n}\n')
+    assert str(error) == "line 3, column 36: invalid JSON: Expecting value"
+    assert (error.line, error.column) == (3, 36)
+
+
+def test_load_prefixes_the_file(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mailedge.toml"
+    path.write_text(EXAMPLE_TOML + listener(tls="yes"))
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == f"{path}: NetworkListener[1].tls: expected a boolean, got 'yes'"
+    assert caught.value.path == "NetworkListener[1].tls"
+    assert caught.value.file == str(path)
+
+
+def test_load_prefixes_the_file_to_syntax_errors(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mailedge.json"
+    path.write_text('{"SystemSettings": {"proxyTrustedNetworks": ["::1"]}\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == (f"{path}: line 2, column 1: invalid JSON: Expecting ',' delimiter")
+    assert caught.value.line == 2
+
+
+@pytest.mark.parametrize(
+    ("name", "found"), [("mailedge.yaml", "the suffix '.yaml'"), ("mailedge", "no suffix")]
+)
+def test_load_refuses_other_suffixes(tmp_path: pathlib.Path, name: str, found: str) -> None:
+    path = tmp_path / name
+    path.write_text(EXAMPLE_TOML)
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == f"{path}: name the file *.toml or *.json; it has {found}"
+
+
+def test_load_refuses_invalid_utf8(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "mailedge.toml"
+    path.write_bytes(b'[SystemSettings]\nproxyTrustedNetworks = ["\xff"]\n')
+    with pytest.raises(ConfigError) as caught:
+        load(path)
+    assert str(caught.value) == f"{path}: not valid UTF-8 (at byte 42)"
+
+
+def test_missing_file_is_an_os_error(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        load(tmp_path / "missing.toml")
+
+
+def test_loads_refuses_an_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format must be 'toml' or 'json', got 'yaml'"):
+        loads("", format="yaml")  # type: ignore[arg-type]

@@ -1,0 +1,428 @@
+"""Tests for mailedge.settings: overrides, bind addresses, knob validation, Settings."""
+
+from __future__ import annotations
+
+import re
+from ipaddress import IPv4Address, IPv6Address, ip_address
+from typing import Any
+
+import attrs
+import pytest
+
+from mailedge.networks import TrustedNetworks
+from mailedge.settings import (
+    DEFAULT_PROXY_HEADER_TIMEOUT,
+    DEFAULT_PROXY_MAX_HEADER_LENGTH,
+    DEFAULT_PROXY_OPTIONAL_WAIT,
+    MAX_PROXY_MAX_HEADER_LENGTH,
+    MIN_PROXY_MAX_HEADER_LENGTH,
+    BindAddress,
+    HeaderMode,
+    InvalidSettingError,
+    NetworkListener,
+    Protocol,
+    Settings,
+    SystemSettings,
+    UnknownListenerError,
+)
+
+SYSTEM = SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8", "::1"]))
+
+
+def listener(name: str = "smtp", **fields: Any) -> NetworkListener:
+    return NetworkListener(
+        name=name,
+        protocol=fields.pop("protocol", Protocol.SMTP),
+        bind=fields.pop("bind", (BindAddress.parse("127.0.0.1:2525"),)),
+        **fields,
+    )
+
+
+# -- enums --------------------------------------------------------------------------------
+
+
+def test_protocols() -> None:
+    assert [protocol.value for protocol in Protocol] == ["smtp", "imap", "http"]
+    assert Protocol("smtp") is Protocol.SMTP
+    assert Protocol.SMTP.server_first
+    assert Protocol.IMAP.server_first
+    assert not Protocol.HTTP.server_first
+
+
+def test_header_modes() -> None:
+    assert [mode.value for mode in HeaderMode] == ["required", "optional"]
+
+
+# -- override semantics -------------------------------------------------------------------------
+
+
+def test_absent_override_inherits_the_server_wide_list() -> None:
+    smtp = listener()
+    assert smtp.override_proxy_trusted_networks is None
+    assert smtp.effective_proxy_trusted_networks(SYSTEM) == SYSTEM.proxy_trusted_networks
+    assert ip_address("127.0.0.1") in smtp.effective_proxy_trusted_networks(SYSTEM)
+    assert not smtp.proxy_disabled_explicitly
+
+
+def test_override_replaces_the_server_wide_list() -> None:
+    smtp = listener(override_proxy_trusted_networks=TrustedNetworks(["10.0.0.0/8"]))
+    effective = smtp.effective_proxy_trusted_networks(SYSTEM)
+    assert effective == TrustedNetworks(["10.0.0.0/8"])
+    # Replaced, not merged: the server-wide loopback is no longer trusted here.
+    assert ip_address("127.0.0.1") not in effective
+    assert ip_address("10.1.2.3") in effective
+    assert not smtp.proxy_disabled_explicitly
+
+
+def test_empty_override_turns_proxy_off() -> None:
+    smtp = listener(override_proxy_trusted_networks=TrustedNetworks())
+    effective = smtp.effective_proxy_trusted_networks(SYSTEM)
+    assert not effective
+    assert ip_address("127.0.0.1") not in effective
+    assert smtp.proxy_disabled_explicitly
+
+
+def test_no_server_wide_list_means_proxy_off() -> None:
+    assert not listener().effective_proxy_trusted_networks(SystemSettings())
+    assert not SystemSettings().proxy_trusted_networks
+
+
+# -- bind addresses -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "host", "port"),
+    [
+        ("127.0.0.1:2525", IPv4Address("127.0.0.1"), 2525),
+        ("[::1]:2525", IPv6Address("::1"), 2525),
+        ("0.0.0.0:25", IPv4Address("0.0.0.0"), 25),
+        ("[::]:25", IPv6Address("::"), 25),
+        ("127.0.0.1:0", IPv4Address("127.0.0.1"), 0),
+        ("[2001:db8::1]:65535", IPv6Address("2001:db8::1"), 65535),
+    ],
+)
+def test_bind_parse_round_trips(text: str, host: IPv4Address | IPv6Address, port: int) -> None:
+    bind = BindAddress.parse(text)
+    assert bind == BindAddress(host, port)
+    assert str(bind) == text
+    assert repr(bind) == f"BindAddress({text!r})"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "'' has no port; write an address and port such as '127.0.0.1:25' or '[::1]:25'"),
+        (
+            "127.0.0.1",
+            "'127.0.0.1' has no port; write an address and port "
+            "such as '127.0.0.1:25' or '[::1]:25'",
+        ),
+        (
+            "::1:25",
+            "'::1:25' needs brackets around an IPv6 address, such as '127.0.0.1:25' or '[::1]:25'",
+        ),
+        (
+            "localhost:25",
+            "'localhost:25' is not an address and port: 'localhost' is not an IP address "
+            "(listeners bind IP addresses, not host names)",
+        ),
+        (
+            "10.0.0.300:25",
+            "'10.0.0.300:25' is not an address and port: '10.0.0.300' is not an IP address "
+            "(listeners bind IP addresses, not host names)",
+        ),
+        (
+            "[127.0.0.1]:25",
+            "'[127.0.0.1]:25' is not an address and port: '127.0.0.1' is not an IPv6 address",
+        ),
+        ("[::1]25", "'[::1]25' is not an address and port such as '127.0.0.1:25' or '[::1]:25'"),
+        ("[::1", "'[::1' is not an address and port such as '127.0.0.1:25' or '[::1]:25'"),
+        ("[fe80::1%eth0]:25", "'[fe80::1%eth0]:25' has a zone id; zone ids are not supported"),
+        (
+            "[::ffff:127.0.0.1]:25",
+            "'[::ffff:127.0.0.1]:25' is an IPv4-mapped address; write '127.0.0.1:25' instead",
+        ),
+        (
+            "127.0.0.1:65536",
+            "'127.0.0.1:65536' has an invalid port '65536'; write a number from 0 to 65535",
+        ),
+        (
+            "127.0.0.1:025",
+            "'127.0.0.1:025' has an invalid port '025'; write a number from 0 to 65535",
+        ),
+        (
+            "127.0.0.1:8_0",
+            "'127.0.0.1:8_0' has an invalid port '8_0'; write a number from 0 to 65535",
+        ),
+        (
+            "127.0.0.1:+25",
+            "'127.0.0.1:+25' has an invalid port '+25'; write a number from 0 to 65535",
+        ),
+        ("127.0.0.1:", "'127.0.0.1:' has an invalid port ''; write a number from 0 to 65535"),
+        (
+            "127.0.0.1: 25",
+            "'127.0.0.1: 25' has an invalid port ' 25'; write a number from 0 to 65535",
+        ),
+        ("[::1]:", "'[::1]:' has an invalid port ''; write a number from 0 to 65535"),
+    ],
+)
+def test_bad_bind_addresses(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as caught:
+        BindAddress.parse(text)
+    assert str(caught.value) == message
+
+
+def test_bind_address_validates_when_built_directly() -> None:
+    with pytest.raises(InvalidSettingError, match=r"^port: must be from 0 to 65535, got 70000$"):
+        BindAddress(IPv4Address("127.0.0.1"), 70000)
+    with pytest.raises(InvalidSettingError, match=r"^port: expected an integer, got True$"):
+        BindAddress(IPv4Address("127.0.0.1"), True)
+    with pytest.raises(InvalidSettingError, match=r"^host: expected an IPv4Address"):
+        BindAddress("127.0.0.1", 25)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingError, match=r"^host: zone ids are not supported"):
+        BindAddress(IPv6Address("fe80::1%eth0"), 25)
+    with pytest.raises(InvalidSettingError, match=r"^host: bind the IPv4 address 127.0.0.1"):
+        BindAddress(IPv6Address("::ffff:127.0.0.1"), 25)
+
+
+# -- listener knobs -------------------------------------------------------------------------------
+
+
+def test_listener_defaults() -> None:
+    smtp = listener()
+    assert smtp.tls is False
+    assert smtp.override_proxy_trusted_networks is None
+    assert smtp.proxy_header_timeout == DEFAULT_PROXY_HEADER_TIMEOUT == 5.0
+    assert smtp.proxy_max_header_length == DEFAULT_PROXY_MAX_HEADER_LENGTH == 4096
+    assert smtp.proxy_header_mode is HeaderMode.REQUIRED
+    assert smtp.proxy_optional_wait == DEFAULT_PROXY_OPTIONAL_WAIT == 0.25
+    assert smtp.proxy_v1_implies_tls is False
+    assert smtp.proxy_allow_v1_mixed_family is False
+    assert (smtp.max_connections, smtp.max_connections_per_ip) == (512, 16)
+    assert (smtp.idle_timeout, smtp.tls_handshake_timeout) == (300.0, 10.0)
+
+
+def test_listener_accepts_the_limits() -> None:
+    assert listener(proxy_max_header_length=MIN_PROXY_MAX_HEADER_LENGTH)
+    assert listener(proxy_max_header_length=MAX_PROXY_MAX_HEADER_LENGTH)
+    assert MIN_PROXY_MAX_HEADER_LENGTH == 232
+    assert MAX_PROXY_MAX_HEADER_LENGTH == 65551
+    assert listener(proxy_header_timeout=300).proxy_header_timeout == 300
+    assert listener(proxy_header_timeout=0.001)
+    assert listener(proxy_optional_wait=10.0)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"name": ""}, "name: must be non-empty, without whitespace or control characters, got ''"),
+        (
+            {"name": "smtp in"},
+            "name: must be non-empty, without whitespace or control characters, got 'smtp in'",
+        ),
+        ({"name": 7}, "name: expected a string, got 7"),
+        ({"protocol": "smtp"}, "protocol: expected a Protocol, got 'smtp'"),
+        ({"bind": ()}, "bind: must list at least one address"),
+        (
+            {"bind": [BindAddress.parse("127.0.0.1:25")]},
+            "bind: expected a tuple of BindAddress, got [BindAddress('127.0.0.1:25')]",
+        ),
+        (
+            {"bind": (BindAddress.parse("127.0.0.1:25"), BindAddress.parse("127.0.0.1:25"))},
+            "bind: 127.0.0.1:25 is listed twice",
+        ),
+        ({"bind": ("127.0.0.1:25",)}, "bind: expected a BindAddress, got '127.0.0.1:25'"),
+        ({"tls": 1}, "tls: expected a boolean, got 1"),
+        ({"tls": "yes"}, "tls: expected a boolean, got 'yes'"),
+        (
+            {"override_proxy_trusted_networks": ["10.0.0.0/8"]},
+            "override_proxy_trusted_networks: expected a TrustedNetworks or None, "
+            "got ['10.0.0.0/8']",
+        ),
+        (
+            {"proxy_header_timeout": 0},
+            "proxy_header_timeout: must be more than 0 and at most 300 seconds, got 0",
+        ),
+        (
+            {"proxy_header_timeout": -1.0},
+            "proxy_header_timeout: must be more than 0 and at most 300 seconds, got -1.0",
+        ),
+        (
+            {"proxy_header_timeout": 5000},
+            "proxy_header_timeout: must be more than 0 and at most 300 seconds, got 5000",
+        ),
+        (
+            {"proxy_header_timeout": float("nan")},
+            "proxy_header_timeout: must be more than 0 and at most 300 seconds, got nan",
+        ),
+        (
+            {"proxy_header_timeout": float("inf")},
+            "proxy_header_timeout: must be more than 0 and at most 300 seconds, got inf",
+        ),
+        (
+            {"proxy_header_timeout": True},
+            "proxy_header_timeout: expected a number of seconds, got True",
+        ),
+        (
+            {"proxy_max_header_length": 231},
+            "proxy_max_header_length: must be from 232 (a v2 header with a UNIX address and "
+            "no TLVs) to 65551 bytes, got 231",
+        ),
+        (
+            {"proxy_max_header_length": 65552},
+            "proxy_max_header_length: must be from 232 (a v2 header with a UNIX address and "
+            "no TLVs) to 65551 bytes, got 65552",
+        ),
+        (
+            {"proxy_max_header_length": 4096.0},
+            "proxy_max_header_length: expected an integer, got 4096.0",
+        ),
+        (
+            {"proxy_max_header_length": False},
+            "proxy_max_header_length: expected an integer, got False",
+        ),
+        (
+            {"proxy_header_mode": "optional"},
+            "proxy_header_mode: expected a HeaderMode, got 'optional'",
+        ),
+        (
+            {"proxy_optional_wait": 0},
+            "proxy_optional_wait: must be more than 0 and at most 10 seconds, got 0",
+        ),
+        (
+            {"proxy_optional_wait": 250},
+            "proxy_optional_wait: must be more than 0 and at most 10 seconds, got 250",
+        ),
+        ({"proxy_v1_implies_tls": "true"}, "proxy_v1_implies_tls: expected a boolean, got 'true'"),
+        (
+            {"proxy_allow_v1_mixed_family": 0},
+            "proxy_allow_v1_mixed_family: expected a boolean, got 0",
+        ),
+        ({"max_connections": 0}, "max_connections: must be at least 1, got 0"),
+        ({"max_connections": 1.5}, "max_connections: expected an integer, got 1.5"),
+        ({"max_connections_per_ip": -3}, "max_connections_per_ip: must be at least 1, got -3"),
+        (
+            {"idle_timeout": 7200},
+            "idle_timeout: must be more than 0 and at most 3600 seconds, got 7200",
+        ),
+        (
+            {"tls_handshake_timeout": 0},
+            "tls_handshake_timeout: must be more than 0 and at most 60 seconds, got 0",
+        ),
+    ],
+)
+def test_listener_validation(fields: dict[str, Any], message: str) -> None:
+    name = fields.pop("name", "smtp")
+    with pytest.raises(InvalidSettingError) as caught:
+        listener(name, **fields)
+    assert str(caught.value) == message
+    field, _, detail = message.partition(": ")
+    assert caught.value.field == field
+    assert caught.value.detail == detail
+    assert isinstance(caught.value, ValueError)
+
+
+def test_port_zero_may_repeat() -> None:
+    # Each bind to port 0 gets its own free port, so listing it twice is not a conflict.
+    zero = BindAddress.parse("127.0.0.1:0")
+    assert listener(bind=(zero, zero)).bind == (zero, zero)
+
+
+def test_listener_is_frozen() -> None:
+    smtp = listener()
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        smtp.tls = True  # type: ignore[misc]
+
+
+def test_listener_repr_shows_what_differs_from_the_defaults() -> None:
+    assert repr(listener()) == (
+        "NetworkListener(name='smtp', protocol='smtp', bind=('127.0.0.1:2525',))"
+    )
+    custom = listener(
+        "imaps",
+        protocol=Protocol.IMAP,
+        bind=(BindAddress.parse("[::]:993"), BindAddress.parse("0.0.0.0:993")),
+        tls=True,
+        override_proxy_trusted_networks=TrustedNetworks(),
+        proxy_header_mode=HeaderMode.OPTIONAL,
+    )
+    assert repr(custom) == (
+        "NetworkListener(name='imaps', protocol='imap', bind=('[::]:993', '0.0.0.0:993'), "
+        "tls=True, override_proxy_trusted_networks=TrustedNetworks([]), "
+        "proxy_header_mode='optional')"
+    )
+
+
+# -- Settings -----------------------------------------------------------------------------------
+
+
+def test_settings_defaults_are_empty() -> None:
+    settings = Settings()
+    assert settings.system == SystemSettings()
+    assert settings.listeners == ()
+    assert not settings.all_proxy_trusted_networks()
+
+
+def test_listener_lookup() -> None:
+    smtp, imap = listener("smtp"), listener("imap", protocol=Protocol.IMAP)
+    settings = Settings(SYSTEM, (smtp, imap))
+    assert settings.listener("imap") is imap
+    assert settings.effective_proxy_trusted_networks("smtp") == SYSTEM.proxy_trusted_networks
+    with pytest.raises(KeyError) as caught:
+        settings.listener("pop3")
+    assert isinstance(caught.value, UnknownListenerError)
+    assert str(caught.value) == "no listener named 'pop3'; the listeners are 'smtp', 'imap'"
+    with pytest.raises(UnknownListenerError, match=r"^no listener named 'smtp'; there are none$"):
+        Settings().listener("smtp")
+
+
+def test_listener_names_are_unique() -> None:
+    with pytest.raises(InvalidSettingError) as caught:
+        Settings(listeners=(listener("smtp"), listener("imap"), listener("smtp")))
+    assert str(caught.value) == (
+        "listeners: duplicate listener name 'smtp' (listeners[0] and listeners[2])"
+    )
+    assert caught.value.field == "listeners"
+
+
+def test_settings_type_checks() -> None:
+    with pytest.raises(
+        InvalidSettingError, match=r"^listeners: expected a tuple of NetworkListener"
+    ):
+        Settings(listeners=[listener()])  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingError, match=r"^listeners: expected a NetworkListener"):
+        Settings(listeners=("smtp",))  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingError, match=r"^system: expected a SystemSettings"):
+        Settings(system=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingError, match=r"^proxy_trusted_networks: expected a Trusted"):
+        SystemSettings(proxy_trusted_networks=["127.0.0.1"])  # type: ignore[arg-type]
+
+
+def test_all_proxy_trusted_networks_covers_every_override() -> None:
+    settings = Settings(
+        SYSTEM,
+        (
+            listener("smtp", override_proxy_trusted_networks=TrustedNetworks(["10.0.0.0/8"])),
+            listener("submission"),
+            listener("imap", override_proxy_trusted_networks=TrustedNetworks()),
+            listener("http", override_proxy_trusted_networks=TrustedNetworks(["2001:db8::/32"])),
+        ),
+    )
+    every = settings.all_proxy_trusted_networks()
+    assert [str(network) for network in every] == [
+        "127.0.0.0/8",
+        "::1/128",
+        "10.0.0.0/8",
+        "2001:db8::/32",
+    ]
+    # A proxy trusted only by one listener's override is still a proxy: never ban it.
+    assert ip_address("10.0.0.5") in every
+    assert ip_address("2001:db8::5") in every
+    assert ip_address("192.0.2.1") not in every
+
+
+def test_settings_are_values() -> None:
+    one = Settings(SYSTEM, (listener(),))
+    two = Settings(SystemSettings(TrustedNetworks(["::1", "127.0.0.0/8"])), (listener(),))
+    assert one == two
+    assert hash(one) == hash(two)
