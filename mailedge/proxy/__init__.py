@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mailedge.proxy.encoder import encode_v1, encode_v2
 from mailedge.proxy.errors import (
     AddressBlockTooShortError,
     ChecksumError,
@@ -33,8 +34,22 @@ from mailedge.proxy.header import (
     Transport,
     UnixAddress,
 )
+from mailedge.proxy.parser import parse_header
+from mailedge.proxy.sniff import Sniff, sniff
+from mailedge.proxy.v1 import V1_MAX_LENGTH
+from mailedge.proxy.v2 import DEFAULT_MAX_V2_LENGTH, V2_SIGNATURE
 
 __all__ = [
+    # parsing
+    "parse_header",
+    "Sniff",
+    "sniff",
+    "DEFAULT_MAX_V2_LENGTH",
+    "V1_MAX_LENGTH",
+    "V2_SIGNATURE",
+    # encoding
+    "encode_v1",
+    "encode_v2",
     # values
     "TLV",
     "Address",
