@@ -1,0 +1,149 @@
+"""The gate's events: one structured record per decision, logged and counted.
+
+Every event names the peer, the listener and the reason, so an operator reading one line
+knows which connection it was, which listener took it, and what to change.
+"""
+
+from __future__ import annotations
+
+import collections
+import enum
+import ipaddress
+import logging
+from collections.abc import Callable, Iterator
+
+import attrs
+
+__all__ = ["EventCounters", "EventName", "GateEvent", "escape_bytes", "logger"]
+
+logger = logging.getLogger("mailedge.gate")
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# How much of a connection's first bytes an event quotes: enough to recognise a protocol
+# or a broken header, not enough to copy a client's mail into the logs.
+FIRST_BYTES_QUOTED = 48
+
+
+class EventName(enum.StrEnum):
+    """The stable event names; dashboards and alerts match on these."""
+
+    # A trusted peer's valid PROXY header: the client is the header's source.
+    ACCEPTED = "proxy.accepted"
+    # A trusted peer's LOCAL header (a health check): served, never warned about.
+    LOCAL = "proxy.local"
+    # Served without a header: an untrusted peer, or a trusted one in optional mode.
+    DIRECT = "proxy.direct"
+    # A trusted peer sent something that is not a valid header, or closed mid-header.
+    REJECTED = "proxy.rejected"
+    # A peer outside the trusted networks sent a PROXY header. Never honoured.
+    UNTRUSTED_HEADER = "proxy.untrusted_header"
+    # A trusted peer sent no complete header within the header timeout.
+    TIMEOUT = "proxy.timeout"
+
+
+# Decisions that mean something is wrong; the rest are routine.
+_LEVELS = {
+    EventName.ACCEPTED: logging.DEBUG,
+    EventName.LOCAL: logging.DEBUG,
+    EventName.DIRECT: logging.DEBUG,
+    EventName.REJECTED: logging.WARNING,
+    EventName.UNTRUSTED_HEADER: logging.WARNING,
+    EventName.TIMEOUT: logging.WARNING,
+}
+
+
+def escape_bytes(data: bytes | bytearray | memoryview, limit: int = FIRST_BYTES_QUOTED) -> str:
+    """Printable ASCII kept, everything else escaped, cut at ``limit`` bytes."""
+    head = bytes(data[:limit])
+    text = repr(head)[2:-1]
+    return text + "..." if len(data) > limit else text
+
+
+def _endpoint(ip: IPAddress | None, port: int | None) -> str | None:
+    if ip is None:
+        return None
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+@attrs.frozen(kw_only=True)
+class GateEvent:
+    """One gate decision about one connection."""
+
+    name: EventName
+    listener: str
+    connection_id: int
+    peer_ip: IPAddress
+    peer_port: int
+    # The stable machine-readable reason: "header", "local", a codec reason such as
+    # "v1_syntax", or a gate reason such as "timeout" or "untrusted_header".
+    reason: str
+    # The human diagnosis: what happened and what to change.
+    message: str
+    # Seconds from the start of the gate's work on this connection to the decision.
+    elapsed: float
+    client_ip: IPAddress | None = None
+    client_port: int | None = None
+    # The first bytes the peer sent, escaped and truncated; only for rejections.
+    first_bytes: str | None = None
+
+    @property
+    def peer(self) -> str:
+        return _endpoint(self.peer_ip, self.peer_port) or ""
+
+    @property
+    def client(self) -> str | None:
+        return _endpoint(self.client_ip, self.client_port)
+
+    @property
+    def level(self) -> int:
+        return _LEVELS[self.name]
+
+    def fields(self) -> dict[str, object]:
+        """The event as flat fields, for structured log handlers (``extra``)."""
+        return {
+            "event": str(self.name),
+            "listener": self.listener,
+            "connection_id": self.connection_id,
+            "peer": self.peer,
+            "client": self.client,
+            "reason": self.reason,
+            "elapsed": round(self.elapsed, 6),
+            "first_bytes": self.first_bytes,
+        }
+
+    def log(self) -> None:
+        if not logger.isEnabledFor(self.level):
+            return
+        text = f"{self.name} listener={self.listener} peer={self.peer}"
+        if self.client is not None:
+            text += f" client={self.client}"
+        text += f" reason={self.reason}: {self.message}"
+        if self.first_bytes is not None:
+            text += f" (first bytes: '{self.first_bytes}')"
+        logger.log(self.level, "%s", text, extra={"mailedge": self.fields()})
+
+
+@attrs.define(repr=False)
+class EventCounters:
+    """Counts of gate decisions by listener, event name and reason, for metrics."""
+
+    _counts: collections.Counter[tuple[str, str, str]] = attrs.field(factory=collections.Counter)
+
+    def __repr__(self) -> str:
+        return f"<EventCounters total={self._counts.total()}>"
+
+    def add(self, event: GateEvent) -> None:
+        self._counts[event.listener, str(event.name), event.reason] += 1
+
+    def get(self, listener: str, name: EventName | str, reason: str | None = None) -> int:
+        """The count for one listener and event, for one reason or summed over all."""
+        if reason is not None:
+            return self._counts[listener, str(name), reason]
+        return sum(n for (lst, ev, _), n in self._counts.items() if (lst, ev) == (listener, name))
+
+    def __iter__(self) -> Iterator[tuple[tuple[str, str, str], int]]:
+        return iter(sorted(self._counts.items()))
+
+
+EventSink = Callable[[GateEvent], None]

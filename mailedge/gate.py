@@ -1,0 +1,480 @@
+"""The ProxyGate: the one place that decides whose PROXY header to believe.
+
+Every accepted connection, on every listener, passes :meth:`ProxyGate.admit` in its own
+task. The gate resolves the listener's effective trusted networks (the listener's
+``override_proxy_trusted_networks`` if set, else the server-wide
+``proxy_trusted_networks``), then:
+
+- from a trusted peer, reads exactly one PROXY header before anything is sent, under the
+  listener's header timeout, and builds the context from it;
+- from an untrusted peer, admits the connection at once, with no added delay, and rejects it
+  the moment its first bytes turn out to be a PROXY header, which is never honoured.
+
+``docs/gate.md`` has the full decision table.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import re
+
+import attrs
+import trio
+
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.events import EventCounters, EventName, EventSink, GateEvent, escape_bytes
+from mailedge.networks import normalize_ip
+from mailedge.proxy import (
+    Command,
+    InetAddress,
+    NotProxyHeaderError,
+    ProxyHeader,
+    ProxyProtocolError,
+    Sniff,
+    parse_header,
+    sniff,
+)
+from mailedge.settings import HeaderMode, NetworkListener, Settings
+from mailedge.streams import PrefixedStream
+
+__all__ = ["ProxyGate", "ProxyHeaderRejected", "ProxyRejected"]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Endpoint = tuple[IPAddress | str, int]
+
+# How much one receive may take while looking for a header. The parser rejects a v1 line
+# at 107 bytes and a v2 header at the listener's cap, so the buffer never exceeds the cap
+# plus one receive; whatever follows the header is handed on untouched.
+RECEIVE_SIZE = 4096
+
+
+class ProxyRejected(Exception):
+    """The gate refused a connection. The event has been logged and counted already.
+
+    The caller closes the connection (``aclose_forcefully``); nothing is sent to the peer.
+    """
+
+    def __init__(self, event: GateEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+    @property
+    def reason(self) -> str:
+        return self.event.reason
+
+
+class ProxyHeaderRejected(trio.BrokenResourceError):
+    """Raised from ``receive_some`` when an untrusted peer's first bytes are a PROXY header.
+
+    It is a ``BrokenResourceError`` so that a protocol handler treats it like any broken
+    connection; the event has been logged and counted when it is raised.
+    """
+
+    def __init__(self, event: GateEvent) -> None:
+        super().__init__(event.message)
+        self.event = event
+
+
+@attrs.frozen
+class _Connection:
+    """What the gate knows about a connection before it has read anything."""
+
+    listener: NetworkListener
+    connection_id: int
+    peer_ip: IPAddress
+    peer_port: int
+    local_ip: IPAddress
+    local_port: int
+    started: float
+
+
+@attrs.define(repr=False)
+class ProxyGate:
+    """Admits connections for every listener, by the current settings.
+
+    ``reload`` swaps in new settings atomically: connections that start the gate afterwards
+    use them, and connections already past it keep the context they were given.
+    """
+
+    _settings: Settings
+    _on_event: EventSink | None = attrs.field(default=None, kw_only=True)
+    counters: EventCounters = attrs.field(factory=EventCounters, init=False)
+    _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+
+    def __repr__(self) -> str:
+        return f"<ProxyGate listeners={len(self._settings.listeners)} {self.counters!r}>"
+
+    @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    def reload(self, settings: Settings) -> None:
+        """Use ``settings`` for every connection that reaches the gate from now on."""
+        self._settings = settings
+
+    async def admit(
+        self,
+        stream: trio.abc.Stream,
+        *,
+        listener: str,
+        peer: Endpoint,
+        local: Endpoint,
+    ) -> tuple[trio.abc.Stream, ConnectionContext]:
+        """Run one accepted connection through the gate.
+
+        Returns the stream the protocol should use (it serves any bytes read past the
+        header first) and the connection's context. Raises :class:`ProxyRejected` when
+        the connection must be closed; nothing has been sent to the peer then.
+        """
+        # Read the settings once: a reload mid-connection must not mix two configurations.
+        settings = self._settings
+        conf = settings.listener(listener)
+        conn = _Connection(
+            listener=conf,
+            connection_id=next(self._ids),
+            peer_ip=normalize_ip(ipaddress.ip_address(peer[0])),
+            peer_port=peer[1],
+            local_ip=normalize_ip(ipaddress.ip_address(local[0])),
+            local_port=local[1],
+            started=trio.current_time(),
+        )
+        trusted = conf.effective_proxy_trusted_networks(settings.system)
+        if conn.peer_ip not in trusted:
+            return self._admit_untrusted(stream, conn)
+        # Everything read while looking for the header; quoted if the wait times out.
+        buffer = bytearray()
+        try:
+            with trio.fail_after(conf.proxy_header_timeout):
+                return await self._admit_trusted(stream, conn, buffer)
+        except trio.TooSlowError:
+            raise self._reject_timeout(conn, buffer) from None
+
+    # -- untrusted peers ------------------------------------------------------------------
+
+    def _admit_untrusted(
+        self, stream: trio.abc.Stream, conn: _Connection
+    ) -> tuple[trio.abc.Stream, ConnectionContext]:
+        # Served as is, at once: a server-first protocol greets without waiting. The first
+        # bytes the client sends are checked for a PROXY header when they arrive.
+        context = self._direct_context(conn)
+        self._emit(
+            conn,
+            EventName.DIRECT,
+            "untrusted",
+            "not a trusted proxy; served directly",
+            client=(conn.peer_ip, conn.peer_port),
+        )
+        return _UntrustedGuardStream(stream, self, conn), context
+
+    def _reject_untrusted_header(self, conn: _Connection, data: bytes | bytearray) -> GateEvent:
+        return self._emit(
+            conn,
+            EventName.UNTRUSTED_HEADER,
+            "untrusted_header",
+            _untrusted_advice(conn),
+            first_bytes=data,
+        )
+
+    # -- trusted peers --------------------------------------------------------------------
+
+    async def _admit_trusted(
+        self, stream: trio.abc.Stream, conn: _Connection, buffer: bytearray
+    ) -> tuple[trio.abc.Stream, ConnectionContext]:
+        conf = conn.listener
+        if conf.proxy_header_mode is HeaderMode.OPTIONAL and not (
+            await self._optional_header_follows(stream, conn, buffer)
+        ):
+            context = self._direct_context(conn)
+            self._emit(
+                conn,
+                EventName.DIRECT,
+                "no_header",
+                "a trusted peer sent no PROXY header; served directly (optional mode)",
+                client=(conn.peer_ip, conn.peer_port),
+            )
+            return PrefixedStream(stream, bytes(buffer)), context
+        while True:
+            try:
+                result = parse_header(
+                    buffer,
+                    max_v2_length=conf.proxy_max_header_length,
+                    allow_v1_mixed_family=conf.proxy_allow_v1_mixed_family,
+                )
+            except NotProxyHeaderError:
+                raise self._reject(conn, "not_proxy_header", _diagnose(buffer), buffer) from None
+            except ProxyProtocolError as exc:
+                raise self._reject(conn, exc.reason, exc.message, buffer) from None
+            if result is not None:
+                break
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                raise self._reject_eof(conn, buffer)
+            buffer += data
+        header, consumed = result
+        context = self._header_context(conn, header)
+        if context.address_source is AddressSource.PROXY_LOCAL:
+            self._emit(conn, EventName.LOCAL, "local", "LOCAL header (proxy health check)")
+        else:
+            self._emit(
+                conn,
+                EventName.ACCEPTED,
+                "header" if context.client_known else "address_unknown",
+                f"PROXY v{header.version} header"
+                + ("" if context.client_known else " without a client address"),
+                client=(context.client_ip, context.client_port),
+            )
+        return PrefixedStream(stream, bytes(buffer[consumed:])), context
+
+    async def _optional_header_follows(
+        self, stream: trio.abc.Stream, conn: _Connection, buffer: bytearray
+    ) -> bool:
+        """Optional mode: read until the first bytes tell whether a header is coming.
+
+        For a server-first protocol the client may be waiting for our greeting, so silence
+        for ``proxy_optional_wait`` means "no header". Client-first protocols always send.
+        """
+        conf = conn.listener
+        if conf.protocol.server_first:
+            with trio.move_on_after(conf.proxy_optional_wait):
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    raise self._reject_eof(conn, buffer)
+                buffer += data
+            if not buffer:
+                return False
+        while (kind := sniff(buffer)) is Sniff.NEED_MORE:
+            data = await stream.receive_some(RECEIVE_SIZE)
+            if not data:
+                if not buffer:
+                    raise self._reject_eof(conn, buffer)
+                return False
+            buffer += data
+        return kind is not Sniff.NOT_PROXY
+
+    # -- contexts -------------------------------------------------------------------------
+
+    @staticmethod
+    def _direct_context(conn: _Connection) -> ConnectionContext:
+        return ConnectionContext(
+            connection_id=conn.connection_id,
+            listener=conn.listener.name,
+            protocol=conn.listener.protocol,
+            client_ip=conn.peer_ip,
+            client_port=conn.peer_port,
+            server_ip=conn.local_ip,
+            server_port=conn.local_port,
+            peer_ip=conn.peer_ip,
+            peer_port=conn.peer_port,
+            local_ip=conn.local_ip,
+            local_port=conn.local_port,
+            proxied=False,
+            address_source=AddressSource.SOCKET,
+        )
+
+    @staticmethod
+    def _header_context(conn: _Connection, header: ProxyHeader) -> ConnectionContext:
+        src, dst = header.source, header.destination
+        if (
+            header.command is Command.PROXY
+            and isinstance(src, InetAddress)
+            and isinstance(dst, InetAddress)
+        ):
+            source = AddressSource.HEADER
+            client_ip, client_port, server_ip, server_port = src.ip, src.port, dst.ip, dst.port
+        else:
+            # LOCAL (the proxy's own health check) carries no client at all; v1 UNKNOWN and
+            # v2 UNSPEC (or AF_UNIX, when allowed) carry a client we cannot name. Either way
+            # the socket's endpoints stand in, and the context says so.
+            source = (
+                AddressSource.PROXY_LOCAL
+                if header.command is Command.LOCAL
+                else AddressSource.UNKNOWN
+            )
+            client_ip, client_port = conn.peer_ip, conn.peer_port
+            server_ip, server_port = conn.local_ip, conn.local_port
+
+        ssl = header.ssl
+        tls = (ssl is not None and ssl.client_ssl) or (
+            header.version == 1 and conn.listener.proxy_v1_implies_tls
+        )
+        alpn = header.alpn
+        details = ssl if (tls and ssl is not None) else None
+        return ConnectionContext(
+            connection_id=conn.connection_id,
+            listener=conn.listener.name,
+            protocol=conn.listener.protocol,
+            client_ip=client_ip,
+            client_port=client_port,
+            server_ip=server_ip,
+            server_port=server_port,
+            peer_ip=conn.peer_ip,
+            peer_port=conn.peer_port,
+            local_ip=conn.local_ip,
+            local_port=conn.local_port,
+            proxied=True,
+            address_source=source,
+            tls=tls,
+            tls_terminated_by=TLSTerminator.PROXY if tls else None,
+            tls_version=details.version if details else None,
+            tls_cipher=details.cipher if details else None,
+            sni=header.authority,
+            alpn=None if alpn is None else alpn.decode("ascii", "backslashreplace"),
+            client_cert_cn=details.cn if details else None,
+            client_cert_verified=bool(details and details.verified),
+            header=header,
+        )
+
+    # -- events ---------------------------------------------------------------------------
+
+    def _emit(
+        self,
+        conn: _Connection,
+        name: EventName,
+        reason: str,
+        message: str,
+        *,
+        client: tuple[IPAddress, int] | None = None,
+        first_bytes: bytes | bytearray | None = None,
+    ) -> GateEvent:
+        event = GateEvent(
+            name=name,
+            listener=conn.listener.name,
+            connection_id=conn.connection_id,
+            peer_ip=conn.peer_ip,
+            peer_port=conn.peer_port,
+            reason=reason,
+            message=message,
+            elapsed=trio.current_time() - conn.started,
+            client_ip=client[0] if client else None,
+            client_port=client[1] if client else None,
+            first_bytes=None if first_bytes is None else escape_bytes(first_bytes),
+        )
+        self.counters.add(event)
+        event.log()
+        if self._on_event is not None:
+            self._on_event(event)
+        return event
+
+    def _reject(
+        self, conn: _Connection, reason: str, message: str, data: bytes | bytearray
+    ) -> ProxyRejected:
+        return ProxyRejected(
+            self._emit(conn, EventName.REJECTED, reason, message, first_bytes=data)
+        )
+
+    def _reject_eof(self, conn: _Connection, data: bytearray) -> ProxyRejected:
+        if not data:
+            return self._reject(
+                conn, "closed", "the peer closed the connection before sending anything", data
+            )
+        return self._reject(
+            conn,
+            "truncated",
+            f"the peer closed the connection after {len(data)} bytes of an incomplete header",
+            data,
+        )
+
+    def _reject_timeout(self, conn: _Connection, data: bytearray) -> ProxyRejected:
+        conf = conn.listener
+        within = f"within {conf.proxy_header_timeout:g} s"
+        if data:
+            message = (
+                f"only {len(data)} bytes of a PROXY header arrived {within}: "
+                "the proxy stalled, or a client is dribbling a header"
+            )
+        else:
+            message = (
+                f"nothing arrived {within}. Is the proxy configured to send a PROXY header "
+                "(HAProxy: send-proxy or send-proxy-v2 on the server line; nginx: "
+                "proxy_protocol on)? A client connecting directly from a trusted address "
+                "waits for a greeting that is never sent before the header"
+            )
+            if conf.protocol.server_first and conf.proxy_header_mode is HeaderMode.REQUIRED:
+                message += '; proxyHeaderMode = "optional" serves such clients'
+        return ProxyRejected(
+            self._emit(conn, EventName.TIMEOUT, "timeout", message, first_bytes=data or None)
+        )
+
+
+class _UntrustedGuardStream(PrefixedStream):
+    """Passes an untrusted connection through, but never lets a PROXY header reach it.
+
+    The check runs on the first ``receive_some``, so nothing waits for it: a server-first
+    protocol sends its greeting at once, and the client's first bytes are inspected when
+    the protocol reads them.
+    """
+
+    def __init__(self, transport_stream: trio.abc.Stream, gate: ProxyGate, conn: _Connection):
+        super().__init__(transport_stream)
+        self._guard: tuple[ProxyGate, _Connection] | None = (gate, conn)
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._guard is not None:
+            gate, conn = self._guard
+            first = bytearray()
+            # At most 12 bytes decide it; sniff never asks for more than the v2 signature.
+            while (kind := sniff(first)) is Sniff.NEED_MORE:
+                data = await self.transport_stream.receive_some(RECEIVE_SIZE)
+                if not data:
+                    break
+                first += data
+            if kind is Sniff.V1 or kind is Sniff.V2:
+                raise ProxyHeaderRejected(gate._reject_untrusted_header(conn, first))
+            self._guard = None
+            self._prefix = memoryview(bytes(first))
+            if not first:
+                return b""
+        return await super().receive_some(max_bytes)
+
+
+# -- diagnosis ------------------------------------------------------------------------------
+
+_SMTP_COMMAND = re.compile(rb"(?i)(EHLO|HELO|LHLO|QUIT|NOOP|RSET|MAIL|STARTTLS|AUTH)\b")
+_HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|PRI) ")
+_IMAP_COMMAND = re.compile(
+    rb"[A-Za-z0-9.]+ (?i:CAPABILITY|LOGIN|STARTTLS|LOGOUT|NOOP|AUTHENTICATE)"
+)
+
+
+def _diagnose(data: bytes | bytearray) -> str:
+    """Name what arrived instead of a PROXY header, and the likely misconfiguration."""
+    expected = "where a PROXY header was expected"
+    fix = (
+        "the proxy is not sending PROXY headers, or sends them only on another port "
+        "(HAProxy: send-proxy or send-proxy-v2 on the server line; nginx: proxy_protocol on)"
+    )
+    if data[:1] == b"\x16" and data[1:2] in (b"\x03", b""):
+        return f"a TLS ClientHello arrived {expected}: {fix}"
+    if _HTTP_REQUEST.match(data):
+        return f"an HTTP request arrived {expected}: {fix}, or a client connected directly"
+    if _SMTP_COMMAND.match(data):
+        return f"an SMTP command arrived {expected}: {fix}, or a client connected directly"
+    if _IMAP_COMMAND.match(data):
+        return f"an IMAP command arrived {expected}: {fix}, or a client connected directly"
+    return f"bytes that are not a PROXY header arrived {expected}: {fix}"
+
+
+def _untrusted_advice(conn: _Connection) -> str:
+    """Why a header from this peer was refused, and exactly what to add if it is the proxy."""
+    peer = str(conn.peer_ip)
+    name = conn.listener.name
+    override = conn.listener.override_proxy_trusted_networks
+    head = f"a PROXY header arrived from {peer}, which is not trusted on listener {name!r}"
+    if override is not None and not override:
+        return (
+            f"{head}: the PROXY protocol is off on this listener "
+            "(overrideProxyTrustedNetworks = []). If this peer is your proxy, list "
+            f"'{peer}' in the listener's overrideProxyTrustedNetworks; the header was not honoured"
+        )
+    if override is not None:
+        return (
+            f"{head}. If this peer is your proxy, add '{peer}' to the listener's "
+            "overrideProxyTrustedNetworks (it replaces proxyTrustedNetworks on this listener); "
+            "the header was not honoured"
+        )
+    return (
+        f"{head}. If this peer is your proxy, add '{peer}' to proxyTrustedNetworks in "
+        "SystemSettings (or to the listener's overrideProxyTrustedNetworks); "
+        "the header was not honoured"
+    )
