@@ -31,7 +31,7 @@ import os
 import pathlib
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, Literal
 
 import attrs
@@ -47,7 +47,7 @@ from mailedge.settings import (
     SystemSettings,
 )
 
-__all__ = ["ConfigError", "load", "loads"]
+__all__ = ["ConfigError", "Document", "load", "load_document", "loads", "loads_document"]
 
 Format = Literal["toml", "json"]
 
@@ -386,28 +386,49 @@ def _toml_error(error: tomllib.TOMLDecodeError, text: str) -> ConfigError:
     return ConfigError(f"invalid TOML: {message}", line=line, column=column)
 
 
-def _loads(text: str, syntax: _Syntax) -> Settings:
+@attrs.frozen
+class Document:
+    """A loaded file: mailedge's settings, plus the extra tables the application asked for."""
+
+    settings: Settings
+    # Each requested extra section that the file has, raw (e.g. an example server's own table).
+    extra: dict[str, dict[str, Any]] = attrs.field(factory=dict, repr=False)
+
+
+def _loads(text: str, syntax: _Syntax, extra_sections: Collection[str] = ()) -> Document:
     document = _parse(text, syntax)
-    table = _table(document, "", [section.name for section in _SECTIONS], syntax)
+    known = [section.name for section in _SECTIONS] + list(extra_sections)
+    table = _table(document, "", known, syntax)
     kwargs = {
         section.field: _build_section(section, table[section.name], syntax)
         for section in _SECTIONS
         if section.name in table
     }
+    extra = {}
+    for name in extra_sections:
+        if name in table:
+            if not isinstance(table[name], dict):
+                raise _expected(syntax.table, table[name], name, syntax)
+            extra[name] = dict(table[name])
     try:
-        return Settings(**kwargs)
+        return Document(Settings(**kwargs), extra)
     except InvalidSettingError as error:
         names = {section.field: section.name for section in _SECTIONS}
         raise ConfigError(error.detail, path=names.get(error.field)) from None
 
 
+def loads_document(text: str, *, format: Format, extra_sections: Collection[str] = ()) -> Document:
+    """Like :func:`loads`, also returning the ``extra_sections`` tables the text has."""
+    if format == "toml":
+        return _loads(text, _TOML, extra_sections)
+    if format == "json":
+        return _loads(text, _JSON, extra_sections)
+    raise ValueError(f"format must be 'toml' or 'json', got {format!r}")
+
+
 def loads(text: str, *, format: Format) -> Settings:
     """Load settings from TOML or JSON text. Raises :class:`ConfigError`."""
-    if format == "toml":
-        return _loads(text, _TOML)
-    if format == "json":
-        return _loads(text, _JSON)
-    raise ValueError(f"format must be 'toml' or 'json', got {format!r}")
+    return loads_document(text, format=format).settings
 
 
 def load(path: str | os.PathLike[str]) -> Settings:
@@ -415,6 +436,17 @@ def load(path: str | os.PathLike[str]) -> Settings:
 
     Messages start with the file's path: ``mailedge.toml: NetworkListener[0].tls: ...``.
     A file that cannot be read raises the usual ``OSError``.
+    """
+    return load_document(path).settings
+
+
+def load_document(
+    path: str | os.PathLike[str], *, extra_sections: Collection[str] = ()
+) -> Document:
+    """Like :func:`load`, also returning the ``extra_sections`` tables the file has.
+
+    An application keeps its own settings in the same file this way, and unknown sections
+    are still errors.
     """
     file = os.fspath(path)
     suffix = pathlib.PurePath(file).suffix
@@ -429,6 +461,6 @@ def load(path: str | os.PathLike[str]) -> Settings:
     except UnicodeDecodeError as error:
         raise ConfigError(f"not valid UTF-8 (at byte {error.start})", file=file) from None
     try:
-        return loads(text, format=format)
+        return loads_document(text, format=format, extra_sections=extra_sections)
     except ConfigError as error:
         raise error.in_file(file) from None

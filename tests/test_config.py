@@ -10,7 +10,7 @@ from ipaddress import ip_address
 import pytest
 
 from mailedge import config
-from mailedge.config import ConfigError, load, loads
+from mailedge.config import ConfigError, load, load_document, loads, loads_document
 from mailedge.networks import TrustedNetworks
 from mailedge.settings import (
     BindAddress,
@@ -577,3 +577,27 @@ def test_missing_file_is_an_os_error(tmp_path: pathlib.Path) -> None:
 def test_loads_refuses_an_unknown_format() -> None:
     with pytest.raises(ValueError, match="format must be 'toml' or 'json', got 'yaml'"):
         loads("", format="yaml")  # type: ignore[arg-type]
+
+
+# -- an application's own sections ------------------------------------------------------------
+
+
+def test_extra_sections_are_returned_raw_and_others_still_refused(tmp_path: pathlib.Path) -> None:
+    text = (
+        '[SystemSettings]\nproxyTrustedNetworks = ["127.0.0.0/8"]\n\n'
+        '[Example]\nhostname = "mx.test"\nusers = { demo = "pw" }\n'
+    )
+    document = loads_document(text, format="toml", extra_sections=["Example"])
+    assert document.extra == {"Example": {"hostname": "mx.test", "users": {"demo": "pw"}}}
+    assert document.settings.system.proxy_trusted_networks == TrustedNetworks(["127.0.0.0/8"])
+    # Without asking for it, the same section is an unknown key, as before.
+    with pytest.raises(ConfigError, match="unknown key 'Example'"):
+        loads(text, format="toml")
+    path = tmp_path / "server.toml"
+    path.write_text(text)
+    assert load_document(path, extra_sections=["Example"]) == document
+
+
+def test_an_extra_section_must_be_a_table() -> None:
+    with pytest.raises(ConfigError, match=r"^Example: expected a table, got 3$"):
+        loads_document("Example = 3\n", format="toml", extra_sections=["Example"])
