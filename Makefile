@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Reinstall when the project's metadata changes; the stamp records the last install.
 STAMP := $(VENV)/.mailedge-installed
 
-.PHONY: venv lint test bench clean
+.PHONY: venv lint test serve bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,3 +40,7 @@ bench: $(BENCH_STAMP)
 
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+
+# The example mail server on its embedded default (loopback only); Ctrl-C drains and stops.
+serve: venv
+	$(BIN)/python examples/mailserver.py

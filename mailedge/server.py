@@ -1,0 +1,287 @@
+"""The server layer: one nursery task per listener, every connection through the gate.
+
+Written in the style of ``trio.serve_listeners``: ``serve`` binds every listener, reports
+the bound addresses through ``task_status.started``, and runs until cancelled or shut down.
+Each accepted connection gets its own task, in which the slow work happens: the PROXY
+header under its timeout, the TLS handshake under its own, then the protocol handler. The
+accept loop only accepts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import signal
+import ssl
+from collections.abc import Awaitable, Callable, Collection, Mapping
+
+import attrs
+import trio
+
+from mailedge.config import ConfigError, load_document
+from mailedge.context import ConnectionContext
+from mailedge.gate import ProxyGate, ProxyRejected
+from mailedge.limits import ConnectionLimits
+from mailedge.settings import NetworkListener, Protocol, Settings
+from mailedge.streams import IdleTimeoutStream
+from mailedge.tls import starttls
+
+__all__ = ["Handler", "Server", "refusal", "serve"]
+
+logger = logging.getLogger("mailedge.server")
+
+Handler = Callable[[trio.abc.Stream, ConnectionContext], Awaitable[None]]
+Endpoint = tuple[str, int]
+
+# After SIGTERM, sessions get this long to finish (an SMTP DATA in flight, say) before they
+# are cancelled; long enough for a large message on a slow link, short enough for a deploy.
+DEFAULT_DRAIN_TIMEOUT = 30.0
+
+# Connections still in the kernel's queue when we fall behind; 128 is Linux's historic
+# somaxconn and plenty for a mail server's bursts.
+LISTEN_BACKLOG = 128
+
+# A refusal is one short line; a peer that will not take it within a second gets closed.
+REFUSAL_SEND_TIMEOUT = 1.0
+
+
+def refusal(protocol: Protocol, text: str) -> bytes:
+    """The protocol's way of saying "not now" before closing."""
+    if protocol is Protocol.SMTP:
+        return f"421 4.7.0 {text}\r\n".encode()
+    if protocol is Protocol.IMAP:
+        return f"* BYE {text}\r\n".encode()
+    body = f"{text}\n".encode()
+    return (
+        b"HTTP/1.1 503 Service Unavailable\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\n"
+        b"Retry-After: 5\r\n"
+        b"Connection: close\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
+
+
+def _endpoint(sockaddr: object) -> Endpoint:
+    assert isinstance(sockaddr, tuple)
+    return str(sockaddr[0]), int(sockaddr[1])
+
+
+@attrs.define(repr=False)
+class Server:
+    """A running set of listeners sharing one gate. ``serve`` makes one and runs it."""
+
+    settings: Settings
+    handlers: Mapping[Protocol, Handler]
+    ssl_context: ssl.SSLContext | None = None
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
+    gate: ProxyGate = attrs.field()
+    limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    # Bound addresses by listener name, filled in once every listener is bound.
+    addresses: dict[str, list[Endpoint]] = attrs.field(factory=dict, init=False)
+    _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+
+    @gate.default
+    def _default_gate(self) -> ProxyGate:
+        return ProxyGate(self.settings)
+
+    def __attrs_post_init__(self) -> None:
+        for conf in self.settings.listeners:
+            if conf.protocol not in self.handlers:
+                raise ValueError(f"listener {conf.name!r}: no handler for {conf.protocol}")
+            if conf.tls and self.ssl_context is None:
+                raise ValueError(f"listener {conf.name!r} has tls = true but no ssl_context")
+
+    def __repr__(self) -> str:
+        return f"<Server listeners={list(self.addresses)} {self.limits!r}>"
+
+    def reload(self, settings: Settings) -> None:
+        """Apply new settings to new connections. Listeners are not rebound."""
+        old = {conf.name: conf.bind for conf in self.settings.listeners}
+        new = {conf.name: conf.bind for conf in settings.listeners}
+        if old != new:
+            raise ValueError("a reload cannot add, remove or rebind listeners; restart instead")
+        self.settings = settings
+        self.gate.reload(settings)
+
+    def reload_from(
+        self, path: str | os.PathLike[str], *, extra_sections: Collection[str] = ()
+    ) -> bool:
+        """Reload from a config file; an invalid file keeps the old settings and logs why.
+
+        ``extra_sections`` names the application's own tables in the file (see
+        :func:`mailedge.config.load_document`); they are allowed, and not applied here.
+        """
+        try:
+            self.reload(load_document(path, extra_sections=extra_sections).settings)
+        except (ConfigError, ValueError, OSError) as exc:
+            logger.error(  # noqa: TRY400 - the message is the whole story; no traceback
+                "reload of %s failed, keeping the running settings: %s", path, exc
+            )
+            return False
+        logger.info("reloaded settings from %s", path)
+        return True
+
+    def shutdown(self) -> None:
+        """Stop accepting; open sessions then get ``drain_timeout`` to finish."""
+        self._accepting.cancel()
+
+    async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        bound: list[tuple[NetworkListener, list[trio.SocketListener]]] = []
+        try:
+            for conf in self.settings.listeners:
+                sockets: list[trio.SocketListener] = []
+                bound.append((conf, sockets))
+                for bind in conf.bind:
+                    sockets += await trio.open_tcp_listeners(
+                        bind.port, host=str(bind.host), backlog=LISTEN_BACKLOG
+                    )
+                self.addresses[conf.name] = [_endpoint(s.socket.getsockname()) for s in sockets]
+        except BaseException:
+            for _, sockets in bound:
+                for listener in sockets:
+                    await trio.aclose_forcefully(listener)
+            raise
+
+        async with trio.open_nursery() as sessions:
+            with self._accepting:
+                async with trio.open_nursery() as accepting:
+                    for conf, sockets in bound:
+                        accepting.start_soon(self._accept_loop, conf.name, sockets, sessions)
+                    for name, endpoints in self.addresses.items():
+                        logger.info("listener %s on %s", name, ", ".join(map(_show, endpoints)))
+                    task_status.started(self)
+            # Accepting has stopped (shutdown, or our caller's cancellation): drain.
+            sessions.cancel_scope.deadline = min(
+                sessions.cancel_scope.deadline, trio.current_time() + self.drain_timeout
+            )
+
+    async def _accept_loop(
+        self, name: str, sockets: list[trio.SocketListener], sessions: trio.Nursery
+    ) -> None:
+        async def handle(stream: trio.SocketStream) -> None:
+            await self._connection(name, stream)
+
+        await trio.serve_listeners(handle, sockets, handler_nursery=sessions)
+
+    async def _connection(self, name: str, stream: trio.SocketStream) -> None:
+        try:
+            conf = self.gate.settings.listener(name)
+            with self.limits.listener_slot(name, conf.max_connections) as free:
+                if not free:
+                    logger.warning(
+                        "listener %s: %d connections open, refusing %s",
+                        name,
+                        conf.max_connections,
+                        _show(_peer(stream)),
+                    )
+                    await _refuse(stream, conf.protocol, "Too many connections, try again later")
+                    return
+                await self._session(conf, stream)
+        except OSError as exc:
+            # The peer reset before we could even ask who it was; nothing else to do.
+            if exc.errno not in (errno.ENOTCONN, errno.ECONNRESET, errno.EINVAL):
+                raise
+        finally:
+            await trio.aclose_forcefully(stream)
+
+    async def _session(self, conf: NetworkListener, tcp: trio.SocketStream) -> None:
+        peer, local = _peer(tcp), _endpoint(tcp.socket.getsockname())
+        try:
+            stream, context = await self.gate.admit(tcp, listener=conf.name, peer=peer, local=local)
+        except ProxyRejected:
+            return  # the gate has logged and counted it
+        with self.limits.client_slot(
+            conf.name, context.client_ip, conf.max_connections_per_ip
+        ) as free:
+            if not free and context.client_known:
+                logger.warning(
+                    "listener %s: %d connections open from %s, refusing %r",
+                    conf.name,
+                    conf.max_connections_per_ip,
+                    context.client_ip,
+                    context,
+                )
+                await _refuse(stream, conf.protocol, "Too many connections from your address")
+                return
+            try:
+                if conf.tls:
+                    assert self.ssl_context is not None
+                    with trio.fail_after(conf.tls_handshake_timeout):
+                        stream, context = await starttls(stream, context, self.ssl_context)
+                await self.handlers[conf.protocol](
+                    IdleTimeoutStream(stream, conf.idle_timeout), context
+                )
+            except trio.TooSlowError:
+                logger.info("%r: timed out", context)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                logger.info("%r: connection lost: %s", context, exc)
+            except Exception:
+                # One session's bug must not take the listener down with it.
+                logger.exception("%r: handler failed", context)
+
+
+def _peer(stream: trio.SocketStream) -> Endpoint:
+    return _endpoint(stream.socket.getpeername())
+
+
+def _show(endpoint: Endpoint) -> str:
+    host, port = endpoint
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+async def _refuse(stream: trio.abc.Stream, protocol: Protocol, text: str) -> None:
+    # A client that is not reading must not hold the refusal up: best effort, briefly.
+    with (
+        trio.move_on_after(REFUSAL_SEND_TIMEOUT),
+        contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+    ):
+        await stream.send_all(refusal(protocol, text))
+
+
+async def serve(
+    settings: Settings,
+    handlers: Mapping[Protocol, Handler],
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    gate: ProxyGate | None = None,
+    drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
+
+    ``handlers`` maps each protocol to an async ``(stream, context)`` callable. With
+    ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`, whose
+    ``addresses`` hold the bound endpoints (so tests can bind port 0).
+    """
+    server = Server(
+        settings=settings,
+        handlers=handlers,
+        ssl_context=ssl_context,
+        drain_timeout=drain_timeout,
+        gate=gate if gate is not None else ProxyGate(settings),
+    )
+    await server.run(task_status=task_status)
+
+
+async def handle_signals(
+    server: Server,
+    config_path: str | os.PathLike[str] | None,
+    *,
+    extra_sections: Collection[str] = (),
+) -> None:
+    """SIGHUP reloads ``config_path``; SIGTERM and SIGINT shut the server down gracefully."""
+    with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                if config_path is None:
+                    logger.warning("SIGHUP ignored: running on the embedded default settings")
+                else:
+                    server.reload_from(config_path, extra_sections=extra_sections)
+            else:
+                logger.info(
+                    "%s: no new connections; draining open sessions", signal.Signals(signum).name
+                )
+                server.shutdown()
+                return

@@ -1,0 +1,290 @@
+"""The server layer over real sockets on 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import pathlib
+import ssl
+from collections.abc import AsyncIterator
+
+import pytest
+import trio
+import trio.testing
+import trustme
+
+from mailedge.context import ConnectionContext
+from mailedge.events import EventName
+from mailedge.networks import TrustedNetworks
+from mailedge.proxy import Command, InetAddress, encode_v1, encode_v2
+from mailedge.server import Handler, Server, refusal, serve
+from mailedge.settings import (
+    BindAddress,
+    NetworkListener,
+    Protocol,
+    Settings,
+    SystemSettings,
+)
+
+CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
+SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)
+
+
+def listener(name: str = "smtp", **knobs: object) -> NetworkListener:
+    knobs.setdefault("bind", (BindAddress.parse("127.0.0.1:0"), BindAddress.parse("[::1]:0")))
+    return NetworkListener(name=name, protocol=Protocol.SMTP, **knobs)  # type: ignore[arg-type]
+
+
+def settings(*listeners: NetworkListener) -> Settings:
+    return Settings(
+        system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8", "::1"])),
+        listeners=listeners or (listener(),),
+    )
+
+
+async def whoami(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+    """A tiny server-first protocol: greet with the client, echo one line, done."""
+    tls = f" tls={context.tls_terminated_by}" if context.tls else ""
+    await stream.send_all(f"220 {context.client_ip} {context.client_port}{tls}\r\n".encode())
+    line = await stream.receive_some()
+    await stream.send_all(b"250 " + bytes(line))
+
+
+async def read_reply(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while not data.endswith(b"\r\n"):
+        chunk = await stream.receive_some()
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+async def start(
+    nursery: trio.Nursery, conf: Settings, handler: Handler = whoami, **kw: object
+) -> Server:
+    server: Server = await nursery.start(
+        lambda task_status: serve(conf, {Protocol.SMTP: handler}, task_status=task_status, **kw)  # type: ignore[arg-type]
+    )
+    return server
+
+
+_clients: list[trio.SocketStream] = []
+
+
+@pytest.fixture(autouse=True)
+async def close_clients() -> AsyncIterator[None]:
+    """Every client socket a test opens is closed when it ends, pass or fail.
+
+    Being async and autouse, it makes every test in this module a trio test.
+    """
+    yield
+    while _clients:
+        await trio.aclose_forcefully(_clients.pop())
+
+
+async def connect(server: Server, name: str = "smtp", family: int = 4) -> trio.SocketStream:
+    host, port = next((h, p) for h, p in server.addresses[name] if (":" in h) == (family == 6))
+    stream = await trio.open_tcp_stream(host, port)
+    _clients.append(stream)
+    return stream
+
+
+async def test_binds_ipv4_and_ipv6_and_reports_the_addresses(nursery: trio.Nursery) -> None:
+    server = await start(nursery, settings())
+    hosts = sorted(h for h, _ in server.addresses["smtp"])
+    assert hosts == ["127.0.0.1", "::1"]
+    assert all(port > 0 for _, port in server.addresses["smtp"])
+    for family in (4, 6):
+        stream = await connect(server, family=family)
+        await stream.send_all(encode_v2(Command.PROXY, CLIENT, SERVER) + b"EHLO x\r\n")
+        assert await read_reply(stream) == b"220 198.51.100.7 40123\r\n"
+        assert await read_reply(stream) == b"250 EHLO x\r\n"
+        await stream.aclose()
+    nursery.cancel_scope.cancel()
+
+
+async def test_direct_connection_from_an_untrusted_listener(nursery: trio.Nursery) -> None:
+    conf = settings(listener(override_proxy_trusted_networks=TrustedNetworks([])))
+    server = await start(nursery, conf)
+    stream = await connect(server)
+    reply = await read_reply(stream)  # the greeting comes at once: no header is awaited
+    assert reply.startswith(b"220 127.0.0.1 ")
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_rejected_header_closes_only_that_connection(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await start(nursery, settings())
+    bad = await connect(server)
+    await bad.send_all(b"PROXY TCP4 1.2.3.4 5.6.7.8 1 99999\r\n")
+    assert await bad.receive_some() == b""  # closed, nothing sent
+    good = await connect(server)
+    await good.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(good) == b"220 198.51.100.7 40123\r\n"
+    assert server.gate.counters.get("smtp", EventName.REJECTED, "bad_port") == 1
+    nursery.cancel_scope.cancel()
+
+
+async def test_handler_crash_is_isolated(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls = 0
+
+    async def flaky(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise RuntimeError("handler bug")
+        await whoami(stream, context)
+
+    server = await start(nursery, settings(), flaky)
+    first = await connect(server)
+    await first.send_all(encode_v1(CLIENT, SERVER))
+    assert await first.receive_some() == b""
+    second = await connect(server)
+    await second.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(second) == b"220 198.51.100.7 40123\r\n"
+    crashes = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert crashes and "handler failed" in crashes[0].getMessage()
+    assert "198.51.100.7" in crashes[0].getMessage()
+    nursery.cancel_scope.cancel()
+
+
+async def test_per_ip_limit_counts_the_client_not_the_proxy(nursery: trio.Nursery) -> None:
+    release = trio.Event()
+
+    async def hold(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await whoami(stream, context)
+        await release.wait()
+
+    server = await start(nursery, settings(listener(max_connections_per_ip=1)), hold)
+    other = InetAddress(ipaddress.ip_address("198.51.100.8"), 40000)
+    a = await connect(server)
+    await a.send_all(encode_v1(CLIENT, SERVER))
+    assert (await read_reply(a)).startswith(b"220 198.51.100.7")
+    # Same proxy, different client: served.
+    b = await connect(server)
+    await b.send_all(encode_v1(other, SERVER))
+    assert (await read_reply(b)).startswith(b"220 198.51.100.8")
+    # Same client again through the same proxy: refused with 421.
+    c = await connect(server)
+    await c.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(c) == refusal(Protocol.SMTP, "Too many connections from your address")
+    assert await c.receive_some() == b""
+    release.set()
+    nursery.cancel_scope.cancel()
+
+
+async def test_listener_limit_refuses_with_421(nursery: trio.Nursery) -> None:
+    release = trio.Event()
+
+    async def hold(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await whoami(stream, context)
+        await release.wait()
+
+    server = await start(nursery, settings(listener(max_connections=1)), hold)
+    a = await connect(server)
+    await a.send_all(encode_v1(CLIENT, SERVER))
+    await read_reply(a)
+    b = await connect(server)
+    assert await read_reply(b) == refusal(Protocol.SMTP, "Too many connections, try again later")
+    release.set()
+    await a.send_all(b"QUIT\r\n")
+    assert await read_reply(a) == b"250 QUIT\r\n"
+    nursery.cancel_scope.cancel()
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+async def test_implicit_tls_reads_the_header_first(nursery: trio.Nursery, ca: trustme.CA) -> None:
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.example").configure_cert(server_ctx)
+    client_ctx = ssl.create_default_context()
+    ca.configure_trust(client_ctx)
+    server = await start(nursery, settings(listener(tls=True)), ssl_context=server_ctx)
+    raw = await connect(server)
+    await raw.send_all(encode_v2(Command.PROXY, CLIENT, SERVER))
+    tls = trio.SSLStream(raw, client_ctx, server_hostname="mx.example")
+    assert await read_reply(tls) == b"220 198.51.100.7 40123 tls=server\r\n"
+    await tls.send_all(b"NOOP\r\n")
+    assert await read_reply(tls) == b"250 NOOP\r\n"
+    nursery.cancel_scope.cancel()
+
+
+async def test_graceful_shutdown_lets_sessions_finish(nursery: trio.Nursery) -> None:
+    finished = trio.Event()
+
+    async def slow(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await whoami(stream, context)
+        finished.set()
+
+    server = await start(nursery, settings())
+    server.handlers = {Protocol.SMTP: slow}
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    await read_reply(stream)
+    server.shutdown()
+    await trio.testing.wait_all_tasks_blocked()
+    with pytest.raises(OSError, match="connect"):
+        await connect(server)  # no longer accepting
+    await stream.send_all(b"DATA done\r\n")  # the open session still completes
+    assert await read_reply(stream) == b"250 DATA done\r\n"
+    await finished.wait()
+
+
+async def test_drain_deadline_cancels_stragglers() -> None:
+    cancelled = trio.Event()
+
+    async def forever(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await whoami(stream, context)
+        try:
+            await trio.sleep_forever()
+        finally:
+            cancelled.set()
+
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery, settings(), forever, drain_timeout=0)
+        stream = await connect(server)
+        await stream.send_all(encode_v1(CLIENT, SERVER) + b"x\r\n")
+        await read_reply(stream)
+        await read_reply(stream)
+        server.shutdown()
+    # serve() returned by itself: the straggler was cancelled at the (zero) drain deadline.
+    assert cancelled.is_set()
+    assert await stream.receive_some() == b""
+
+
+async def test_reload_keeps_old_settings_on_a_bad_file(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text("[SystemSettings]\nproxyTrustedNetworks = ['10.0.0.300/8']\n")
+    server = await start(nursery, settings())
+    before = server.settings
+    assert server.reload_from(path) is False
+    assert server.settings is before and server.gate.settings is before
+    assert "10.0.0.300/8" in caplog.text
+    nursery.cancel_scope.cancel()
+
+
+async def test_tls_listener_needs_an_ssl_context() -> None:
+    with pytest.raises(ValueError, match="tls = true but no ssl_context"):
+        Server(settings=settings(listener(tls=True)), handlers={Protocol.SMTP: whoami})
+
+
+async def test_every_protocol_needs_a_handler() -> None:
+    with pytest.raises(ValueError, match="no handler for"):
+        Server(settings=settings(), handlers={})
+
+
+@pytest.mark.parametrize(
+    ("protocol", "start_"),
+    [(Protocol.SMTP, b"421 4.7.0 "), (Protocol.IMAP, b"* BYE "), (Protocol.HTTP, b"HTTP/1.1 503 ")],
+)
+async def test_refusals_speak_the_protocol(protocol: Protocol, start_: bytes) -> None:
+    assert refusal(protocol, "busy").startswith(start_)
