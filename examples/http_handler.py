@@ -1,0 +1,300 @@
+"""An example HTTP handler: who the gate says you are, a health check, and gate metrics.
+
+Routes (GET and HEAD only):
+
+* ``/whoami``: the connection context as JSON, exactly as the gate established it;
+* ``/healthz``: ``ok``;
+* ``/metrics``: the gate's decision counters in the Prometheus text format.
+
+HTTP/1.1 is spoken with h11 (sans-IO) over the trio stream the server layer hands over, with
+keep-alive and a bounded request head. ``X-Forwarded-For`` and its relatives are never read:
+the client's address is what the PROXY gate established, from a trusted peer's header or the
+socket itself, and a header any client can type proves nothing.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http
+import json
+import logging
+from collections.abc import Callable, Iterable, Sequence
+
+import attrs
+import h11
+import trio
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, generate_latest
+from prometheus_client.metrics_core import CounterMetricFamily
+from prometheus_client.registry import Collector
+
+from mailedge.context import ConnectionContext
+
+__all__ = [
+    "DEFAULT_MAX_REQUEST_SIZE",
+    "CounterSource",
+    "GateDecisionsCollector",
+    "HTTPHandler",
+    "context_to_json",
+]
+
+logger = logging.getLogger("mailedge.examples.http")
+
+# No route takes a body and a request head is a few hundred bytes; 16 KiB (h11's default)
+# still fits a browser's cookies, and caps what an unfinished request can make us buffer.
+# h11 checks it between reads, so a head that completes within one read may run a read over.
+DEFAULT_MAX_REQUEST_SIZE = 16 * 1024
+
+_RECEIVE_SIZE = 4096
+_ALLOWED_METHODS = (b"GET", b"HEAD")
+
+# What the counters look like: ((listener, event name, reason), count), as
+# ``iter(gate.counters)`` yields them. Pass ``lambda: gate.counters``.
+CounterSource = Callable[[], Iterable[tuple[tuple[str, str, str], int]]]
+
+Headers = Sequence[tuple[str, str]]
+
+
+def context_to_json(context: ConnectionContext) -> dict[str, object]:
+    """The connection context as JSON-ready values: addresses as strings, enums as values."""
+    header = context.header
+    unique_id = context.unique_id
+    return {
+        "connection_id": context.connection_id,
+        "listener": context.listener,
+        "protocol": str(context.protocol),
+        "client_ip": str(context.client_ip),
+        "client_port": context.client_port,
+        "client_known": context.client_known,
+        "address_source": str(context.address_source),
+        "server_ip": str(context.server_ip),
+        "server_port": context.server_port,
+        "peer_ip": str(context.peer_ip),
+        "peer_port": context.peer_port,
+        "local_ip": str(context.local_ip),
+        "local_port": context.local_port,
+        "proxied": context.proxied,
+        "proxy_version": None if header is None else header.version,
+        "unique_id": None if unique_id is None else unique_id.hex(),
+        "tls": context.tls,
+        "tls_terminated_by": (
+            None if context.tls_terminated_by is None else str(context.tls_terminated_by)
+        ),
+        "tls_version": context.tls_version,
+        "tls_cipher": context.tls_cipher,
+        "sni": context.sni,
+        "alpn": context.alpn,
+        "client_cert_cn": context.client_cert_cn,
+        "client_cert_verified": context.client_cert_verified,
+    }
+
+
+# eq=False keeps identity hashing: the registry keys its collectors by the object.
+@attrs.define(eq=False)
+class GateDecisionsCollector(Collector):
+    """Exposes gate decision counts as ``mailedge_gate_decisions_total``, read at scrape time."""
+
+    source: CounterSource | None
+
+    def _family(self) -> CounterMetricFamily:
+        return CounterMetricFamily(
+            "mailedge_gate_decisions",
+            "PROXY gate decisions, by listener, event name and reason.",
+            labels=["listener", "event", "reason"],
+        )
+
+    def describe(self) -> Iterable[Metric]:
+        # Lets the registry learn the metric's name without reading the counters.
+        return [self._family()]
+
+    def collect(self) -> Iterable[Metric]:
+        family = self._family()
+        if self.source is not None:
+            for (listener, event, reason), count in self.source():
+                family.add_metric([listener, event, reason], count)
+        return [family]
+
+
+@attrs.define
+class HTTPHandler:
+    """A connection handler serving ``/whoami``, ``/healthz`` and ``/metrics``.
+
+    ``counters_source`` returns the gate's counters at each scrape; without it ``/metrics``
+    shows the metric with no samples. The Prometheus registry is the handler's own, never
+    the process-wide default one.
+    """
+
+    counters_source: CounterSource | None = None
+    server_name: str = "mailedge-example"
+    max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    registry: CollectorRegistry = attrs.field(init=False, repr=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(GateDecisionsCollector(self.counters_source))
+
+    async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        connection = _Connection(self, stream, context)
+        try:
+            await connection.serve()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            connection.log(logging.DEBUG, "client went away")
+
+
+@attrs.frozen
+class _Reply:
+    status: int
+    content_type: str
+    body: bytes
+    headers: Headers = ()
+    # Close the connection after this reply.
+    close: bool = False
+
+
+def _text(status: int, text: str, *, headers: Headers = (), close: bool = False) -> _Reply:
+    return _Reply(status, "text/plain; charset=utf-8", text.encode(), headers, close)
+
+
+@attrs.define
+class _Connection:
+    """One HTTP connection: h11's state machine driven over the stream."""
+
+    handler: HTTPHandler
+    stream: trio.abc.Stream
+    context: ConnectionContext
+    machine: h11.Connection = attrs.field(init=False)
+
+    def __attrs_post_init__(self) -> None:
+        self.machine = h11.Connection(
+            h11.SERVER, max_incomplete_event_size=self.handler.max_request_size
+        )
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        context = self.context
+        client = (
+            f"[{context.client_ip}]:{context.client_port}"
+            if context.client_ip.version == 6
+            else f"{context.client_ip}:{context.client_port}"
+        )
+        logger.log(
+            level,
+            "#%d %s client=%s: " + message,
+            context.connection_id,
+            context.listener,
+            client,
+            *args,
+        )
+
+    async def serve(self) -> None:
+        while True:
+            try:
+                keep_alive = await self.one_request()
+            except h11.RemoteProtocolError as exc:
+                await self.reject(exc)
+                return
+            if not keep_alive:
+                return
+
+    async def next_event(self) -> h11.Event:
+        while True:
+            event = self.machine.next_event()
+            if event is h11.NEED_DATA:
+                # b"" at end of stream tells h11 the client closed.
+                data = await self.stream.receive_some(_RECEIVE_SIZE)
+                self.machine.receive_data(bytes(data))
+                continue
+            if isinstance(event, h11.Event):
+                return event
+            # PAUSED: only possible if we read while a response is still owed.
+            raise RuntimeError(f"h11 paused in states {self.machine.states}")
+
+    async def one_request(self) -> bool:
+        """Read a request, answer it; True when the connection can take another."""
+        try:
+            event = await self.next_event()
+        except trio.TooSlowError:
+            # The server's idle timeout. Between requests that is just keep-alive running out;
+            # in the middle of one it is the server's to report.
+            if self.machine.their_state is h11.IDLE and not self.machine.trailing_data[0]:
+                self.log(logging.DEBUG, "idle connection closed")
+                return False
+            raise
+        if isinstance(event, h11.ConnectionClosed):
+            return False
+        # A client in h11's IDLE state can only start a request or close.
+        assert isinstance(event, h11.Request), event
+        request = event
+        reply = self.route(request)
+        if self.machine.they_are_waiting_for_100_continue:
+            # We never want a body; refuse it by answering now and closing.
+            reply = attrs.evolve(reply, close=True)
+        elif not await self.drain_body():
+            reply = _text(413, "request body too large\n", close=True)
+        await self.respond(reply, head=request.method == b"HEAD")
+        self.log(
+            logging.DEBUG,
+            "%s %s -> %d",
+            request.method.decode("ascii", "replace"),
+            request.target.decode("ascii", "replace"),
+            reply.status,
+        )
+        if self.machine.our_state is h11.DONE and self.machine.their_state is h11.DONE:
+            self.machine.start_next_cycle()
+            return True
+        return False
+
+    async def drain_body(self) -> bool:
+        """Read and drop the request body; False if it exceeds ``max_request_size``."""
+        size = 0
+        while True:
+            event = await self.next_event()
+            if isinstance(event, h11.EndOfMessage):
+                return True
+            if isinstance(event, h11.Data):
+                size += len(event.data)
+                if size > self.handler.max_request_size:
+                    return False
+
+    def route(self, request: h11.Request) -> _Reply:
+        if request.method not in _ALLOWED_METHODS:
+            return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
+        path = request.target.partition(b"?")[0]
+        if path == b"/whoami":
+            # Deliberately built from the context alone: request headers such as
+            # X-Forwarded-For are client-controlled and never consulted.
+            body = json.dumps(context_to_json(self.context), indent=2) + "\n"
+            return _Reply(200, "application/json", body.encode())
+        if path == b"/healthz":
+            return _text(200, "ok")
+        if path == b"/metrics":
+            return _Reply(200, CONTENT_TYPE_LATEST, generate_latest(self.handler.registry))
+        return _text(404, "not found\n")
+
+    async def respond(self, reply: _Reply, *, head: bool = False) -> None:
+        headers = [
+            ("Server", self.handler.server_name),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Content-Type", reply.content_type),
+            ("Content-Length", str(len(reply.body))),
+            ("Cache-Control", "no-store"),
+            *reply.headers,
+        ]
+        if reply.close:
+            headers.append(("Connection", "close"))
+        reason = http.HTTPStatus(reply.status).phrase
+        await self.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))
+        if reply.body and not head:
+            await self.send(h11.Data(data=reply.body))
+        await self.send(h11.EndOfMessage())
+
+    async def reject(self, error: h11.RemoteProtocolError) -> None:
+        """Answer a malformed request with h11's suggested status, if a reply is still possible."""
+        self.log(logging.INFO, "malformed request: %s", error)
+        if self.machine.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        status = error.error_status_hint
+        await self.respond(_text(status, f"{http.HTTPStatus(status).phrase.lower()}\n", close=True))
+
+    async def send(self, event: h11.Event) -> None:
+        data = self.machine.send(event)
+        if data:
+            await self.stream.send_all(data)

@@ -1,0 +1,422 @@
+"""An example IMAP handler: the not-authenticated state of IMAP4rev1, done carefully.
+
+It greets, answers CAPABILITY, NOOP and LOGOUT, upgrades with STARTTLS, and checks LOGIN
+against a fixed table of users. It has no mailboxes: once logged in, a client can only ask
+for capabilities, NOOP and LOGOUT. What it shows is how a protocol handler uses the
+connection context the gate built:
+
+* plaintext LOGIN is refused (``LOGINDISABLED``) until ``context.tls`` is true, and a
+  session whose TLS a trusted proxy terminated counts as TLS, since the proxy said so;
+* the logs name the connection id and the real client, never the proxy's address.
+
+The server layer has already run the PROXY gate (and the handshake, on an implicit-TLS
+listener); it closes the stream after the handler returns, and bounds idle time with a stream
+wrapper that raises ``trio.TooSlowError``, which this handler answers with ``* BYE``.
+Cancellation always propagates; a client that disconnects just ends the session.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import ssl
+from collections.abc import Mapping
+
+import attrs
+import trio
+
+from mailedge.context import ConnectionContext
+from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
+from mailedge.tls import starttls
+
+__all__ = [
+    "IMAPHandler",
+    "IMAPSyntaxError",
+    "MAX_AUTH_FAILURES",
+    "MAX_BAD_COMMANDS",
+    "MAX_LINE_LENGTH",
+    "parse_astrings",
+]
+
+logger = logging.getLogger("mailedge.examples.imap")
+
+# RFC 7162 section 4 asks servers to accept command lines of at least 8192 octets; anything
+# longer is a broken or hostile client, and refusing it caps what one connection can buffer.
+MAX_LINE_LENGTH = 8192
+# A real client sends the odd command we lack; a run of them is a scanner or another
+# protocol aimed at the wrong port, and not worth answering forever.
+MAX_BAD_COMMANDS = 10
+# A few wrong passwords are typos; more on one connection is someone guessing.
+MAX_AUTH_FAILURES = 3
+
+_RECEIVE_SIZE = 4096
+
+# Characters an atom may not contain (RFC 3501 atom-specials, without CTL and SP, which
+# are checked separately). "]" is allowed in an astring, so it is not listed.
+_ATOM_SPECIALS = frozenset('(){%*"\\')
+# A tag is an astring without "+", which marks a continuation.
+_TAG_SPECIALS = _ATOM_SPECIALS | {"+"}
+
+# Commands of the authenticated and selected states: known, but this example has no mailboxes.
+_MAILBOX_COMMANDS = frozenset(
+    {
+        "APPEND",
+        "CHECK",
+        "CLOSE",
+        "COPY",
+        "CREATE",
+        "DELETE",
+        "ENABLE",
+        "EXAMINE",
+        "EXPUNGE",
+        "FETCH",
+        "IDLE",
+        "LIST",
+        "LSUB",
+        "MOVE",
+        "NAMESPACE",
+        "RENAME",
+        "SEARCH",
+        "SELECT",
+        "STATUS",
+        "STORE",
+        "SUBSCRIBE",
+        "UID",
+        "UNSELECT",
+        "UNSUBSCRIBE",
+    }
+)
+
+# Compared against when the user does not exist, so that a wrong user name costs the same
+# comparison as a wrong password.
+_NO_SUCH_USER = b"\x00" * 32
+
+
+class IMAPSyntaxError(ValueError):
+    """A command's arguments are not valid IMAP; the message is the reply's text."""
+
+
+class _LineTooLongError(Exception):
+    pass
+
+
+def _is_astring_char(char: str) -> bool:
+    # Non-ASCII is let through: IMAP4rev2 and UTF8=ACCEPT clients send UTF-8 in strings.
+    return char > " " and char != "\x7f" and char not in _ATOM_SPECIALS
+
+
+def _is_valid_tag(tag: str) -> bool:
+    return bool(tag) and all("!" <= char <= "~" and char not in _TAG_SPECIALS for char in tag)
+
+
+def parse_astrings(text: str) -> list[str]:
+    """Split command arguments into astrings: atoms and quoted strings, one space apart.
+
+    Literals (``{5}``) are refused with :class:`IMAPSyntaxError`: this example never sends
+    the ``+`` continuation a client would wait for.
+    """
+    values: list[str] = []
+    position = 0
+    while position < len(text):
+        if values:
+            if text[position] != " ":
+                raise IMAPSyntaxError("Arguments must be separated by one space")
+            position += 1
+        if position < len(text) and text[position] == '"':
+            value, position = _parse_quoted(text, position + 1)
+        elif position < len(text) and text[position] == "{":
+            raise IMAPSyntaxError("Literals are not supported by this example server")
+        else:
+            end = position
+            while end < len(text) and _is_astring_char(text[end]):
+                end += 1
+            if end == position:
+                raise IMAPSyntaxError("Expected an atom or a quoted string")
+            value, position = text[position:end], end
+        values.append(value)
+    return values
+
+
+def _parse_quoted(text: str, position: int) -> tuple[str, int]:
+    """The quoted string whose opening quote is just before ``position``, and the index after it."""
+    chars: list[str] = []
+    while position < len(text):
+        char = text[position]
+        if char == '"':
+            return "".join(chars), position + 1
+        if char == "\\":
+            if position + 1 >= len(text) or text[position + 1] not in '"\\':
+                raise IMAPSyntaxError("A backslash may only escape a quote or a backslash")
+            char = text[position + 1]
+            position += 1
+        elif char < " " or char == "\x7f":
+            raise IMAPSyntaxError("Control characters are not allowed in a quoted string")
+        chars.append(char)
+        position += 1
+    raise IMAPSyntaxError("Unterminated quoted string")
+
+
+@attrs.define
+class _LineReader:
+    """CRLF-terminated lines from a stream, never buffering much more than one line."""
+
+    stream: trio.abc.Stream
+    max_length: int
+    _buffer: bytearray = attrs.field(factory=bytearray)
+
+    async def readline(self) -> bytes | None:
+        """The next line without its terminator; None at end of stream.
+
+        Raises ``_LineTooLongError`` when no terminator arrives within ``max_length`` bytes
+        (the limit counts the terminator).
+        """
+        while True:
+            end = self._buffer.find(b"\n", 0, self.max_length)
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 1]
+                return line.removesuffix(b"\r")
+            if len(self._buffer) >= self.max_length:
+                raise _LineTooLongError
+            data = await self.stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                return None
+            self._buffer += data
+
+    def discard(self) -> int:
+        """Drop whatever is buffered; return how many bytes that was."""
+        size = len(self._buffer)
+        self._buffer.clear()
+        return size
+
+
+@attrs.define
+class IMAPHandler:
+    """A connection handler speaking a minimal IMAP4rev1.
+
+    ``users`` maps user names to passwords. Without ``ssl_context`` there is no STARTTLS,
+    so LOGIN works only where the connection already had TLS (an implicit-TLS listener, or
+    a proxy that terminated TLS and said so in its header).
+    """
+
+    hostname: str
+    # Kept out of repr: a handler logged by repr must not print passwords.
+    users: Mapping[str, str] = attrs.field(repr=False)
+    ssl_context: ssl.SSLContext | None = None
+    max_line_length: int = MAX_LINE_LENGTH
+    max_bad_commands: int = MAX_BAD_COMMANDS
+    max_auth_failures: int = MAX_AUTH_FAILURES
+
+    async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        session = _Session(self, stream, context)
+        try:
+            await session.run()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            session.log(logging.DEBUG, "client went away")
+
+    def check_password(self, username: str, password: str) -> bool:
+        """True when ``password`` is ``username``'s, compared in constant time."""
+        expected = self.users.get(username)
+        # compare_digest refuses non-ASCII str, so compare the UTF-8 bytes.
+        reference = _NO_SUCH_USER if expected is None else expected.encode()
+        matches = hmac.compare_digest(reference, password.encode())
+        return matches and expected is not None
+
+
+@attrs.define
+class _Session:
+    """One connection's IMAP state."""
+
+    handler: IMAPHandler
+    stream: trio.abc.Stream
+    context: ConnectionContext
+    reader: _LineReader = attrs.field(init=False)
+    # The logged-in user; None in the not-authenticated state.
+    user: str | None = None
+    bad_commands: int = 0
+    auth_failures: int = 0
+    # Set by LOGOUT and by anything that ends the session with a BYE.
+    done: bool = False
+    # True once STARTTLS replaced ``stream`` with a TLS stream this session owns.
+    upgraded: bool = False
+
+    def __attrs_post_init__(self) -> None:
+        self.reader = _LineReader(self.stream, self.handler.max_line_length)
+
+    def log(self, level: int, message: str, *args: object) -> None:
+        context = self.context
+        client = (
+            f"[{context.client_ip}]:{context.client_port}"
+            if context.client_ip.version == 6
+            else f"{context.client_ip}:{context.client_port}"
+        )
+        logger.log(
+            level,
+            "#%d %s client=%s: " + message,
+            context.connection_id,
+            context.listener,
+            client,
+            *args,
+        )
+
+    def capabilities(self) -> str:
+        names = ["IMAP4rev1"]
+        if not self.context.tls:
+            if self.handler.ssl_context is not None:
+                names.append("STARTTLS")
+            names.append("LOGINDISABLED")
+        return " ".join(names)
+
+    async def send(self, line: str) -> None:
+        await self.stream.send_all(line.encode() + b"\r\n")
+
+    async def run(self) -> None:
+        await self.send(
+            f"* OK [CAPABILITY {self.capabilities()}] {self.handler.hostname}"
+            " IMAP4rev1 mailedge example ready"
+        )
+        while not self.done:
+            try:
+                line = await self.reader.readline()
+            except _LineTooLongError:
+                self.log(logging.INFO, "command line longer than %d bytes", self.reader.max_length)
+                await self.send("* BYE Command line too long")
+                break
+            except trio.TooSlowError:
+                # The server's idle timeout (its IdleTimeoutStream): announce the autologout.
+                self.log(logging.INFO, "idle for too long; logging out")
+                await self.send("* BYE Autologout; idle for too long")
+                return
+            if line is None:
+                self.log(logging.DEBUG, "client closed the connection")
+                return
+            await self.dispatch(line)
+        if self.upgraded:
+            # Say goodbye at the TLS layer too (close_notify), so the client sees a clean end.
+            await self.stream.aclose()
+
+    async def dispatch(self, line: bytes) -> None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            await self.bad("*", "Command line is not valid UTF-8")
+            return
+        tag, _, rest = text.partition(" ")
+        if not _is_valid_tag(tag):
+            await self.bad("*", "Missing or invalid tag")
+            return
+        name, _, arguments = rest.partition(" ")
+        command = name.upper()
+        match command:
+            case "":
+                await self.bad(tag, "Missing command")
+            case "CAPABILITY":
+                if await self.no_arguments(tag, command, arguments):
+                    await self.send(f"* CAPABILITY {self.capabilities()}")
+                    await self.send(f"{tag} OK CAPABILITY completed")
+            case "NOOP":
+                if await self.no_arguments(tag, command, arguments):
+                    await self.send(f"{tag} OK NOOP completed")
+            case "LOGOUT":
+                if await self.no_arguments(tag, command, arguments):
+                    await self.send(f"* BYE {self.handler.hostname} logging out")
+                    await self.send(f"{tag} OK LOGOUT completed")
+                    self.done = True
+            case "STARTTLS":
+                if await self.no_arguments(tag, command, arguments):
+                    await self.starttls(tag)
+            case "LOGIN":
+                await self.login(tag, arguments)
+            case "AUTHENTICATE":
+                if self.user is not None:
+                    await self.bad(tag, "Already logged in")
+                else:
+                    await self.send(f"{tag} NO Unsupported authentication mechanism")
+            case _ if command in _MAILBOX_COMMANDS:
+                if self.user is None:
+                    await self.bad(tag, f"{command} is not valid before LOGIN")
+                else:
+                    await self.send(f"{tag} NO [CANNOT] This example server has no mailboxes")
+            case _:
+                await self.bad(tag, "Unknown command")
+
+    async def bad(self, tag: str, text: str) -> None:
+        """Reply BAD, and end the session once the client has had too many."""
+        await self.send(f"{tag} BAD {text}")
+        self.bad_commands += 1
+        if self.bad_commands >= self.handler.max_bad_commands:
+            self.log(logging.INFO, "%d invalid commands; closing", self.bad_commands)
+            await self.send("* BYE Too many invalid commands")
+            self.done = True
+
+    async def no_arguments(self, tag: str, command: str, arguments: str) -> bool:
+        if arguments:
+            await self.bad(tag, f"{command} takes no arguments")
+            return False
+        return True
+
+    async def starttls(self, tag: str) -> None:
+        ssl_context = self.handler.ssl_context
+        if self.context.tls:
+            await self.bad(tag, "TLS is already active")
+            return
+        if ssl_context is None:
+            await self.bad(tag, "STARTTLS is not available")
+            return
+        await self.send(f"{tag} OK Begin TLS negotiation now")
+        # Anything the client sent after STARTTLS in plaintext could have been injected by a
+        # man in the middle; it must never be read as if it came over TLS (CVE-2011-0411).
+        dropped = self.reader.discard()
+        if dropped:
+            self.log(logging.WARNING, "discarded %d plaintext bytes sent after STARTTLS", dropped)
+        try:
+            with trio.fail_after(DEFAULT_TLS_HANDSHAKE_TIMEOUT):
+                stream, context = await starttls(self.stream, self.context, ssl_context)
+        except trio.TooSlowError:
+            self.log(logging.INFO, "STARTTLS handshake timed out")
+            self.done = True
+            return
+        except trio.BrokenResourceError as exc:
+            self.log(logging.INFO, "STARTTLS handshake failed: %s", exc.__cause__ or exc)
+            self.done = True
+            return
+        self.stream, self.context, self.upgraded = stream, context, True
+        self.reader = _LineReader(stream, self.handler.max_line_length)
+        self.log(logging.DEBUG, "STARTTLS done: %s %s", context.tls_version, context.tls_cipher)
+
+    async def login(self, tag: str, arguments: str) -> bool:
+        """Handle LOGIN and reply to it; True when the client is now logged in.
+
+        An auth-failure hook (rate limiting, banning) belongs where this returns False
+        after checking a password.
+        """
+        if self.user is not None:
+            await self.bad(tag, "Already logged in")
+            return False
+        if not self.context.tls:
+            # Checked before parsing: a plaintext password is never even looked at.
+            self.log(logging.INFO, "refused LOGIN without TLS")
+            hint = "connect with TLS" if self.handler.ssl_context is None else "use STARTTLS first"
+            await self.send(f"{tag} NO [PRIVACYREQUIRED] Plaintext LOGIN is disabled; {hint}")
+            return False
+        try:
+            values = parse_astrings(arguments)
+        except IMAPSyntaxError as exc:
+            await self.bad(tag, str(exc))
+            return False
+        if len(values) != 2:
+            await self.bad(tag, "LOGIN takes a user name and a password")
+            return False
+        username, password = values
+        if not self.handler.check_password(username, password):
+            self.auth_failures += 1
+            self.log(logging.WARNING, "LOGIN failed for user %r", username)
+            await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed")
+            if self.auth_failures >= self.handler.max_auth_failures:
+                await self.send("* BYE Too many authentication failures")
+                self.done = True
+            return False
+        self.user = username
+        self.log(logging.INFO, "user %r logged in", username)
+        await self.send(f"{tag} OK LOGIN completed")
+        return True

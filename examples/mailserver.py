@@ -1,0 +1,229 @@
+"""The mailedge example mail server: SMTP, IMAP and HTTP behind one shared ProxyGate.
+
+Run it with ``make serve`` or ``python examples/mailserver.py [--config FILE]``. Without
+``--config`` it uses the embedded default below: loopback only, one direct and one
+PROXY-trusting listener per protocol, and prints a command to try each one.
+
+Signals: SIGHUP reloads the config file (new trusted networks apply to new connections; an
+invalid file keeps the running settings); SIGTERM and SIGINT stop accepting and let open
+sessions finish within the drain deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import pathlib
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+from http_handler import HTTPHandler
+from imap_handler import IMAPHandler
+from smtp_handler import SMTPHandler
+
+from mailedge.config import ConfigError, Document, load_document, loads_document
+from mailedge.gate import ProxyGate
+from mailedge.server import Handler, Server, handle_signals, serve
+from mailedge.settings import NetworkListener, Protocol
+from mailedge.tls import server_ssl_context
+
+log = logging.getLogger("mailedge.examples.mailserver")
+
+# The example's own table in the config file, next to SystemSettings and NetworkListener.
+EXAMPLE_SECTION = "Example"
+
+DEFAULT_CONFIG = """\
+# The embedded default: loopback only. Direct listeners turn PROXY off with an empty
+# override; the proxy listeners trust loopback, as a local HAProxy or nginx would be.
+[SystemSettings]
+proxyTrustedNetworks = ["127.0.0.0/8", "::1"]
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:2525", "[::1]:2525"]
+overrideProxyTrustedNetworks = []
+
+[[NetworkListener]]
+name = "imap"
+protocol = "imap"
+bind = ["127.0.0.1:2143", "[::1]:2143"]
+overrideProxyTrustedNetworks = []
+
+[[NetworkListener]]
+name = "http"
+protocol = "http"
+bind = ["127.0.0.1:2080", "[::1]:2080"]
+overrideProxyTrustedNetworks = []
+
+[[NetworkListener]]
+name = "smtp-proxy"
+protocol = "smtp"
+bind = ["127.0.0.1:3525", "[::1]:3525"]
+
+[[NetworkListener]]
+name = "imap-proxy"
+protocol = "imap"
+bind = ["127.0.0.1:3143", "[::1]:3143"]
+
+[[NetworkListener]]
+name = "http-proxy"
+protocol = "http"
+bind = ["127.0.0.1:3080", "[::1]:3080"]
+
+[Example]
+hostname = "mx.mailedge.test"
+users = { demo = "demo-password" }
+"""
+
+
+# The name the demo greets with and puts in its certificate and Received headers.
+DEFAULT_HOSTNAME = "mx.mailedge.test"
+# Where delivered mail, the demo certificate and its key live; relative to the cwd.
+DEFAULT_STATE_DIR = ".mailedge-demo"
+
+
+@attrs.frozen
+class ExampleSettings:
+    """The example server's own settings, from the config file's ``[Example]`` table."""
+
+    hostname: str = DEFAULT_HOSTNAME
+    state_dir: pathlib.Path = pathlib.Path(DEFAULT_STATE_DIR)
+    users: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> ExampleSettings:
+        known = {"hostname", "stateDir", "users"}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r}", path=EXAMPLE_SECTION)
+        hostname = table.get("hostname", DEFAULT_HOSTNAME)
+        if not isinstance(hostname, str) or not hostname:
+            raise ConfigError(f"expected a host name, got {hostname!r}", path="Example.hostname")
+        state_dir = table.get("stateDir", DEFAULT_STATE_DIR)
+        if not isinstance(state_dir, str):
+            raise ConfigError(f"expected a path, got {state_dir!r}", path="Example.stateDir")
+        users = table.get("users", {})
+        if not isinstance(users, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in users.items()
+        ):
+            raise ConfigError("expected a table of user = password", path="Example.users")
+        return cls(hostname=hostname, state_dir=pathlib.Path(state_dir), users=users)
+
+
+def load(config: str | None) -> tuple[Document, ExampleSettings]:
+    """The config file's settings, or the embedded default's."""
+    if config is None:
+        document = loads_document(DEFAULT_CONFIG, format="toml", extra_sections=[EXAMPLE_SECTION])
+    else:
+        document = load_document(config, extra_sections=[EXAMPLE_SECTION])
+    return document, ExampleSettings.from_table(document.extra.get(EXAMPLE_SECTION, {}))
+
+
+def demo_certificate(state_dir: pathlib.Path, hostname: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A self-signed certificate for STARTTLS and implicit TLS, made once at first start."""
+    cert, key = state_dir / "demo-cert.pem", state_dir / "demo-key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        # A demo certificate: a year, regenerated by deleting the files.
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key.touch(mode=0o600)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def endpoint(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
+    """A ready-to-paste command that exercises one listener."""
+    target = endpoint(host, port)
+    if trusted:
+        return f"mailedge probe {conf.protocol} {target} --client 203.0.113.7:40000"
+    if conf.protocol is Protocol.SMTP:
+        return f"swaks --server {target} --to demo@mailedge.test"
+    if conf.protocol is Protocol.IMAP:
+        return f"openssl s_client -starttls imap -connect {target} -quiet"
+    return f"curl http://{target}/whoami"
+
+
+def announce(server: Server, out: Any = sys.stdout) -> None:
+    """Print every listener's addresses and a command to try it."""
+    settings = server.settings
+    for conf in settings.listeners:
+        networks = conf.effective_proxy_trusted_networks(settings.system)
+        kind = f"PROXY from {', '.join(map(str, networks))}" if networks else "direct"
+        for host, port in server.addresses[conf.name]:
+            print(f"{conf.name:<11} {conf.protocol:<4} {endpoint(host, port):<16} {kind}", file=out)
+        host, port = server.addresses[conf.name][0]
+        print(f"  try: {try_it(conf, host, port, bool(networks))}", file=out)
+    print("ready", file=out, flush=True)
+
+
+async def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--config", help="a TOML or JSON file; default: the embedded one")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG shows every gate decision")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        document, example = load(args.config)
+    except (ConfigError, OSError) as exc:
+        parser.exit(2, f"mailserver: {exc}\n")
+
+    cert, key = demo_certificate(example.state_dir, example.hostname)
+    tls: ssl.SSLContext = server_ssl_context(str(cert), str(key))
+    gate = ProxyGate(document.settings)
+    handlers: dict[Protocol, Handler] = {
+        Protocol.SMTP: SMTPHandler(
+            hostname=example.hostname, maildir=example.state_dir / "Maildir", ssl_context=tls
+        ),
+        Protocol.IMAP: IMAPHandler(hostname=example.hostname, users=example.users, ssl_context=tls),
+        # /metrics reports the gate's decisions by listener, event and reason.
+        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters),
+    }
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            partial(serve, document.settings, handlers, ssl_context=tls, gate=gate)
+        )
+        announce(server)
+        await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
+
+
+if __name__ == "__main__":
+    trio.run(main)

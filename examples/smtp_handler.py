@@ -1,0 +1,717 @@
+"""An example SMTP handler: a small, strict receiving MTA that stores every message in a Maildir.
+
+It shows what a mailedge handler gets and how to use it. The stream it is handed has had its
+PROXY header (and, on an implicit-TLS listener, its TLS handshake) dealt with already, and the
+:class:`~mailedge.context.ConnectionContext` names the real client, so the EHLO reply and the
+``Received:`` header carry the client's address, never the proxy's. STARTTLS goes through
+:func:`mailedge.tls.starttls`, which also updates the context.
+
+It is not a mail server: it accepts any recipient, relays nothing and delivers every message,
+once, into one Maildir. See ``docs/smtp-handler.md``.
+
+The server layer calls it once per admitted connection::
+
+    handler = SMTPHandler(
+        hostname="mx.example",
+        maildir=Path("/var/mail/sink"),
+        ssl_context=server_ssl_context("cert.pem", "key.pem"),
+    )
+    await handler(stream, context)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import logging
+import mailbox
+import os
+import pathlib
+import re
+import secrets
+import ssl
+from collections.abc import Awaitable, Callable
+
+import attrs
+import trio
+
+from mailedge.context import ConnectionContext, TLSTerminator
+from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
+from mailedge.tls import starttls
+
+__all__ = [
+    "ClientClosed",
+    "LineReader",
+    "LineTooLongError",
+    "Reply",
+    "SMTPHandler",
+    "Session",
+    "Transaction",
+    # limits
+    "MAX_COMMAND_LINE",
+    "MAX_TEXT_LINE",
+    "MAX_RECIPIENTS",
+    "MAX_LOCAL_PART",
+    "MAX_DOMAIN",
+    "MAX_PATH",
+    "DEFAULT_MAX_MESSAGE_SIZE",
+    "MAX_BAD_COMMANDS",
+]
+
+log = logging.getLogger("mailedge.examples.smtp")
+
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets, CRLF included.
+MAX_COMMAND_LINE = 512
+# RFC 5321 4.5.3.1.6: a line of message text is at most 1000 octets, CRLF included.
+MAX_TEXT_LINE = 1000
+# RFC 5321 4.5.3.1.8: a server must buffer at least 100 recipients; more only costs memory.
+MAX_RECIPIENTS = 100
+# RFC 5321 4.5.3.1.1: a local-part is at most 64 octets.
+MAX_LOCAL_PART = 64
+# RFC 5321 4.5.3.1.2: a domain is at most 255 octets.
+MAX_DOMAIN = 255
+# RFC 5321 4.5.3.1.3: a path is at most 256 octets, angle brackets included.
+MAX_PATH = 256
+# 10 MiB, advertised as SIZE (RFC 1870): ample for mail, bounded for a memory-held message.
+DEFAULT_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
+# RFC 5321 sets no limit; ten failures in a row is a scanner or the wrong protocol, and
+# RFC 5321 3.8 lets the server end such a session with 421.
+MAX_BAD_COMMANDS = 10
+# One receive: room for a pipelined batch of commands, and the reader's bound past one line.
+RECEIVE_SIZE = 8192
+
+# Replies that say the command itself was wrong; ten in a row end the session.
+_BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+# This server's own name: a plain DNS name, as it appears in the banner and in Received.
+_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
+# A HELO/EHLO argument: a domain (underscores tolerated, real clients send them) or an
+# address literal. Nothing else, so it cannot dress itself up inside the Received header.
+_HELO = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:]+\]")
+# A path's content: quoted strings or characters that need no quoting, up to the ">".
+_PATH = r"<(?P<path>(?:\"(?:[^\"\\]|\\.)*\"|[^<>\" ])*)>(?: +(?P<params>.*))?"
+_MAIL = re.compile(rf"FROM: *{_PATH}", re.IGNORECASE)
+_RCPT = re.compile(rf"TO: *{_PATH}", re.IGNORECASE)
+# RFC 5321 4.1.2 (with RFC 6531's UTF-8 atext): a dot-string or a quoted string.
+_ATEXT = r"[\w!#$%&'*+/=?^`{|}~-]+"
+_LOCAL_PART = re.compile(rf"{_ATEXT}(?:\.{_ATEXT})*|\"(?:[^\"\\]|\\.)*\"")
+_ADDRESS_DOMAIN = re.compile(r"[\w-]+(?:\.[\w-]+)*|\[[A-Za-z0-9.:-]+\]")
+# RFC 5321 4.1.2: esmtp-keyword and esmtp-value.
+_PARAM_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
+_SIZE_VALUE = re.compile(r"[0-9]{1,20}")
+# What a TLS version or cipher name may contain when written into a header.
+_UNSAFE_IN_HEADER = re.compile(r"[^A-Za-z0-9_.+/-]")
+
+
+class LineTooLongError(Exception):
+    """A line exceeded the reader's limit. It was read to its CRLF and dropped."""
+
+
+class ClientClosed(Exception):
+    """The client closed its side of the connection (EOF), possibly in mid-line."""
+
+
+class LineReader:
+    """Reads CRLF-terminated lines from a stream, never holding more than a line and a receive.
+
+    Only CRLF ends a line: a bare LF or CR stays inside the line it arrived in, so a client
+    cannot end a command, or the message data, with a lone LF ("SMTP smuggling").
+    """
+
+    def __init__(self, stream: trio.abc.ReceiveStream, *, receive_size: int = RECEIVE_SIZE) -> None:
+        self._stream = stream
+        self._receive_size = receive_size
+        self._buffer = bytearray()
+        # How much of the buffer's head is known to hold no CRLF (its last byte may be the CR).
+        self._searched = 0
+
+    def __repr__(self) -> str:
+        return f"<LineReader buffered={len(self._buffer)}>"
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as lines."""
+        return len(self._buffer)
+
+    def discard_buffered(self) -> int:
+        """Drop everything received but not yet read; return how many bytes that was."""
+        dropped = len(self._buffer)
+        self._buffer.clear()
+        self._searched = 0
+        return dropped
+
+    async def read_line(self, limit: int) -> bytes:
+        """The next line, without its CRLF.
+
+        ``limit`` counts the CRLF, as RFC 5321's limits do. A longer line is still read to its
+        end, holding at most ``limit`` bytes of it at a time, then dropped, and raises
+        :class:`LineTooLongError`; the next call reads the line after it. Raises
+        :class:`ClientClosed` at end of stream.
+        """
+        if limit < 2:
+            raise ValueError("limit must leave room for the CRLF")
+        too_long = False
+        while True:
+            end = self._buffer.find(b"\r\n", max(0, self._searched - 1))
+            if end >= 0:
+                too_long = too_long or end + 2 > limit
+                line = b"" if too_long else bytes(self._buffer[:end])
+                del self._buffer[: end + 2]
+                self._searched = 0
+                if too_long:
+                    raise LineTooLongError(f"line longer than {limit} octets")
+                return line
+            if len(self._buffer) >= limit:
+                # No line this long can be valid: drop it all but a final CR, which may be
+                # the first half of the CRLF that ends it.
+                too_long = True
+                keep_cr = self._buffer.endswith(b"\r")
+                self._buffer.clear()
+                if keep_cr:
+                    self._buffer += b"\r"
+            self._searched = len(self._buffer)
+            data = await self._stream.receive_some(self._receive_size)
+            if not data:
+                raise ClientClosed
+            self._buffer += data
+
+
+def _as_lines(text: str | tuple[str, ...]) -> tuple[str, ...]:
+    return (text,) if isinstance(text, str) else text
+
+
+@attrs.frozen
+class Reply:
+    """One SMTP reply: a code and one or more lines of text."""
+
+    code: int
+    lines: tuple[str, ...] = attrs.field(converter=_as_lines)
+    # True when the reply says the command itself was wrong (unknown, out of sequence, bad
+    # syntax); ``MAX_BAD_COMMANDS`` of those in a row end the session.
+    bad_command: bool = attrs.field(kw_only=True)
+
+    @bad_command.default
+    def _bad_command_default(self) -> bool:
+        return self.code in _BAD_COMMAND_CODES
+
+    @property
+    def closes(self) -> bool:
+        """True when the session ends after this reply (221 to QUIT, 421)."""
+        return self.code in (221, 421)
+
+    def encode(self) -> bytes:
+        last = len(self.lines) - 1
+        return b"".join(
+            f"{self.code}{'-' if i < last else ' '}{text}\r\n".encode()
+            for i, text in enumerate(self.lines)
+        )
+
+
+@attrs.define
+class Transaction:
+    """One mail transaction: MAIL FROM to the end of DATA (or RSET)."""
+
+    # The reverse-path without its brackets; "" is the null sender of bounces.
+    sender: str
+    recipients: list[str] = attrs.Factory(list)
+    smtputf8: bool = False
+    # The BODY parameter (RFC 6152): 7BIT or 8BITMIME. Both are stored as received.
+    body: str = "7BIT"
+    declared_size: int | None = None
+
+
+@attrs.define
+class Session:
+    """The state of one SMTP session; STARTTLS replaces the stream, reader and context."""
+
+    context: ConnectionContext
+    stream: trio.abc.Stream = attrs.field(repr=False)
+    reader: LineReader = attrs.field(repr=False)
+    # The HELO/EHLO argument; None until the client greets (and again after STARTTLS).
+    helo: str | None = None
+    esmtp: bool = False
+    transaction: Transaction | None = None
+    # Consecutive replies with ``bad_command`` set.
+    bad_commands: int = 0
+    delivered: int = 0
+
+    def forget_greeting(self) -> None:
+        """RFC 3207 4.2: after STARTTLS, nothing learnt in plaintext is kept."""
+        self.helo = None
+        self.esmtp = False
+        self.transaction = None
+
+
+class _SessionEnded(Exception):
+    """The session cannot go on (and there is no one left to tell)."""
+
+
+class _BadAddress(ValueError):
+    """A path that is not a valid mailbox; the message says why."""
+
+
+Command = Callable[[Session, str], Awaitable[Reply | None]]
+
+
+def _check_hostname(_: object, attribute: attrs.Attribute[str], value: str) -> None:
+    if len(value) > MAX_DOMAIN or not _HOSTNAME.fullmatch(value):
+        raise ValueError(f"{attribute.name}: {value!r} is not a DNS host name")
+
+
+@attrs.define(repr=False)
+class SMTPHandler:
+    """The example SMTP handler: ``await handler(stream, context)`` serves one session."""
+
+    hostname: str = attrs.field(validator=_check_hostname)
+    maildir: pathlib.Path = attrs.field(converter=pathlib.Path)
+    # STARTTLS is offered only with a context, and only while the session is not already TLS.
+    ssl_context: ssl.SSLContext | None = None
+    max_message_size: int = attrs.field(
+        default=DEFAULT_MAX_MESSAGE_SIZE, validator=attrs.validators.gt(0)
+    )
+    max_recipients: int = attrs.field(default=MAX_RECIPIENTS, validator=attrs.validators.gt(0))
+    max_bad_commands: int = attrs.field(default=MAX_BAD_COMMANDS, validator=attrs.validators.gt(0))
+    # The STARTTLS handshake's bound; pass the listener's tls_handshake_timeout to match it.
+    tls_handshake_timeout: float = attrs.field(
+        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=attrs.validators.gt(0)
+    )
+
+    def __attrs_post_init__(self) -> None:
+        # Creates the directory with cur/, new/ and tmp/ if it is missing; it leaves an
+        # existing directory alone, so an empty one still needs its subdirectories.
+        mailbox.Maildir(self.maildir, create=True)
+        for sub in ("cur", "new", "tmp"):
+            (self.maildir / sub).mkdir(mode=0o700, exist_ok=True)
+
+    def __repr__(self) -> str:
+        starttls = "starttls" if self.ssl_context is not None else "no-starttls"
+        return f"<SMTPHandler {self.hostname} maildir={self.maildir} {starttls}>"
+
+    async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        session = Session(context=context, stream=stream, reader=LineReader(stream))
+        log.info("%s: session started", _who(context))
+        try:
+            await self._converse(session)
+        except ClientClosed:
+            log.info("%s: client closed the connection", _who(session.context))
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            log.info("%s: connection lost: %r", _who(session.context), exc.__cause__ or exc)
+        except trio.TooSlowError:
+            # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
+            # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
+            log.info("%s: idle timeout", _who(session.context))
+            await self._goodbye(
+                session, Reply(421, f"4.4.2 {self.hostname} Idle timeout, closing connection")
+            )
+        except _SessionEnded:
+            pass
+        log.info(
+            "%s: session ended, %d message(s) delivered", _who(session.context), session.delivered
+        )
+
+    async def _converse(self, session: Session) -> None:
+        # Policy hook (connect): a verdict could answer 554 here instead of the banner.
+        await self._send(session, Reply(220, f"{self.hostname} ESMTP mailedge example"))
+        while True:
+            try:
+                line = await session.reader.read_line(MAX_COMMAND_LINE)
+            except LineTooLongError:
+                reply: Reply | None = Reply(500, "5.5.2 Line too long")
+            else:
+                reply = await self._command(session, line)
+            if reply is None:
+                session.bad_commands = 0
+                continue
+            reply = self._judge(session, reply)
+            await self._send(session, reply)
+            if reply.closes:
+                return
+
+    async def _command(self, session: Session, line: bytes) -> Reply | None:
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            return Reply(500, "5.5.2 Syntax error: invalid UTF-8")
+        if _CONTROL.search(text):
+            return Reply(500, "5.5.2 Syntax error: control character in command")
+        verb, _, argument = text.partition(" ")
+        command = self._commands().get(verb.upper())
+        if command is None:
+            log.debug("%s: unknown command %r", _who(session.context), verb[:32])
+            return Reply(500, "5.5.1 Command unrecognized")
+        return await command(session, argument.strip(" "))
+
+    def _commands(self) -> dict[str, Command]:
+        return {
+            "EHLO": self.cmd_ehlo,
+            "HELO": self.cmd_helo,
+            "MAIL": self.cmd_mail,
+            "RCPT": self.cmd_rcpt,
+            "DATA": self.cmd_data,
+            "RSET": self.cmd_rset,
+            "NOOP": self.cmd_noop,
+            "QUIT": self.cmd_quit,
+            "VRFY": self.cmd_vrfy,
+            "STARTTLS": self.cmd_starttls,
+        }
+
+    def _judge(self, session: Session, reply: Reply) -> Reply:
+        """Count bad commands in a row; the last one allowed is answered with 421."""
+        if not reply.bad_command:
+            session.bad_commands = 0
+            return reply
+        session.bad_commands += 1
+        if session.bad_commands < self.max_bad_commands:
+            return reply
+        log.warning(
+            "%s: %d bad commands in a row, closing", _who(session.context), session.bad_commands
+        )
+        return Reply(421, f"4.7.0 {self.hostname} Too many bad commands, closing connection")
+
+    def offers_starttls(self, session: Session) -> bool:
+        """True when EHLO advertises STARTTLS: a context is set and the session is not TLS."""
+        # A proxy that terminated the client's TLS (context.tls with tls_terminated_by PROXY)
+        # counts: the client already has TLS, and RFC 3207 forbids offering it twice.
+        return self.ssl_context is not None and not session.context.tls
+
+    # -- commands. Each takes the session and the argument after the verb. ----------------
+
+    async def cmd_ehlo(self, session: Session, argument: str) -> Reply:
+        if len(argument) > MAX_DOMAIN or not _HELO.fullmatch(argument):
+            return Reply(501, "5.5.4 Syntax: EHLO domain-or-address-literal")
+        # Policy hook (HELO/EHLO): a verdict on the name could reject it here.
+        # RFC 5321 4.1.4: a new greeting also resets any transaction.
+        session.helo, session.esmtp, session.transaction = argument, True, None
+        keywords = [
+            "PIPELINING",
+            f"SIZE {self.max_message_size}",
+            "8BITMIME",
+            "ENHANCEDSTATUSCODES",
+        ]
+        if self.offers_starttls(session):
+            keywords.append("STARTTLS")
+        keywords.append("SMTPUTF8")
+        return Reply(250, (self._hello(session), *keywords))
+
+    async def cmd_helo(self, session: Session, argument: str) -> Reply:
+        if len(argument) > MAX_DOMAIN or not _HELO.fullmatch(argument):
+            return Reply(501, "5.5.4 Syntax: HELO domain-or-address-literal")
+        # Policy hook (HELO/EHLO).
+        session.helo, session.esmtp, session.transaction = argument, False, None
+        return Reply(250, self._hello(session))
+
+    def _hello(self, session: Session) -> str:
+        return f"{self.hostname} Hello {session.helo} [{session.context.client_ip}]"
+
+    async def cmd_mail(self, session: Session, argument: str) -> Reply:
+        if session.helo is None:
+            return Reply(503, "5.5.1 Send EHLO or HELO first")
+        if session.transaction is not None:
+            return Reply(503, "5.5.1 Sender already given; RSET first")
+        match = _MAIL.fullmatch(argument)
+        if match is None:
+            return Reply(501, "5.5.4 Syntax: MAIL FROM:<address> [parameters]")
+        params = _parse_params(match["params"])
+        if params is None:
+            return Reply(501, "5.5.4 Syntax error in parameters")
+        if params and not session.esmtp:
+            return Reply(555, "5.5.4 Parameters need EHLO")
+        transaction = Transaction(sender="")
+        for key, value in params.items():
+            if key == "SIZE":
+                if value is None or not _SIZE_VALUE.fullmatch(value):
+                    return Reply(501, "5.5.4 Syntax: SIZE=<octets>")
+                transaction.declared_size = int(value)
+                if transaction.declared_size > self.max_message_size:
+                    return Reply(552, "5.3.4 Message size exceeds fixed maximum message size")
+            elif key == "BODY":
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    return Reply(501, "5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME")
+                transaction.body = value.upper()
+            elif key == "SMTPUTF8":
+                if value is not None:
+                    return Reply(501, "5.5.4 SMTPUTF8 takes no value")
+                transaction.smtputf8 = True
+            else:
+                return Reply(555, f"5.5.4 Unsupported parameter {key}")
+        try:
+            transaction.sender = _parse_path(match["path"], sender=True)
+        except _BadAddress as exc:
+            return Reply(501, f"5.5.4 Bad sender address: {exc}")
+        if not transaction.sender.isascii() and not transaction.smtputf8:
+            return Reply(553, "5.6.7 Non-ASCII address needs SMTPUTF8")
+        # Policy hook (MAIL FROM): a verdict on the sender could reject it here.
+        session.transaction = transaction
+        return Reply(250, "2.1.0 Sender OK")
+
+    async def cmd_rcpt(self, session: Session, argument: str) -> Reply:
+        transaction = session.transaction
+        if transaction is None:
+            return Reply(503, "5.5.1 Need MAIL before RCPT")
+        match = _RCPT.fullmatch(argument)
+        if match is None:
+            return Reply(501, "5.5.4 Syntax: RCPT TO:<address>")
+        if match["params"]:
+            return Reply(555, "5.5.4 RCPT parameters are not supported")
+        try:
+            recipient = _parse_path(match["path"], sender=False)
+        except _BadAddress as exc:
+            return Reply(501, f"5.5.4 Bad recipient address: {exc}")
+        if not recipient.isascii() and not transaction.smtputf8:
+            return Reply(553, "5.6.7 Non-ASCII address needs SMTPUTF8")
+        if len(transaction.recipients) >= self.max_recipients:
+            # RFC 5321 4.5.3.1.10: 452, and the client sends the rest in another transaction.
+            return Reply(452, "4.5.3 Too many recipients")
+        transaction.recipients.append(recipient)
+        return Reply(250, "2.1.5 Recipient OK")
+
+    async def cmd_data(self, session: Session, argument: str) -> Reply:
+        if argument:
+            return Reply(501, "5.5.4 Syntax: DATA")
+        transaction = session.transaction
+        if transaction is None:
+            return Reply(503, "5.5.1 Need MAIL before DATA")
+        if not transaction.recipients:
+            return Reply(503, "5.5.1 Need RCPT before DATA")
+        await self._send(session, Reply(354, "End data with <CR><LF>.<CR><LF>"))
+        # Whatever the outcome, the transaction ends with the data (RFC 5321 4.1.1.4).
+        session.transaction = None
+        # The message as stored: lines end with LF, the Maildir convention.
+        body = bytearray()
+        size = 0
+        too_big = too_long = bare_newline = False
+        while True:
+            try:
+                line = await session.reader.read_line(MAX_TEXT_LINE)
+            except LineTooLongError:
+                too_long = True
+                continue
+            if line == b".":
+                break
+            if line.startswith(b"."):
+                # RFC 5321 4.5.2: the client doubled every leading dot.
+                line = line[1:]
+            size += len(line) + 2
+            if size > self.max_message_size:
+                # Keep reading to the end of the data, so the session stays in step.
+                too_big = True
+                body.clear()
+                continue
+            if b"\r" in line or b"\n" in line:
+                bare_newline = True
+            if not (too_big or too_long or bare_newline):
+                body += line
+                body += b"\n"
+        # These replies end the data, not a command: they never count as bad commands.
+        if too_big:
+            log.info(
+                "%s: refused a message of %d octets (limit %d)",
+                _who(session.context),
+                size,
+                self.max_message_size,
+            )
+            return Reply(552, "5.3.4 Message too big", bad_command=False)
+        if too_long:
+            return Reply(500, "5.5.2 Line too long", bad_command=False)
+        if bare_newline:
+            # RFC 5321 2.3.8: CR and LF appear only together. A relay that passed a bare one
+            # on could be tricked into ending the data early.
+            return Reply(554, "5.6.0 Bare CR or LF in message", bad_command=False)
+        # Policy hook (end of DATA): a verdict on the message could reject it here.
+        return await self._deliver(session, transaction, body)
+
+    async def cmd_rset(self, session: Session, argument: str) -> Reply:
+        if argument:
+            return Reply(501, "5.5.4 Syntax: RSET")
+        session.transaction = None
+        return Reply(250, "2.0.0 Reset state")
+
+    async def cmd_noop(self, session: Session, argument: str) -> Reply:
+        # RFC 5321 4.1.1.9: NOOP may carry a string, which is ignored.
+        return Reply(250, "2.0.0 OK")
+
+    async def cmd_quit(self, session: Session, argument: str) -> Reply:
+        if argument:
+            return Reply(501, "5.5.4 Syntax: QUIT")
+        return Reply(221, f"2.0.0 {self.hostname} Closing connection")
+
+    async def cmd_vrfy(self, session: Session, argument: str) -> Reply:
+        if not argument:
+            return Reply(501, "5.5.4 Syntax: VRFY address")
+        # RFC 5321 3.5.3: 252 neither confirms nor denies; this server verifies no one.
+        return Reply(252, "2.5.0 Cannot verify the address; send mail and it will be attempted")
+
+    async def cmd_starttls(self, session: Session, argument: str) -> Reply | None:
+        if argument:
+            return Reply(501, "5.5.4 Syntax: STARTTLS")
+        if session.context.tls:
+            return Reply(503, "5.5.1 TLS already active")
+        if self.ssl_context is None:
+            return Reply(502, "5.5.1 STARTTLS not available")
+        await self._send(session, Reply(220, "2.0.0 Ready to start TLS"))
+        # Anything the client sent after STARTTLS arrived in plaintext but would be read as
+        # if it came through TLS: a man in the middle's injection (CVE-2011-0411). Drop it.
+        dropped = session.reader.discard_buffered()
+        if dropped:
+            log.warning(
+                "%s: dropped %d octets pipelined after STARTTLS", _who(session.context), dropped
+            )
+        try:
+            with trio.fail_after(self.tls_handshake_timeout):
+                stream, context = await starttls(session.stream, session.context, self.ssl_context)
+        except trio.TooSlowError as exc:
+            log.info("%s: TLS handshake timed out", _who(session.context))
+            raise _SessionEnded from exc
+        except trio.BrokenResourceError as exc:
+            log.info("%s: TLS handshake failed: %r", _who(session.context), exc.__cause__ or exc)
+            raise _SessionEnded from exc
+        session.stream = stream
+        session.reader = LineReader(stream)
+        session.context = context
+        session.forget_greeting()
+        log.info(
+            "%s: TLS established (%s, %s)", _who(context), context.tls_version, context.tls_cipher
+        )
+        return None
+
+    # -- delivery ------------------------------------------------------------------------
+
+    async def _deliver(self, session: Session, transaction: Transaction, body: bytearray) -> Reply:
+        message_id = secrets.token_hex(8)
+        message = self.trace_headers(session, transaction, message_id) + body
+        try:
+            key = await trio.to_thread.run_sync(self.deliver, message)
+        except Exception:
+            log.exception("%s: delivery of %s failed", _who(session.context), message_id)
+            return Reply(451, "4.3.0 Delivery failed, try again later")
+        session.delivered += 1
+        log.info(
+            "%s: delivered id=%s key=%s from=<%s> recipients=%d size=%d",
+            _who(session.context),
+            message_id,
+            key,
+            transaction.sender,
+            len(transaction.recipients),
+            len(message),
+        )
+        return Reply(250, f"2.0.0 OK queued as {key}")
+
+    def trace_headers(self, session: Session, transaction: Transaction, message_id: str) -> bytes:
+        """The Return-Path and Received headers this server prepends (RFC 5321 4.4)."""
+        context = session.context
+        # Only a client the gate vouches for is named; a LOCAL or UNKNOWN header leaves
+        # client_ip standing in for the proxy, which must not look like the sender's address.
+        client = f"[{context.client_ip}]" if context.client_known else "client address unknown"
+        with_ = f"with {_protocol(session, transaction)}"
+        if context.tls:
+            with_ += f" ({_tls_comment(context)})"
+        lines = [
+            # This is the final delivery, which records the reverse-path (RFC 5321 4.4).
+            f"Return-Path: <{transaction.sender}>",
+            f"Received: from {session.helo} ({client})",
+            f"\tby {self.hostname} (mailedge example) {with_}",
+            f"\tid {message_id}; {email.utils.formatdate(localtime=True)}",
+        ]
+        return "".join(f"{line}\n" for line in lines).encode()
+
+    def deliver(self, message: bytes) -> str:
+        """Store ``message`` in the Maildir durably and return its key. Blocks: run in a thread.
+
+        ``mailbox`` fsyncs the file it writes in ``tmp/`` but not the directory that gains its
+        link in ``new/``; until that is synced a crash can lose a message already accepted.
+        """
+        # A Maildir object per delivery: the objects keep a cache that is not thread-safe.
+        key = mailbox.Maildir(self.maildir, create=False).add(message)
+        new = self.maildir / "new"
+        _fsync(new / key)
+        _fsync(new, directory=True)
+        return key
+
+    # -- I/O -----------------------------------------------------------------------------
+
+    async def _send(self, session: Session, reply: Reply) -> None:
+        try:
+            await session.stream.send_all(reply.encode())
+        except trio.TooSlowError as exc:
+            # The client stopped reading; a goodbye would wait just as long.
+            log.info("%s: send timed out", _who(session.context))
+            raise _SessionEnded from exc
+
+    async def _goodbye(self, session: Session, reply: Reply) -> None:
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError
+        ):
+            await session.stream.send_all(reply.encode())
+
+
+def _who(context: ConnectionContext) -> str:
+    client = f"[{context.client_ip}]:{context.client_port}"
+    via = f" via [{context.peer_ip}]" if context.proxied else ""
+    return f"smtp #{context.connection_id} {context.listener} {client}{via}"
+
+
+def _parse_params(text: str | None) -> dict[str, str | None] | None:
+    """ESMTP parameters as {KEY: value or None}; None when one is malformed or repeated."""
+    params: dict[str, str | None] = {}
+    for word in (text or "").split():
+        key, eq, value = word.partition("=")
+        if not _PARAM_KEY.fullmatch(key) or (eq and not _PARAM_VALUE.fullmatch(value)):
+            return None
+        if key.upper() in params:
+            return None
+        params[key.upper()] = value if eq else None
+    return params
+
+
+def _parse_path(path: str, *, sender: bool) -> str:
+    """The mailbox in a path, without a source route; raises _BadAddress."""
+    if len(path.encode()) + 2 > MAX_PATH:
+        raise _BadAddress("path too long")
+    if path.startswith("@"):
+        # RFC 5321 4.1.2 and C: a source route is accepted and ignored.
+        _, colon, path = path.partition(":")
+        if not colon:
+            raise _BadAddress("bad source route")
+    if not path:
+        if sender:
+            return ""  # the null reverse-path
+        raise _BadAddress("empty address")
+    if not sender and path.lower() == "postmaster":
+        return path  # RFC 5321 4.5.1: always accepted without a domain
+    local, at, domain = path.rpartition("@")
+    if not at or not _LOCAL_PART.fullmatch(local) or not _ADDRESS_DOMAIN.fullmatch(domain):
+        raise _BadAddress("not local-part@domain")
+    if len(local.encode()) > MAX_LOCAL_PART:
+        raise _BadAddress("local part too long")
+    if len(domain.encode()) > MAX_DOMAIN:
+        raise _BadAddress("domain too long")
+    return path
+
+
+def _protocol(session: Session, transaction: Transaction) -> str:
+    """The Received header's "with" keyword (RFC 3848, RFC 6531)."""
+    if transaction.smtputf8:
+        return "UTF8SMTPS" if session.context.tls else "UTF8SMTP"
+    if session.context.tls:
+        return "ESMTPS"
+    return "ESMTP" if session.esmtp else "SMTP"
+
+
+def _tls_comment(context: ConnectionContext) -> str:
+    version = _UNSAFE_IN_HEADER.sub("?", context.tls_version or "unknown")
+    cipher = _UNSAFE_IN_HEADER.sub("?", context.tls_cipher or "unknown")
+    comment = f"version={version} cipher={cipher}"
+    if context.tls_terminated_by is TLSTerminator.PROXY:
+        comment += " terminated-by=proxy"
+    return comment
+
+
+def _fsync(path: pathlib.Path, *, directory: bool = False) -> None:
+    fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

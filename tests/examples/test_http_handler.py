@@ -1,0 +1,628 @@
+"""The example HTTP handler: /whoami, /healthz, /metrics, keep-alive and malformed requests."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+
+import attrs
+import prometheus_client
+import pytest
+import trio
+import trio.testing
+from http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler, context_to_json
+
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.events import EventCounters, EventName, GateEvent
+from mailedge.proxy import (
+    TLV,
+    ClientFlags,
+    Command,
+    Family,
+    InetAddress,
+    ProxyHeader,
+    SSLInfo,
+    TLVType,
+    Transport,
+)
+from mailedge.settings import Protocol
+from mailedge.streams import IdleTimeoutStream
+
+ip = ipaddress.ip_address
+
+
+def proxied_ipv4_context() -> ConnectionContext:
+    """A client at 198.51.100.7 behind a v1 proxy at 10.0.0.2, no TLS."""
+    return ConnectionContext(
+        connection_id=41,
+        listener="web",
+        protocol=Protocol.HTTP,
+        client_ip=ip("198.51.100.7"),
+        client_port=40123,
+        server_ip=ip("192.0.2.80"),
+        server_port=80,
+        peer_ip=ip("10.0.0.2"),
+        peer_port=55000,
+        local_ip=ip("10.0.0.1"),
+        local_port=8080,
+        proxied=True,
+        address_source=AddressSource.HEADER,
+        header=ProxyHeader(
+            version=1,
+            command=Command.PROXY,
+            family=Family.INET,
+            transport=Transport.STREAM,
+            source=InetAddress(ip("198.51.100.7"), 40123),
+            destination=InetAddress(ip("192.0.2.80"), 80),
+        ),
+    )
+
+
+PROXIED_IPV4_JSON = {
+    "connection_id": 41,
+    "listener": "web",
+    "protocol": "http",
+    "client_ip": "198.51.100.7",
+    "client_port": 40123,
+    "client_known": True,
+    "address_source": "header",
+    "server_ip": "192.0.2.80",
+    "server_port": 80,
+    "peer_ip": "10.0.0.2",
+    "peer_port": 55000,
+    "local_ip": "10.0.0.1",
+    "local_port": 8080,
+    "proxied": True,
+    "proxy_version": 1,
+    "unique_id": None,
+    "tls": False,
+    "tls_terminated_by": None,
+    "tls_version": None,
+    "tls_cipher": None,
+    "sni": None,
+    "alpn": None,
+    "client_cert_cn": None,
+    "client_cert_verified": False,
+}
+
+
+def direct_ipv6_context() -> ConnectionContext:
+    """A direct IPv6 client: the socket peer is the client."""
+    return ConnectionContext(
+        connection_id=42,
+        listener="web6",
+        protocol=Protocol.HTTP,
+        client_ip=ip("2001:db8::7"),
+        client_port=51234,
+        server_ip=ip("2001:db8::80"),
+        server_port=8080,
+        peer_ip=ip("2001:db8::7"),
+        peer_port=51234,
+        local_ip=ip("2001:db8::80"),
+        local_port=8080,
+        proxied=False,
+        address_source=AddressSource.SOCKET,
+    )
+
+
+DIRECT_IPV6_JSON = {
+    "connection_id": 42,
+    "listener": "web6",
+    "protocol": "http",
+    "client_ip": "2001:db8::7",
+    "client_port": 51234,
+    "client_known": True,
+    "address_source": "socket",
+    "server_ip": "2001:db8::80",
+    "server_port": 8080,
+    "peer_ip": "2001:db8::7",
+    "peer_port": 51234,
+    "local_ip": "2001:db8::80",
+    "local_port": 8080,
+    "proxied": False,
+    "proxy_version": None,
+    "unique_id": None,
+    "tls": False,
+    "tls_terminated_by": None,
+    "tls_version": None,
+    "tls_cipher": None,
+    "sni": None,
+    "alpn": None,
+    "client_cert_cn": None,
+    "client_cert_verified": False,
+}
+
+
+def proxy_tls_context() -> ConnectionContext:
+    """A client whose TLS (with a verified certificate) a v2 proxy terminated."""
+    ssl_info = SSLInfo(
+        client=ClientFlags.SSL | ClientFlags.CERT_CONN,
+        verify=0,
+        version="TLSv1.3",
+        cn="alice",
+        cipher="TLS_AES_256_GCM_SHA384",
+    )
+    header = ProxyHeader(
+        version=2,
+        command=Command.PROXY,
+        family=Family.INET6,
+        transport=Transport.STREAM,
+        source=InetAddress(ip("2001:db8::7"), 51234),
+        destination=InetAddress(ip("2001:db8::443"), 443),
+        tlvs=(
+            TLV(TLVType.ALPN, b"http/1.1"),
+            TLV(TLVType.AUTHORITY, b"mail.example"),
+            TLV(TLVType.UNIQUE_ID, b"\x00\x01\xfe\xff"),
+        ),
+        ssl=ssl_info,
+    )
+    return ConnectionContext(
+        connection_id=43,
+        listener="web-tls",
+        protocol=Protocol.HTTP,
+        client_ip=ip("2001:db8::7"),
+        client_port=51234,
+        server_ip=ip("2001:db8::443"),
+        server_port=443,
+        peer_ip=ip("10.0.0.2"),
+        peer_port=55001,
+        local_ip=ip("10.0.0.1"),
+        local_port=8443,
+        proxied=True,
+        address_source=AddressSource.HEADER,
+        tls=True,
+        tls_terminated_by=TLSTerminator.PROXY,
+        tls_version="TLSv1.3",
+        tls_cipher="TLS_AES_256_GCM_SHA384",
+        sni="mail.example",
+        alpn="http/1.1",
+        client_cert_cn="alice",
+        client_cert_verified=True,
+        header=header,
+    )
+
+
+PROXY_TLS_JSON = {
+    "connection_id": 43,
+    "listener": "web-tls",
+    "protocol": "http",
+    "client_ip": "2001:db8::7",
+    "client_port": 51234,
+    "client_known": True,
+    "address_source": "header",
+    "server_ip": "2001:db8::443",
+    "server_port": 443,
+    "peer_ip": "10.0.0.2",
+    "peer_port": 55001,
+    "local_ip": "10.0.0.1",
+    "local_port": 8443,
+    "proxied": True,
+    "proxy_version": 2,
+    "unique_id": "0001feff",
+    "tls": True,
+    "tls_terminated_by": "proxy",
+    "tls_version": "TLSv1.3",
+    "tls_cipher": "TLS_AES_256_GCM_SHA384",
+    "sni": "mail.example",
+    "alpn": "http/1.1",
+    "client_cert_cn": "alice",
+    "client_cert_verified": True,
+}
+
+
+@attrs.frozen
+class Response:
+    status: int
+    reason: str
+    # Lower-cased names; a repeated header keeps its last value.
+    headers: dict[str, str]
+    body: bytes
+
+
+@attrs.define
+class Client:
+    """Raw HTTP/1.1 bytes out; a deliberately simple response parser in."""
+
+    stream: trio.abc.Stream
+    buffer: bytearray = attrs.field(factory=bytearray)
+
+    async def send(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def _fill(self) -> None:
+        data = await self.stream.receive_some()
+        assert data, f"connection closed; unparsed {bytes(self.buffer)!r}"
+        self.buffer += data
+
+    async def response(self, *, head: bool = False) -> Response:
+        while b"\r\n\r\n" not in self.buffer:
+            await self._fill()
+        raw, _, rest = bytes(self.buffer).partition(b"\r\n\r\n")
+        self.buffer[:] = rest
+        status_line, *header_lines = raw.decode("latin-1").split("\r\n")
+        version, status, reason = status_line.split(" ", 2)
+        assert version == "HTTP/1.1"
+        headers = {}
+        for line in header_lines:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        length = 0 if head else int(headers["content-length"])
+        while len(self.buffer) < length:
+            await self._fill()
+        body = bytes(self.buffer[:length])
+        del self.buffer[:length]
+        return Response(int(status), reason, headers, body)
+
+    async def get(self, target: str, *extra: str, method: str = "GET") -> Response:
+        lines = [f"{method} {target} HTTP/1.1", "Host: edge.example", *extra, "", ""]
+        await self.send("\r\n".join(lines).encode())
+        return await self.response(head=method == "HEAD")
+
+    async def closed(self) -> bool:
+        """True when the server closed the connection with nothing more to say."""
+        data = await self.stream.receive_some()
+        return not data and not self.buffer
+
+
+@asynccontextmanager
+async def session(
+    handler: HTTPHandler, context: ConnectionContext, *, idle_timeout: float | None = None
+) -> AsyncIterator[Client]:
+    """Run ``handler`` on one in-memory connection, closing the stream after it as the server does.
+
+    Any exception from the handler fails the test; a hung exchange fails at the deadline.
+    With ``idle_timeout``, the handler gets the stream wrapped as the server wraps it.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    stream: trio.abc.Stream = server_stream
+    if idle_timeout is not None:
+        stream = IdleTimeoutStream(server_stream, idle_timeout)
+
+    async def serve() -> None:
+        try:
+            await handler(stream, context)
+        finally:
+            await server_stream.aclose()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            client = Client(client_stream)
+            yield client
+            await trio.aclose_forcefully(client.stream)
+
+
+# /whoami
+
+
+@pytest.mark.parametrize(
+    ("context", "expected"),
+    [
+        (proxied_ipv4_context(), PROXIED_IPV4_JSON),
+        (direct_ipv6_context(), DIRECT_IPV6_JSON),
+        (proxy_tls_context(), PROXY_TLS_JSON),
+    ],
+    ids=["proxied-ipv4", "direct-ipv6", "tls-via-proxy"],
+)
+async def test_whoami_reports_the_context(
+    autojump_clock: trio.testing.MockClock, context: ConnectionContext, expected: dict[str, object]
+) -> None:
+    async with session(HTTPHandler(), context) as client:
+        response = await client.get("/whoami")
+    assert response.status == 200
+    assert response.headers["content-type"] == "application/json"
+    assert json.loads(response.body) == expected
+    assert context_to_json(context) == expected
+
+
+async def test_whoami_ignores_forwarding_headers(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), proxied_ipv4_context()) as client:
+        response = await client.get(
+            "/whoami",
+            "X-Forwarded-For: 203.0.113.9",
+            "X-Real-IP: 203.0.113.9",
+            "Forwarded: for=203.0.113.9;proto=https",
+        )
+    assert json.loads(response.body) == PROXIED_IPV4_JSON
+    assert b"203.0.113.9" not in response.body
+
+
+async def test_whoami_of_a_proxy_health_check(autojump_clock: trio.testing.MockClock) -> None:
+    # A LOCAL header: no client; the socket endpoints stand in and client_known says so.
+    context = attrs.evolve(
+        proxied_ipv4_context(),
+        client_ip=ip("10.0.0.2"),
+        client_port=55000,
+        address_source=AddressSource.PROXY_LOCAL,
+        header=None,
+    )
+    async with session(HTTPHandler(), context) as client:
+        body = json.loads((await client.get("/whoami")).body)
+    assert (body["client_ip"], body["client_known"], body["address_source"]) == (
+        "10.0.0.2",
+        False,
+        "proxy_local",
+    )
+
+
+# /healthz, 404, 405, HEAD
+
+
+async def test_healthz(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        response = await client.get("/healthz")
+        with_query = await client.get("/healthz?verbose=1")
+    assert (response.status, response.body) == (200, b"ok")
+    assert response.headers["content-type"] == "text/plain; charset=utf-8"
+    assert response.headers["server"] == "mailedge-example"
+    assert "date" in response.headers
+    assert (with_query.status, with_query.body) == (200, b"ok")
+
+
+async def test_server_header_is_configurable(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(server_name="edge/1"), direct_ipv6_context()) as client:
+        assert (await client.get("/healthz")).headers["server"] == "edge/1"
+
+
+@pytest.mark.parametrize("target", ["/", "/nope", "/whoami/", "/whoamix", "/HEALTHZ"])
+async def test_unknown_paths_are_404(autojump_clock: trio.testing.MockClock, target: str) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        assert (await client.get(target)).status == 404
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "OPTIONS", "PATCH", "BREW"])
+async def test_other_methods_are_405(autojump_clock: trio.testing.MockClock, method: str) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        response = await client.get("/whoami", method=method)
+        assert response.status == 405
+        assert response.headers["allow"] == "GET, HEAD"
+        # The connection stays usable.
+        assert (await client.get("/healthz")).status == 200
+
+
+async def test_a_request_body_is_drained_for_keep_alive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(
+            b"POST /whoami HTTP/1.1\r\nHost: x\r\nContent-Length: 11\r\n\r\nGET /nope\r\n"
+        )
+        assert (await client.response()).status == 405
+        # Those eleven bytes were a body, not a request.
+        assert (await client.get("/healthz")).status == 200
+
+
+async def test_an_oversized_body_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    size = DEFAULT_MAX_REQUEST_SIZE + 1
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(
+            b"POST /upload HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n" % size + b"x" * size
+        )
+        response = await client.response()
+        assert response.status == 413
+        assert response.headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_expect_100_continue_is_answered_without_the_body(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(
+            b"POST /whoami HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000\r\n"
+            b"Expect: 100-continue\r\n\r\n"
+        )
+        response = await client.response()
+        assert response.status == 405
+        assert response.headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_head(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), proxied_ipv4_context()) as client:
+        get = await client.get("/whoami")
+        head = await client.get("/whoami", method="HEAD")
+        # No body followed the HEAD response: the next response parses cleanly.
+        after = await client.get("/healthz")
+    assert head.status == 200
+    assert head.body == b""
+    assert head.headers["content-length"] == str(len(get.body))
+    assert after.body == b"ok"
+
+
+# /metrics
+
+
+def fake_counters() -> Iterable[tuple[tuple[str, str, str], int]]:
+    return [
+        (("imap", "proxy.rejected", "v1_syntax"), 1),
+        (("smtp", "proxy.accepted", "header"), 2),
+    ]
+
+
+async def test_metrics_exposes_the_gate_counters(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(counters_source=fake_counters), direct_ipv6_context()) as client:
+        response = await client.get("/metrics")
+    assert response.status == 200
+    assert response.headers["content-type"] == prometheus_client.CONTENT_TYPE_LATEST
+    lines = response.body.decode().splitlines()
+    assert "# TYPE mailedge_gate_decisions_total counter" in lines
+    assert (
+        'mailedge_gate_decisions_total{event="proxy.accepted",listener="smtp",reason="header"} 2.0'
+        in lines
+    )
+    rejected = '{event="proxy.rejected",listener="imap",reason="v1_syntax"}'
+    assert f"mailedge_gate_decisions_total{rejected} 1.0" in lines
+
+
+async def test_metrics_are_read_at_scrape_time(autojump_clock: trio.testing.MockClock) -> None:
+    counters = EventCounters()
+
+    def accepted() -> GateEvent:
+        return GateEvent(
+            name=EventName.ACCEPTED,
+            listener="smtp",
+            connection_id=1,
+            peer_ip=ip("10.0.0.2"),
+            peer_port=55000,
+            reason="header",
+            message="accepted",
+            elapsed=0.0,
+        )
+
+    handler = HTTPHandler(counters_source=lambda: counters)
+    sample = 'mailedge_gate_decisions_total{event="proxy.accepted",listener="smtp",reason="header"}'
+    async with session(handler, direct_ipv6_context()) as client:
+        counters.add(accepted())
+        first = (await client.get("/metrics")).body.decode().splitlines()
+        counters.add(accepted())
+        second = (await client.get("/metrics")).body.decode().splitlines()
+    assert f"{sample} 1.0" in first
+    assert f"{sample} 2.0" in second
+
+
+async def test_metrics_without_a_source(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        body = (await client.get("/metrics")).body.decode()
+    assert "# TYPE mailedge_gate_decisions_total counter" in body
+    assert "mailedge_gate_decisions_total{" not in body
+
+
+def test_each_handler_owns_its_registry() -> None:
+    # Two handlers in one process must not collide, and the global registry stays untouched.
+    first, second = HTTPHandler(), HTTPHandler(counters_source=fake_counters)
+    assert first.registry is not second.registry
+    assert b"mailedge_gate_decisions" not in prometheus_client.generate_latest()
+
+
+# Keep-alive and connection close
+
+
+async def test_keep_alive_serves_several_requests(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        first = await client.get("/healthz")
+        second = await client.get("/whoami")
+        assert "connection" not in first.headers
+        assert (first.status, second.status) == (200, 200)
+        # Pipelined: two requests in one write, two responses in order.
+        await client.send(
+            b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\nGET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+        )
+        assert (await client.response()).status == 404
+        assert (await client.response()).status == 200
+
+
+async def test_connection_close_is_honoured(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        assert (await client.get("/healthz")).status == 200
+        response = await client.get("/healthz", "Connection: close")
+        assert response.headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_http_1_0_closes_after_the_response(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(b"GET /healthz HTTP/1.0\r\n\r\n")
+        assert (await client.response()).body == b"ok"
+        assert await client.closed()
+
+
+async def test_an_idle_keep_alive_connection_closes_quietly(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge.examples.http")
+    async with session(HTTPHandler(), direct_ipv6_context(), idle_timeout=30) as client:
+        assert (await client.get("/healthz")).status == 200
+        start = trio.current_time()
+        assert await client.closed()
+        assert trio.current_time() - start == pytest.approx(30)
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
+
+
+async def test_a_timeout_inside_a_request_is_the_servers_to_report(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.send_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+    with pytest.raises(trio.TooSlowError):
+        await HTTPHandler()(IdleTimeoutStream(server_stream, 30), direct_ipv6_context())
+
+
+# Malformed requests, limits and disconnects
+
+
+@pytest.mark.parametrize(
+    "request_bytes",
+    [
+        b"GARBAGE\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\n\r\n",  # HTTP/1.1 requires Host
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",  # TLS on a plaintext port
+        # Broken while reading the body, after the request head was accepted.
+        b"POST /whoami HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    ],
+)
+async def test_malformed_request_is_400_and_closes(
+    autojump_clock: trio.testing.MockClock, request_bytes: bytes
+) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(request_bytes)
+        response = await client.response()
+        assert response.status == 400
+        assert response.headers["connection"] == "close"
+        assert await client.closed()
+
+
+async def test_an_oversized_request_head_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40_000)
+        response = await client.response()
+        assert response.status == 431
+        assert await client.closed()
+
+
+async def test_the_request_size_limit_is_configurable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # h11 applies the limit to what it buffers between reads, so exceed it by more than one read.
+    cookie = b"Cookie: " + b"c" * 10_000 + b"\r\n"
+    async with session(HTTPHandler(max_request_size=1024), direct_ipv6_context()) as client:
+        await client.send(b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + cookie + b"\r\n")
+        assert (await client.response()).status == 431
+
+
+@pytest.mark.parametrize("sent", [b"", b"GET /heal", b"GET /healthz HTTP/1.1\r\nHost: x\r\n"])
+async def test_client_vanishing_is_quiet(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, sent: bytes
+) -> None:
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        await client.send(sent)
+        await client.stream.aclose()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_cancellation_propagates(autojump_clock: trio.testing.MockClock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    outcome = "running"
+
+    async def serve() -> None:
+        nonlocal outcome
+        try:
+            await HTTPHandler()(server_stream, direct_ipv6_context())
+        except trio.Cancelled:
+            outcome = "cancelled"
+            raise
+        outcome = "returned"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        assert (await client.get("/healthz")).status == 200
+        nursery.cancel_scope.cancel()
+    assert outcome == "cancelled"

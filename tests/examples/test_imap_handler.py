@@ -1,0 +1,584 @@
+"""The example IMAP handler: greeting, CAPABILITY, STARTTLS, LOGINDISABLED and LOGIN."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+import trustme
+from imap_handler import MAX_LINE_LENGTH, IMAPHandler, IMAPSyntaxError, parse_astrings
+
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.settings import Protocol
+from mailedge.streams import IdleTimeoutStream
+
+HOSTNAME = "imap.example"
+USERS = {"alice": "correct horse", "bob": 'p\u00e4ss "w\\rd'}
+GREETING_PLAIN = (
+    "* OK [CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED]"
+    " imap.example IMAP4rev1 mailedge example ready"
+)
+
+
+def make_context(**changes: Any) -> ConnectionContext:
+    """A direct plaintext connection from 198.51.100.7, unless ``changes`` say otherwise."""
+    base = ConnectionContext(
+        connection_id=17,
+        listener="imap",
+        protocol=Protocol.IMAP,
+        client_ip=ipaddress.ip_address("198.51.100.7"),
+        client_port=40123,
+        server_ip=ipaddress.ip_address("192.0.2.143"),
+        server_port=143,
+        peer_ip=ipaddress.ip_address("198.51.100.7"),
+        peer_port=40123,
+        local_ip=ipaddress.ip_address("192.0.2.143"),
+        local_port=143,
+        proxied=False,
+        address_source=AddressSource.SOCKET,
+    )
+    return attrs.evolve(base, **changes)
+
+
+def proxy_tls_context() -> ConnectionContext:
+    """A client whose TLS a trusted proxy terminated, as its SSL TLV reported."""
+    return make_context(
+        peer_ip=ipaddress.ip_address("10.0.0.2"),
+        peer_port=55000,
+        proxied=True,
+        address_source=AddressSource.HEADER,
+        server_port=993,
+        tls=True,
+        tls_terminated_by=TLSTerminator.PROXY,
+        tls_version="TLSv1.3",
+    )
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="module")
+def server_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOSTNAME).configure_cert(context)
+    return context
+
+
+@pytest.fixture(scope="module")
+def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@attrs.define
+class Client:
+    """The client's end of the connection, reading CRLF lines."""
+
+    stream: trio.abc.Stream
+    buffer: bytearray = attrs.field(factory=bytearray)
+
+    async def send(self, data: str | bytes) -> None:
+        await self.stream.send_all(data.encode() if isinstance(data, str) else data)
+
+    async def line(self) -> str:
+        while b"\r\n" not in self.buffer:
+            data = await self.stream.receive_some()
+            assert data, f"connection closed; unterminated data {bytes(self.buffer)!r}"
+            self.buffer += data
+        line, _, rest = bytes(self.buffer).partition(b"\r\n")
+        self.buffer[:] = rest
+        return line.decode()
+
+    async def command(self, line: str) -> list[str]:
+        """Send one command; return every response line up to and including the tagged one."""
+        tag = line.split(" ", 1)[0]
+        await self.send(line + "\r\n")
+        lines = [await self.line()]
+        while not lines[-1].startswith(tag + " "):
+            lines.append(await self.line())
+        return lines
+
+    async def closed(self) -> bool:
+        """True when the server closes the connection with nothing more to say."""
+        data = await self.stream.receive_some()
+        return not data and not self.buffer
+
+    async def starttls(self, context: ssl.SSLContext) -> None:
+        assert not self.buffer, "the server spoke after its STARTTLS reply"
+        self.stream = trio.SSLStream(self.stream, context, server_hostname=HOSTNAME)
+        await self.stream.do_handshake()
+
+
+@asynccontextmanager
+async def session(
+    handler: IMAPHandler, context: ConnectionContext, *, idle_timeout: float | None = None
+) -> AsyncIterator[Client]:
+    """Run ``handler`` on one in-memory connection, closing the stream after it as the server does.
+
+    Any exception from the handler fails the test; a hung exchange fails at the deadline.
+    With ``idle_timeout``, the handler gets the stream wrapped as the server wraps it.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    stream: trio.abc.Stream = server_stream
+    if idle_timeout is not None:
+        stream = IdleTimeoutStream(server_stream, idle_timeout)
+
+    async def serve() -> None:
+        try:
+            await handler(stream, context)
+        finally:
+            await server_stream.aclose()
+
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            client = Client(client_stream)
+            yield client
+            await trio.aclose_forcefully(client.stream)
+
+
+def plain_handler(ssl_context: ssl.SSLContext | None = None) -> IMAPHandler:
+    return IMAPHandler(HOSTNAME, USERS, ssl_context)
+
+
+# Greeting and CAPABILITY
+
+
+async def test_greeting_on_a_plaintext_connection(
+    autojump_clock: trio.testing.MockClock, server_ssl: ssl.SSLContext
+) -> None:
+    async with session(plain_handler(server_ssl), make_context()) as client:
+        assert await client.line() == GREETING_PLAIN
+
+
+async def test_greeting_without_starttls_support(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        assert await client.line() == (
+            "* OK [CAPABILITY IMAP4rev1 LOGINDISABLED]"
+            " imap.example IMAP4rev1 mailedge example ready"
+        )
+
+
+async def test_capability_before_and_after_starttls(
+    autojump_clock: trio.testing.MockClock,
+    server_ssl: ssl.SSLContext,
+    client_ssl: ssl.SSLContext,
+) -> None:
+    async with session(plain_handler(server_ssl), make_context()) as client:
+        await client.line()
+        assert await client.command("a CAPABILITY") == [
+            "* CAPABILITY IMAP4rev1 STARTTLS LOGINDISABLED",
+            "a OK CAPABILITY completed",
+        ]
+        assert await client.command("b STARTTLS") == ["b OK Begin TLS negotiation now"]
+        await client.starttls(client_ssl)
+        assert await client.command("c CAPABILITY") == [
+            "* CAPABILITY IMAP4rev1",
+            "c OK CAPABILITY completed",
+        ]
+
+
+async def test_proxy_terminated_tls_counts_as_tls(
+    autojump_clock: trio.testing.MockClock, server_ssl: ssl.SSLContext
+) -> None:
+    async with session(plain_handler(server_ssl), proxy_tls_context()) as client:
+        assert await client.line() == (
+            "* OK [CAPABILITY IMAP4rev1] imap.example IMAP4rev1 mailedge example ready"
+        )
+        assert await client.command("a CAPABILITY") == [
+            "* CAPABILITY IMAP4rev1",
+            "a OK CAPABILITY completed",
+        ]
+        # The client already has TLS (to the proxy): no second layer.
+        assert await client.command("b STARTTLS") == ["b BAD TLS is already active"]
+
+
+async def test_noop_and_command_names_are_case_insensitive(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        assert await client.command("a1 noop") == ["a1 OK NOOP completed"]
+        assert await client.command("a2 NOOP extra") == ["a2 BAD NOOP takes no arguments"]
+
+
+# LOGINDISABLED and LOGIN
+
+
+@pytest.mark.parametrize("with_starttls", [True, False])
+async def test_login_refused_before_tls_on_a_direct_connection(
+    autojump_clock: trio.testing.MockClock,
+    server_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+    with_starttls: bool,
+) -> None:
+    handler = plain_handler(server_ssl if with_starttls else None)
+    async with session(handler, make_context()) as client:
+        await client.line()
+        # Even the right password is refused, and never looked at.
+        [reply] = await client.command('a LOGIN alice "correct horse"')
+        assert reply.startswith("a NO [PRIVACYREQUIRED] ")
+        assert ("STARTTLS" in reply) is with_starttls
+        # The session goes on; the client is still not logged in.
+        assert await client.command("b SELECT INBOX") == ["b BAD SELECT is not valid before LOGIN"]
+    assert "correct horse" not in caplog.text
+
+
+async def test_login_refused_when_proxied_without_tls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A proxied client is no safer than a direct one unless the proxy reported TLS.
+    context = make_context(
+        peer_ip=ipaddress.ip_address("10.0.0.2"), proxied=True, address_source=AddressSource.HEADER
+    )
+    async with session(plain_handler(), context) as client:
+        await client.line()
+        [reply] = await client.command("a LOGIN alice secret")
+        assert reply.startswith("a NO [PRIVACYREQUIRED] ")
+
+
+async def test_login_accepted_when_a_proxy_terminated_tls(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        assert await client.command('a LOGIN alice "correct horse"') == ["a OK LOGIN completed"]
+        assert await client.command("b NOOP") == ["b OK NOOP completed"]
+
+
+async def test_starttls_then_login(
+    autojump_clock: trio.testing.MockClock,
+    server_ssl: ssl.SSLContext,
+    client_ssl: ssl.SSLContext,
+) -> None:
+    async with session(plain_handler(server_ssl), make_context()) as client:
+        await client.line()
+        assert await client.command("a STARTTLS") == ["a OK Begin TLS negotiation now"]
+        await client.starttls(client_ssl)
+        assert await client.command('b LOGIN alice "correct horse"') == ["b OK LOGIN completed"]
+        assert await client.command("c LOGOUT") == [
+            "* BYE imap.example logging out",
+            "c OK LOGOUT completed",
+        ]
+        # A clean TLS close (close_notify), not a truncated stream.
+        assert await client.closed()
+
+
+async def test_starttls_discards_pipelined_plaintext(
+    autojump_clock: trio.testing.MockClock,
+    server_ssl: ssl.SSLContext,
+    client_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async with session(plain_handler(server_ssl), make_context()) as client:
+        await client.line()
+        # A man in the middle appends a command to the client's STARTTLS, in plaintext.
+        injected = 'b LOGIN alice "correct horse"\r\n'
+        await client.send("a STARTTLS\r\n" + injected)
+        assert await client.line() == "a OK Begin TLS negotiation now"
+        await client.starttls(client_ssl)
+        # Had the injected LOGIN run, its reply would come first, over TLS.
+        assert await client.command("c NOOP") == ["c OK NOOP completed"]
+        assert await client.command("d SELECT INBOX") == ["d BAD SELECT is not valid before LOGIN"]
+    assert f"discarded {len(injected)} plaintext bytes sent after STARTTLS" in caplog.text
+
+
+async def test_starttls_unavailable_without_a_server_context(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        assert await client.command("a STARTTLS") == ["a BAD STARTTLS is not available"]
+
+
+async def test_failed_starttls_handshake_ends_quietly(
+    autojump_clock: trio.testing.MockClock,
+    server_ssl: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge.examples.imap")
+    async with session(plain_handler(server_ssl), make_context()) as client:
+        await client.line()
+        assert await client.command("a STARTTLS") == ["a OK Begin TLS negotiation now"]
+        await client.send(b"this is not a TLS ClientHello\r\n")
+        # The server gives up on the handshake; how it says so is TLS's business.
+        while await client.stream.receive_some():
+            pass
+    assert "STARTTLS handshake failed" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        'a LOGIN alice "correct horse"',
+        'a login "alice" "correct horse"',
+        'a LOGIN bob "p\u00e4ss \\"w\\\\rd"',
+    ],
+)
+async def test_login_syntax(autojump_clock: trio.testing.MockClock, line: str) -> None:
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        assert await client.command(line) == ["a OK LOGIN completed"]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "a LOGIN alice wrong",
+        'a LOGIN alice "correct horse "',
+        'a LOGIN mallory "correct horse"',
+        'a LOGIN Alice "correct horse"',
+        'a LOGIN alice ""',
+    ],
+)
+async def test_bad_credentials(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, line: str
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge.examples.imap")
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        assert await client.command(line) == ["a NO [AUTHENTICATIONFAILED] Authentication failed"]
+        assert await client.command("b SELECT INBOX") == ["b BAD SELECT is not valid before LOGIN"]
+    [record] = [r for r in caplog.records if "LOGIN failed" in r.getMessage()]
+    # The log names the connection and the real client, never the password.
+    assert record.getMessage().startswith("#17 imap client=198.51.100.7:40123: LOGIN failed")
+    assert "correct horse" not in caplog.text
+    assert "wrong" not in caplog.text
+
+
+async def test_too_many_failed_logins_end_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        for tag in ("a", "b"):
+            assert await client.command(f"{tag} LOGIN alice guess") == [
+                f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed"
+            ]
+        assert await client.command("c LOGIN alice guess") == [
+            "c NO [AUTHENTICATIONFAILED] Authentication failed"
+        ]
+        assert await client.line() == "* BYE Too many authentication failures"
+        assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    ("arguments", "reply"),
+    [
+        ("alice", "a BAD LOGIN takes a user name and a password"),
+        ("alice secret extra", "a BAD LOGIN takes a user name and a password"),
+        ("", "a BAD LOGIN takes a user name and a password"),
+        ('alice "unterminated', "a BAD Unterminated quoted string"),
+        ("alice {6}", "a BAD Literals are not supported by this example server"),
+    ],
+)
+async def test_malformed_login(
+    autojump_clock: trio.testing.MockClock, arguments: str, reply: str
+) -> None:
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        assert await client.command(f"a LOGIN {arguments}".rstrip()) == [reply]
+
+
+async def test_authenticated_state(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), proxy_tls_context()) as client:
+        await client.line()
+        await client.command('a LOGIN alice "correct horse"')
+        assert await client.command("b SELECT INBOX") == [
+            "b NO [CANNOT] This example server has no mailboxes"
+        ]
+        assert await client.command("c LOGIN alice x") == ["c BAD Already logged in"]
+        assert await client.command("d CAPABILITY") == [
+            "* CAPABILITY IMAP4rev1",
+            "d OK CAPABILITY completed",
+        ]
+        assert await client.command("e FROB") == ["e BAD Unknown command"]
+
+
+# LOGOUT, errors and limits
+
+
+async def test_logout(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        assert await client.command("a LOGOUT") == [
+            "* BYE imap.example logging out",
+            "a OK LOGOUT completed",
+        ]
+        assert await client.closed()
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        ("a FROB", "a BAD Unknown command"),
+        ("a", "a BAD Missing command"),
+        ("a AUTHENTICATE PLAIN", "a NO Unsupported authentication mechanism"),
+        ("+ NOOP", "* BAD Missing or invalid tag"),
+        ("* NOOP", "* BAD Missing or invalid tag"),
+        ("", "* BAD Missing or invalid tag"),
+    ],
+)
+async def test_bad_commands(autojump_clock: trio.testing.MockClock, line: str, reply: str) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        await client.send(line + "\r\n")
+        assert await client.line() == reply
+
+
+async def test_invalid_utf8(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        await client.send(b"a LOGIN \xff\xfe x\r\n")
+        assert await client.line() == "* BAD Command line is not valid UTF-8"
+
+
+async def test_too_many_bad_commands_end_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        # Say, an HTTP client on the IMAP port: every line is a bad command.
+        for number in range(9):
+            assert await client.command(f"x{number} GET / HTTP/1.1") == [
+                f"x{number} BAD Unknown command"
+            ]
+        assert await client.command("x9 FROB") == ["x9 BAD Unknown command"]
+        assert await client.line() == "* BYE Too many invalid commands"
+        assert await client.closed()
+
+
+async def test_a_line_at_the_limit_is_served(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        line = "a NOOP " + "x" * (MAX_LINE_LENGTH - len("a NOOP \r\n"))
+        assert len(line) + 2 == MAX_LINE_LENGTH
+        assert await client.command(line) == ["a BAD NOOP takes no arguments"]
+        assert await client.command("b NOOP") == ["b OK NOOP completed"]
+
+
+async def test_an_over_long_line_ends_the_session(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        await client.send("a NOOP " + "x" * (MAX_LINE_LENGTH - len("a NOOP \r\n") + 1) + "\r\n")
+        assert await client.line() == "* BYE Command line too long"
+        assert await client.closed()
+
+
+async def test_the_limit_holds_wherever_the_line_starts(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        # A short command first shifts the long line off the receive-chunk boundaries.
+        long_line = "a NOOP " + "x" * (MAX_LINE_LENGTH - len("a NOOP \r\n") + 1) + "\r\n"
+        await client.send("b NOOP\r\n" + long_line)
+        assert await client.line() == "b OK NOOP completed"
+        assert await client.line() == "* BYE Command line too long"
+        assert await client.closed()
+
+
+async def test_an_endless_line_is_not_buffered(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        # No line terminator ever: the server must not wait for one.
+        await client.send(b"a " + b"x" * (2 * MAX_LINE_LENGTH))
+        assert await client.line() == "* BYE Command line too long"
+
+
+async def test_idle_timeout_logs_out(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(plain_handler(), make_context(), idle_timeout=30) as client:
+        await client.line()
+        assert await client.command("a NOOP") == ["a OK NOOP completed"]
+        start = trio.current_time()
+        assert await client.line() == "* BYE Autologout; idle for too long"
+        assert trio.current_time() - start == pytest.approx(30)
+        assert await client.closed()
+
+
+# Disconnects and cancellation
+
+
+async def test_client_vanishing_after_the_greeting(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with session(plain_handler(), make_context()) as client:
+        await client.line()
+        await client.send("a NOO")
+        await client.stream.aclose()
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_client_vanishing_before_the_greeting(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    await client_stream.aclose()
+    # Sending the greeting fails with BrokenResourceError; the handler returns normally.
+    await plain_handler()(server_stream, make_context())
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_cancellation_propagates(autojump_clock: trio.testing.MockClock) -> None:
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    client = Client(client_stream)
+    outcome = "running"
+
+    async def serve() -> None:
+        nonlocal outcome
+        try:
+            await plain_handler()(server_stream, make_context())
+        except trio.Cancelled:
+            outcome = "cancelled"
+            raise
+        outcome = "returned"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.line()
+        nursery.cancel_scope.cancel()
+    assert outcome == "cancelled"
+
+
+# The argument parser
+
+
+@pytest.mark.parametrize(
+    ("text", "values"),
+    [
+        ("", []),
+        ("alice secret", ["alice", "secret"]),
+        ('"alice" "two words"', ["alice", "two words"]),
+        ('"" x', ["", "x"]),
+        ('"a\\"b\\\\c"', ['a"b\\c']),
+        ("user]name p\u00e4ss", ["user]name", "p\u00e4ss"]),
+    ],
+)
+def test_parse_astrings(text: str, values: list[str]) -> None:
+    assert parse_astrings(text) == values
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["a  b", "a ", " a", '"open', '"bad \\x escape"', "{5}", "a {5+}", "a(b", 'a"b', "a%", "\x01"],
+)
+def test_parse_astrings_rejects(text: str) -> None:
+    with pytest.raises(IMAPSyntaxError):
+        parse_astrings(text)
+
+
+def test_repr_hides_passwords() -> None:
+    assert "correct horse" not in repr(plain_handler())

@@ -1,0 +1,900 @@
+"""The example SMTP handler, driven over in-memory streams as the server layer would drive it."""
+
+from __future__ import annotations
+
+import email
+import email.message
+import email.utils
+import ipaddress
+import logging
+import mailbox
+import os
+import pathlib
+import shutil
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import attrs
+import pytest
+import trio
+import trio.testing
+import trustme
+from smtp_handler import (
+    MAX_COMMAND_LINE,
+    MAX_TEXT_LINE,
+    LineReader,
+    LineTooLongError,
+    SMTPHandler,
+)
+
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.settings import Protocol
+from mailedge.streams import IdleTimeoutStream
+
+HOSTNAME = "mx.example"
+BANNER = ["220 mx.example ESMTP mailedge example"]
+CLIENT_IP = "198.51.100.7"
+PROXY_IP = "127.0.0.1"
+
+
+def make_context(**changes: Any) -> ConnectionContext:
+    """A client at 198.51.100.7 whose connection a trusted proxy at 127.0.0.1 forwarded."""
+    base = ConnectionContext(
+        connection_id=25,
+        listener="smtp",
+        protocol=Protocol.SMTP,
+        client_ip=ipaddress.ip_address(CLIENT_IP),
+        client_port=40123,
+        server_ip=ipaddress.ip_address("192.0.2.25"),
+        server_port=25,
+        peer_ip=ipaddress.ip_address(PROXY_IP),
+        peer_port=51000,
+        local_ip=ipaddress.ip_address("127.0.0.1"),
+        local_port=2525,
+        proxied=True,
+        address_source=AddressSource.HEADER,
+    )
+    return attrs.evolve(base, **changes)
+
+
+def ipv6_context() -> ConnectionContext:
+    return make_context(
+        client_ip=ipaddress.ip_address("2001:db8::7"),
+        server_ip=ipaddress.ip_address("2001:db8::25"),
+        peer_ip=ipaddress.ip_address("::1"),
+        local_ip=ipaddress.ip_address("::1"),
+    )
+
+
+class Client:
+    """The client side: sends lines, reads whole (multi-line) replies."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self._buffer = b""
+
+    async def send(self, data: str | bytes) -> None:
+        await self.stream.send_all(data.encode() if isinstance(data, str) else data)
+
+    async def _line(self) -> str:
+        while b"\r\n" not in self._buffer:
+            data = await self.stream.receive_some()
+            assert data, f"server closed the connection; unread: {self._buffer!r}"
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\r\n")
+        return line.decode()
+
+    async def reply(self) -> list[str]:
+        lines = [await self._line()]
+        while lines[-1][3:4] == "-":
+            lines.append(await self._line())
+        return lines
+
+    async def command(self, line: str) -> list[str]:
+        await self.send(line + "\r\n")
+        return await self.reply()
+
+    async def start(self, helo: str = "client.example") -> None:
+        """Read the banner and greet with EHLO."""
+        assert await self.reply() == BANNER
+        assert (await self.command(f"EHLO {helo}"))[-1] == "250 SMTPUTF8"
+
+    async def mail(
+        self, body: str, sender: str = "alice@example.org", recipient: str = "bob@example.net"
+    ) -> list[str]:
+        """One whole transaction; returns the reply to the end of the data."""
+        assert await self.command(f"MAIL FROM:<{sender}>") == ["250 2.1.0 Sender OK"]
+        assert await self.command(f"RCPT TO:<{recipient}>") == ["250 2.1.5 Recipient OK"]
+        assert await self.command("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        return await self.command(body + ".")
+
+    async def starttls(self, client_ssl: ssl.SSLContext) -> trio.SSLStream[trio.abc.Stream]:
+        assert await self.command("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
+        assert not self._buffer
+        tls = trio.SSLStream(self.stream, client_ssl, server_hostname=HOSTNAME)
+        await tls.do_handshake()
+        self.stream = tls
+        return tls
+
+    async def assert_closed(self) -> None:
+        """The server sent nothing more and closed the connection."""
+        assert not self._buffer
+        assert await self.stream.receive_some() == b""
+
+
+Script = Callable[[Client], Awaitable[None]]
+
+
+async def converse(
+    handler: SMTPHandler,
+    context: ConnectionContext,
+    script: Script,
+    *,
+    wrap: Callable[[trio.abc.Stream], trio.abc.Stream] = lambda stream: stream,
+) -> None:
+    """Run ``script`` against the handler; then hang up, and wait for the handler to end."""
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    server = wrap(server_stream)
+
+    async def serve() -> None:
+        # What the server layer does: the handler runs, then the stream is closed regardless.
+        try:
+            await handler(server, context)
+        finally:
+            await trio.aclose_forcefully(server)
+
+    # A hang is a failure, not a stuck test run.
+    with trio.fail_after(30):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(serve)
+            await script(Client(client_stream))
+            await client_stream.aclose()
+
+
+def received(message: email.message.Message) -> str:
+    """The Received header, unfolded."""
+    value = message["Received"]
+    assert isinstance(value, str)
+    return " ".join(value.split())
+
+
+def stored(maildir: pathlib.Path) -> dict[str, email.message.Message]:
+    box = mailbox.Maildir(maildir, create=False)
+    return {key: email.message_from_bytes(box.get_bytes(key)) for key in box.iterkeys()}
+
+
+@pytest.fixture
+def handler(tmp_path: pathlib.Path) -> SMTPHandler:
+    return SMTPHandler(hostname=HOSTNAME, maildir=tmp_path / "Maildir")
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture
+def server_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(HOSTNAME).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
+    context = ssl.create_default_context()
+    ca.configure_trust(context)
+    return context
+
+
+@pytest.fixture
+def tls_handler(tmp_path: pathlib.Path, server_ssl: ssl.SSLContext) -> SMTPHandler:
+    return SMTPHandler(hostname=HOSTNAME, maildir=tmp_path / "Maildir", ssl_context=server_ssl)
+
+
+# -- construction ------------------------------------------------------------------------
+
+
+def test_the_maildir_is_created_and_the_repr_is_short(tmp_path: pathlib.Path) -> None:
+    handler = SMTPHandler(hostname=HOSTNAME, maildir=str(tmp_path / "box"))
+    assert all((tmp_path / "box" / sub).is_dir() for sub in ("cur", "new", "tmp"))
+    assert repr(handler) == f"<SMTPHandler mx.example maildir={tmp_path / 'box'} no-starttls>"
+    # An existing, empty directory gets its subdirectories too.
+    SMTPHandler(hostname=HOSTNAME, maildir=tmp_path / "box" / "cur")
+    assert (tmp_path / "box" / "cur" / "new").is_dir()
+
+
+@pytest.mark.parametrize("hostname", ["", "mx example", "mx.example\r\nX-Evil: 1", "-mx.example"])
+def test_a_hostname_that_could_break_the_protocol_is_refused(
+    tmp_path: pathlib.Path, hostname: str
+) -> None:
+    with pytest.raises(ValueError, match="hostname"):
+        SMTPHandler(hostname=hostname, maildir=tmp_path)
+
+
+# -- greeting ----------------------------------------------------------------------------
+
+
+async def test_banner(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+
+    await converse(handler, make_context(), script)
+
+
+async def test_ehlo_names_the_recovered_client_not_the_proxy(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command("ehlo client.example") == [
+            f"250-mx.example Hello client.example [{CLIENT_IP}]",
+            "250-PIPELINING",
+            "250-SIZE 10485760",
+            "250-8BITMIME",
+            "250-ENHANCEDSTATUSCODES",
+            "250 SMTPUTF8",
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_ehlo_shows_an_ipv6_client_in_brackets(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        reply = await client.command("EHLO [IPv6:2001:db8::7]")
+        assert reply[0] == "250-mx.example Hello [IPv6:2001:db8::7] [2001:db8::7]"
+
+    await converse(handler, ipv6_context(), script)
+
+
+async def test_helo(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command("HELO client.example") == [
+            f"250 mx.example Hello client.example [{CLIENT_IP}]"
+        ]
+        # ESMTP parameters belong to EHLO sessions only.
+        assert await client.command("MAIL FROM:<a@example.org> SIZE=10") == [
+            "555 5.5.4 Parameters need EHLO"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["EHLO", "EHLO two words", "HELO x([10.0.0.1])", "EHLO a;b", "HELO \u00e9.example"],
+)
+async def test_a_greeting_that_is_not_a_name_is_refused(handler: SMTPHandler, line: str) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        (reply,) = await client.command(line)
+        assert reply.startswith("501 5.5.4 ")
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+# -- a transaction -----------------------------------------------------------------------
+
+
+async def test_a_message_is_delivered_with_the_clients_address_in_received(
+    handler: SMTPHandler,
+) -> None:
+    replies: list[str] = []
+
+    async def script(client: Client) -> None:
+        await client.start()
+        replies.extend(await client.mail("Subject: hello\r\n\r\nHi Bob.\r\n"))
+
+    await converse(handler, make_context(), script)
+    messages = stored(handler.maildir)
+    assert replies == [f"250 2.0.0 OK queued as {next(iter(messages))}"]
+    (message,) = messages.values()
+    trace = received(message)
+    assert trace.startswith(
+        f"from client.example ([{CLIENT_IP}]) by mx.example (mailedge example) with ESMTP id "
+    )
+    assert PROXY_IP not in trace
+    # The date after the ";" is an RFC 5322 date-time.
+    assert email.utils.parsedate_to_datetime(trace.rpartition(";")[2].strip()).tzinfo is not None
+    assert message["Return-Path"] == "<alice@example.org>"
+    assert message["Subject"] == "hello"
+    assert message.get_payload() == "Hi Bob.\n"
+
+
+async def test_received_shows_an_ipv6_client(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("Subject: v6\r\n\r\n.\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, ipv6_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert received(message).startswith("from client.example ([2001:db8::7]) by mx.example")
+
+
+async def test_helo_sessions_are_stamped_smtp(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        await client.command("HELO old.example")
+        assert (await client.mail("\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert " with SMTP id " in received(message)
+
+
+@pytest.mark.parametrize("source", [AddressSource.PROXY_LOCAL, AddressSource.UNKNOWN])
+async def test_an_unknown_client_is_not_given_the_proxys_address(
+    handler: SMTPHandler, source: AddressSource
+) -> None:
+    # Without a client address, client_ip stands in for the proxy's own.
+    context = make_context(address_source=source, client_ip=ipaddress.ip_address(PROXY_IP))
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, context, script)
+    (message,) = stored(handler.maildir).values()
+    trace = received(message)
+    assert trace.startswith("from client.example (client address unknown) by mx.example")
+    assert PROXY_IP not in trace
+
+
+async def test_dot_stuffing_is_undone(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        body = "Subject: dots\r\n\r\n..\r\n...two\r\n.one\r\nmid.dle\r\n"
+        assert (await client.mail(body))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message.get_payload() == ".\n..two\none\nmid.dle\n"
+
+
+async def test_null_sender_postmaster_and_source_routes_are_accepted(
+    handler: SMTPHandler,
+) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<>") == ["250 2.1.0 Sender OK"]
+        assert await client.command("RCPT TO:<Postmaster>") == ["250 2.1.5 Recipient OK"]
+        assert await client.command("RCPT TO:<@relay.example:bob@example.net>") == [
+            "250 2.1.5 Recipient OK"
+        ]
+        assert await client.command('RCPT TO: <"b o b"@example.net>') == ["250 2.1.5 Recipient OK"]
+        assert await client.command("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        assert (await client.command("\r\nbounce\r\n."))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message["Return-Path"] == "<>"
+
+
+@pytest.mark.parametrize(
+    ("line", "reply"),
+    [
+        ("MAIL FROM:alice@example.org", "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"),
+        ("MAIL TO:<alice@example.org>", "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"),
+        ("MAIL FROM:<alice>", "501 5.5.4 Bad sender address: not local-part@domain"),
+        ("MAIL FROM:<a b@example.org>", "501 5.5.4 Syntax: MAIL FROM:<address> [parameters]"),
+        (
+            f"MAIL FROM:<{'a' * 65}@example.org>",
+            "501 5.5.4 Bad sender address: local part too long",
+        ),
+        (f"MAIL FROM:<a@{'b' * 260}>", "501 5.5.4 Bad sender address: path too long"),
+        ("MAIL FROM:<a@example.org> SIZE=big", "501 5.5.4 Syntax: SIZE=<octets>"),
+        ("MAIL FROM:<a@example.org> SIZE=1 SIZE=1", "501 5.5.4 Syntax error in parameters"),
+        (
+            "MAIL FROM:<a@example.org> BODY=BINARYMIME",
+            "501 5.5.4 Syntax: BODY=7BIT or BODY=8BITMIME",
+        ),
+        ("MAIL FROM:<a@example.org> RET=FULL", "555 5.5.4 Unsupported parameter RET"),
+        ("MAIL FROM:<j\u00f6rg@example.org>", "553 5.6.7 Non-ASCII address needs SMTPUTF8"),
+    ],
+)
+async def test_bad_mail_commands(handler: SMTPHandler, line: str, reply: str) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command(line) == [reply]
+        # Nothing was started: a good MAIL is not "nested".
+        assert await client.command("MAIL FROM:<a@example.org> BODY=8BITMIME SIZE=5") == [
+            "250 2.1.0 Sender OK"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_smtputf8(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<j\u00f6rg@b\u00fccher.example> SMTPUTF8") == [
+            "250 2.1.0 Sender OK"
+        ]
+        assert await client.command("RCPT TO:<\u00e5sa@example.net>") == ["250 2.1.5 Recipient OK"]
+        assert await client.command("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        body = "Subject: gr\u00fc\u00dfe\r\n\r\n\u00e4\r\n."
+        assert (await client.command(body))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert " with UTF8SMTP id " in received(message)
+    (raw,) = (path.read_bytes() for path in (handler.maildir / "new").iterdir())
+    assert raw.startswith("Return-Path: <j\u00f6rg@b\u00fccher.example>\n".encode())
+
+
+async def test_too_many_recipients(tmp_path: pathlib.Path) -> None:
+    handler = SMTPHandler(hostname=HOSTNAME, maildir=tmp_path, max_recipients=2)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        await client.command("MAIL FROM:<a@example.org>")
+        assert await client.command("RCPT TO:<b@example.net>") == ["250 2.1.5 Recipient OK"]
+        assert await client.command("RCPT TO:<c@example.net>") == ["250 2.1.5 Recipient OK"]
+        assert await client.command("RCPT TO:<d@example.net>") == ["452 4.5.3 Too many recipients"]
+
+    await converse(handler, make_context(), script)
+
+
+# -- limits --------------------------------------------------------------------------------
+
+
+async def test_the_size_limit(tmp_path: pathlib.Path) -> None:
+    handler = SMTPHandler(hostname=HOSTNAME, maildir=tmp_path, max_message_size=100)
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert "250-SIZE 100" in await client.command("EHLO client.example")
+        assert await client.command("MAIL FROM:<a@example.org> SIZE=101") == [
+            "552 5.3.4 Message size exceeds fixed maximum message size"
+        ]
+        # 98 octets and a CRLF: exactly the limit, accepted.
+        assert (await client.mail("x" * 98 + "\r\n"))[0].startswith("250 2.0.0")
+        # One more octet, refused only once the whole message has been read.
+        assert await client.mail("x" * 50 + "\r\n" + "y" * 48 + "\r\n") == [
+            "552 5.3.4 Message too big"
+        ]
+        # The session goes on, and the refused transaction is over.
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+        assert (await client.mail("z\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    bodies = sorted(str(message.get_payload()) for message in stored(tmp_path).values())
+    assert bodies == ["x" * 98 + "\n", "z\n"]
+
+
+async def test_an_over_long_command_line_is_refused_and_the_session_continues(
+    handler: SMTPHandler,
+) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        # 512 octets with the CRLF is allowed; 513 is not.
+        longest = "NOOP " + "x" * (MAX_COMMAND_LINE - len("NOOP ") - 2)
+        assert await client.command(longest) == ["250 2.0.0 OK"]
+        assert await client.command(longest + "x") == ["500 5.5.2 Line too long"]
+        # A line far longer than any buffer is read to its end, then dropped.
+        assert await client.command("NOOP " + "y" * 200_000) == ["500 5.5.2 Line too long"]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_an_over_long_text_line_refuses_the_message(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        longest = "x" * (MAX_TEXT_LINE - 2)
+        assert (await client.mail(f"\r\n{longest}\r\n"))[0].startswith("250 2.0.0")
+        assert await client.mail(f"\r\n{longest}x\r\nafter\r\n") == ["500 5.5.2 Line too long"]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message.get_payload() == "x" * (MAX_TEXT_LINE - 2) + "\n"
+
+
+async def test_a_bare_lf_neither_ends_the_data_nor_gets_delivered(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        # An "SMTP smuggling" attempt: <LF>.<LF> must not end the data.
+        smuggled = "Subject: a\r\n\r\nhi\n.\nMAIL FROM:<evil@example.org>\r\n"
+        assert await client.mail(smuggled) == ["554 5.6.0 Bare CR or LF in message"]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+    assert stored(handler.maildir) == {}
+
+
+async def test_the_line_reader_never_holds_more_than_a_line_and_a_receive() -> None:
+    limit, chunk = 100, 7
+    largest = 0
+
+    class Trickle(trio.abc.ReceiveStream):
+        def __init__(self, data: bytes) -> None:
+            self.data = data
+
+        async def receive_some(self, max_bytes: int | None = None) -> bytes:
+            nonlocal largest
+            await trio.lowlevel.checkpoint()
+            largest = max(largest, reader.buffered)
+            piece, self.data = self.data[:chunk], self.data[chunk:]
+            return piece
+
+        async def aclose(self) -> None:
+            pass
+
+    reader = LineReader(Trickle(b"a" * 10_000 + b"\r\nok\r\n"), receive_size=chunk)
+    with pytest.raises(LineTooLongError):
+        await reader.read_line(limit)
+    assert await reader.read_line(limit) == b"ok"
+    assert 0 < largest < limit + chunk
+
+
+# -- sequence and errors -------------------------------------------------------------------
+
+
+async def test_commands_out_of_sequence(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+        assert (await client.command("EHLO client.example"))[-1] == "250 SMTPUTF8"
+        assert await client.command("RCPT TO:<b@example.net>") == [
+            "503 5.5.1 Need MAIL before RCPT"
+        ]
+        assert await client.command("DATA") == ["503 5.5.1 Need MAIL before DATA"]
+        assert await client.command("MAIL FROM:<a@example.org>") == ["250 2.1.0 Sender OK"]
+        assert await client.command("DATA") == ["503 5.5.1 Need RCPT before DATA"]
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Sender already given; RSET first"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_unknown_commands_and_vrfy(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command("FROB") == ["500 5.5.1 Command unrecognized"]
+        assert await client.command("") == ["500 5.5.1 Command unrecognized"]
+        assert await client.command("NOOP\x00") == [
+            "500 5.5.2 Syntax error: control character in command"
+        ]
+        await client.send(b"NOOP \xff\r\n")
+        assert await client.reply() == ["500 5.5.2 Syntax error: invalid UTF-8"]
+        (reply,) = await client.command("VRFY bob")
+        assert reply.startswith("252 2.5.0 ")
+
+    await converse(handler, make_context(), script)
+
+
+async def test_ten_bad_commands_in_a_row_end_the_session(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        for _ in range(9):
+            assert await client.command("FROB") == ["500 5.5.1 Command unrecognized"]
+        assert await client.command("RCPT TO:<b@example.net>") == [
+            "421 4.7.0 mx.example Too many bad commands, closing connection"
+        ]
+        await client.assert_closed()
+
+    await converse(handler, make_context(), script)
+
+
+async def test_a_good_command_resets_the_bad_command_count(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        for _ in range(2):
+            for _ in range(9):
+                assert await client.command("FROB") == ["500 5.5.1 Command unrecognized"]
+            assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_rset_ends_the_transaction_but_keeps_the_greeting(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        await client.command("MAIL FROM:<a@example.org>")
+        await client.command("RCPT TO:<b@example.net>")
+        assert await client.command("RSET") == ["250 2.0.0 Reset state"]
+        assert await client.command("DATA") == ["503 5.5.1 Need MAIL before DATA"]
+        assert await client.command("MAIL FROM:<a@example.org>") == ["250 2.1.0 Sender OK"]
+        assert await client.command("RSET now") == ["501 5.5.4 Syntax: RSET"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_noop(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+        assert await client.command("noop with an argument") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_quit_closes_the_session(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("QUIT") == ["221 2.0.0 mx.example Closing connection"]
+        await client.assert_closed()
+
+    await converse(handler, make_context(), script)
+
+
+async def test_pipelined_commands_are_answered_in_order(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        await client.send(
+            "MAIL FROM:<a@example.org>\r\nRCPT TO:<b@example.net>\r\n"
+            "RCPT TO:<c@example.net>\r\nDATA\r\n"
+        )
+        assert [await client.reply() for _ in range(4)] == [
+            ["250 2.1.0 Sender OK"],
+            ["250 2.1.5 Recipient OK"],
+            ["250 2.1.5 Recipient OK"],
+            ["354 End data with <CR><LF>.<CR><LF>"],
+        ]
+        await client.send("Subject: pipelined\r\n\r\nbody\r\n.\r\nNOOP\r\nQUIT\r\n")
+        (queued,) = await client.reply()
+        assert queued.startswith("250 2.0.0 OK queued as ")
+        assert await client.reply() == ["250 2.0.0 OK"]
+        assert await client.reply() == ["221 2.0.0 mx.example Closing connection"]
+        await client.assert_closed()
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message["Subject"] == "pipelined"
+
+
+# -- STARTTLS ------------------------------------------------------------------------------
+
+
+async def test_starttls(tls_handler: SMTPHandler, client_ssl: ssl.SSLContext) -> None:
+    session: list[str] = []
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        ehlo = await client.command("EHLO client.example")
+        assert ehlo[-2:] == ["250-STARTTLS", "250 SMTPUTF8"]
+        tls = await client.starttls(client_ssl)
+        cipher = tls.cipher()
+        assert cipher is not None
+        session.extend([str(tls.version()), cipher[0]])
+        # RFC 3207: the greeting is forgotten, and STARTTLS is no longer offered.
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+        ehlo = await client.command("EHLO client.example")
+        assert ehlo[0] == f"250-mx.example Hello client.example [{CLIENT_IP}]"
+        assert "250-STARTTLS" not in ehlo
+        assert await client.command("STARTTLS") == ["503 5.5.1 TLS already active"]
+        assert (await client.mail("Subject: secret\r\n\r\nhush\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(tls_handler, make_context(), script)
+    version, cipher = session
+    (message,) = stored(tls_handler.maildir).values()
+    trace = received(message)
+    assert trace.startswith(f"from client.example ([{CLIENT_IP}]) by mx.example")
+    assert f" with ESMTPS (version={version} cipher={cipher}) id " in trace
+    assert message.get_payload() == "hush\n"
+
+
+async def test_commands_pipelined_after_starttls_are_dropped(
+    tls_handler: SMTPHandler, client_ssl: ssl.SSLContext, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        # A man in the middle appends plaintext commands to the client's STARTTLS.
+        await client.send("STARTTLS\r\nRSET\r\nEHLO evil.example\r\n")
+        assert await client.reply() == ["220 2.0.0 Ready to start TLS"]
+        tls = trio.SSLStream(client.stream, client_ssl, server_hostname=HOSTNAME)
+        await tls.do_handshake()
+        client.stream = tls
+        # Had the RSET run, its "Reset state" would come first; had the EHLO, MAIL would work.
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+
+    await converse(tls_handler, make_context(), script)
+    assert any("pipelined after STARTTLS" in record.getMessage() for record in caplog.records)
+
+
+async def test_no_starttls_without_a_context(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("STARTTLS") == ["502 5.5.1 STARTTLS not available"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_tls_terminated_by_the_proxy(tls_handler: SMTPHandler) -> None:
+    context = make_context(
+        tls=True,
+        tls_terminated_by=TLSTerminator.PROXY,
+        tls_version="TLSv1.3",
+        tls_cipher="TLS_AES_256_GCM_SHA384",
+    )
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert "250-STARTTLS" not in await client.command("EHLO client.example")
+        assert await client.command("STARTTLS") == ["503 5.5.1 TLS already active"]
+        assert (await client.mail("\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(tls_handler, context, script)
+    (message,) = stored(tls_handler.maildir).values()
+    assert (
+        " with ESMTPS (version=TLSv1.3 cipher=TLS_AES_256_GCM_SHA384 terminated-by=proxy) id "
+        in received(message)
+    )
+
+
+async def test_a_failed_handshake_ends_the_session_quietly(tls_handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
+        await client.send("this is not a ClientHello\r\n" * 10)
+        # The server gives up; whatever it sends (an alert) is followed by the close.
+        while await client.stream.receive_some():
+            pass
+
+    await converse(tls_handler, make_context(), script)
+
+
+async def test_a_stalled_handshake_times_out(
+    tmp_path: pathlib.Path, server_ssl: ssl.SSLContext, autojump_clock: trio.testing.MockClock
+) -> None:
+    handler = SMTPHandler(
+        hostname=HOSTNAME, maildir=tmp_path, ssl_context=server_ssl, tls_handshake_timeout=3
+    )
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("STARTTLS") == ["220 2.0.0 Ready to start TLS"]
+        start = trio.current_time()
+        # No ClientHello: the server gives up after the handshake timeout and hangs up.
+        await client.assert_closed()
+        assert 3 <= trio.current_time() - start < 4
+
+    await converse(handler, make_context(), script)
+
+
+# -- the client goes away ------------------------------------------------------------------
+
+
+async def test_eof_in_the_data_delivers_nothing(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        await client.command("MAIL FROM:<a@example.org>")
+        await client.command("RCPT TO:<b@example.net>")
+        assert await client.command("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+        await client.send("Subject: cut short\r\n\r\nhalf a mess")
+
+    await converse(handler, make_context(), script)
+    assert stored(handler.maildir) == {}
+
+
+async def test_a_client_that_hangs_up_with_replies_pending(handler: SMTPHandler) -> None:
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        await client.send("NOOP\r\nNOOP\r\nNOOP\r\n")
+        await client.stream.aclose()
+
+    await converse(handler, make_context(), script)
+
+
+class BrokenStream(trio.abc.Stream):
+    """A connection that breaks on the first ``broken`` operation."""
+
+    def __init__(self, broken: str) -> None:
+        self.broken = broken
+        self.sent = b""
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        if self.broken == "send":
+            raise trio.BrokenResourceError("connection reset")
+        self.sent += data
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        if self.broken == "receive":
+            raise trio.BrokenResourceError("connection reset")
+        return b"NOOP\r\n"
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+@pytest.mark.parametrize("broken", ["send", "receive"])
+async def test_a_broken_connection_does_not_raise_out_of_the_handler(
+    handler: SMTPHandler, broken: str
+) -> None:
+    stream = BrokenStream(broken)
+    await handler(stream, make_context())
+    assert stream.sent == (
+        b"" if broken == "send" else b"220 mx.example ESMTP mailedge example\r\n"
+    )
+
+
+async def test_cancellation_is_never_swallowed(
+    handler: SMTPHandler, autojump_clock: trio.testing.MockClock
+) -> None:
+    _client_stream, server_stream = trio.testing.memory_stream_pair()
+    with trio.move_on_after(60) as scope:
+        await handler(server_stream, make_context())
+    assert scope.cancelled_caught
+
+
+async def test_an_idle_client_is_told_before_the_close(
+    handler: SMTPHandler, autojump_clock: trio.testing.MockClock
+) -> None:
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.reply() == ["421 4.4.2 mx.example Idle timeout, closing connection"]
+        await client.assert_closed()
+
+    await converse(
+        handler, make_context(), script, wrap=lambda stream: IdleTimeoutStream(stream, 10)
+    )
+
+
+# -- delivery --------------------------------------------------------------------------------
+
+
+async def test_a_failed_delivery_is_a_temporary_error(
+    handler: SMTPHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.rmtree(handler.maildir / "new")
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.mail("\r\nbody\r\n") == ["451 4.3.0 Delivery failed, try again later"]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+    assert list((handler.maildir / "tmp").iterdir()) == []
+    assert any(record.levelno == logging.ERROR for record in caplog.records)
+
+
+@pytest.fixture
+def fsynced(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The paths of every file and directory fsynced while the test runs (Linux's /proc)."""
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("needs /proc/self/fd to name an fsynced descriptor")
+    paths: list[str] = []
+    real_fsync = os.fsync
+
+    def fsync(fd: int) -> None:
+        paths.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    return paths
+
+
+async def test_the_message_and_its_directory_are_synced_before_the_250(
+    handler: SMTPHandler, fsynced: list[str]
+) -> None:
+    synced_at_reply: list[str] = []
+
+    async def script(client: Client) -> None:
+        await client.start()
+        (reply,) = await client.mail("\r\nbody\r\n")
+        assert reply.startswith("250 2.0.0 OK queued as ")
+        synced_at_reply.extend(fsynced)
+
+    await converse(handler, make_context(), script)
+    (key,) = stored(handler.maildir)
+    new = (handler.maildir / "new").resolve()
+    assert str(new / key) in synced_at_reply
+    assert str(new) in synced_at_reply
