@@ -1,9 +1,108 @@
 """mailedge: the network edge for trio mail servers.
 
-A strict, sans-IO PROXY protocol codec (:mod:`mailedge.proxy`), and the trusted-network
-gate and listeners built on it.
+A strict, sans-IO PROXY protocol codec (:mod:`mailedge.proxy`), the trusted-network gate
+that decides whose header to believe (:class:`ProxyGate`), the connection context it
+produces, and the listeners that run them (:func:`serve`).
 """
 
 from __future__ import annotations
 
-__all__: list[str] = []
+import importlib
+from typing import TYPE_CHECKING
+
+# The names below are imported on first use, not here: `import mailedge.proxy` must not pull
+# in trio, so the sans-IO codec stays usable from any event loop, or none.
+_EXPORTS = {
+    "ConfigError": "mailedge.config",
+    "load": "mailedge.config",
+    "AddressSource": "mailedge.context",
+    "ConnectionContext": "mailedge.context",
+    "TLSTerminator": "mailedge.context",
+    "EventName": "mailedge.events",
+    "GateEvent": "mailedge.events",
+    "ProxyGate": "mailedge.gate",
+    "ProxyHeaderRejected": "mailedge.gate",
+    "ProxyRejected": "mailedge.gate",
+    "InvalidNetworkError": "mailedge.networks",
+    "TrustedNetworks": "mailedge.networks",
+    "Handler": "mailedge.server",
+    "Server": "mailedge.server",
+    "handle_signals": "mailedge.server",
+    "refusal": "mailedge.server",
+    "serve": "mailedge.server",
+    "BindAddress": "mailedge.settings",
+    "HeaderMode": "mailedge.settings",
+    "NetworkListener": "mailedge.settings",
+    "Protocol": "mailedge.settings",
+    "Settings": "mailedge.settings",
+    "SystemSettings": "mailedge.settings",
+    "IdleTimeoutStream": "mailedge.streams",
+    "PrefixedStream": "mailedge.streams",
+    "server_ssl_context": "mailedge.tls",
+    "starttls": "mailedge.tls",
+}
+
+if TYPE_CHECKING:
+    from mailedge.config import ConfigError, load
+    from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+    from mailedge.events import EventName, GateEvent
+    from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
+    from mailedge.networks import InvalidNetworkError, TrustedNetworks
+    from mailedge.server import Handler, Server, handle_signals, refusal, serve
+    from mailedge.settings import (
+        BindAddress,
+        HeaderMode,
+        NetworkListener,
+        Protocol,
+        Settings,
+        SystemSettings,
+    )
+    from mailedge.streams import IdleTimeoutStream, PrefixedStream
+    from mailedge.tls import server_ssl_context, starttls
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'mailedge' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = [
+    # networks and settings
+    "BindAddress",
+    "ConfigError",
+    "HeaderMode",
+    "InvalidNetworkError",
+    "NetworkListener",
+    "Protocol",
+    "Settings",
+    "SystemSettings",
+    "TrustedNetworks",
+    "load",
+    # the gate and its context
+    "AddressSource",
+    "ConnectionContext",
+    "EventName",
+    "GateEvent",
+    "PrefixedStream",
+    "ProxyGate",
+    "ProxyHeaderRejected",
+    "ProxyRejected",
+    "TLSTerminator",
+    # listeners and the server
+    "Handler",
+    "IdleTimeoutStream",
+    "Server",
+    "handle_signals",
+    "refusal",
+    "serve",
+    "server_ssl_context",
+    "starttls",
+]
