@@ -206,8 +206,25 @@ async def main(argv: Sequence[str] | None = None) -> None:
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"mailserver: {exc}\n")
 
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(run, document, example))
+        announce(server)
+        await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
+
+
+@attrs.frozen
+class Parts:
+    """What the example server is made of, for ``run`` and for tests."""
+
+    gate: ProxyGate
+    handlers: dict[Protocol, Handler]
+    ssl_context: ssl.SSLContext
+
+
+def build(document: Document, example: ExampleSettings) -> Parts:
+    """The gate, one handler per protocol, and the demo TLS context."""
     cert, key = demo_certificate(example.state_dir, example.hostname)
-    tls: ssl.SSLContext = server_ssl_context(str(cert), str(key))
+    tls = server_ssl_context(str(cert), str(key))
     gate = ProxyGate(document.settings)
     handlers: dict[Protocol, Handler] = {
         Protocol.SMTP: SMTPHandler(
@@ -217,12 +234,24 @@ async def main(argv: Sequence[str] | None = None) -> None:
         # /metrics reports the gate's decisions by listener, event and reason.
         Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters),
     }
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(
-            partial(serve, document.settings, handlers, ssl_context=tls, gate=gate)
-        )
-        announce(server)
-        await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
+    return Parts(gate, handlers, tls)
+
+
+async def run(
+    document: Document,
+    example: ExampleSettings,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the example until cancelled or shut down; reports the running Server."""
+    parts = build(document, example)
+    await serve(
+        document.settings,
+        parts.handlers,
+        ssl_context=parts.ssl_context,
+        gate=parts.gate,
+        task_status=task_status,
+    )
 
 
 if __name__ == "__main__":

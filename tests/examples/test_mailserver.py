@@ -1,0 +1,401 @@
+"""The example mail server, end to end: real stdlib clients behind a header the test sends.
+
+In-process tests run ``mailserver.run`` in the test's nursery on port-0 listeners, and the
+blocking clients in a worker thread. The signal tests run the real script in a subprocess.
+"""
+
+from __future__ import annotations
+
+import email
+import imaplib
+import ipaddress
+import json
+import mailbox
+import os
+import pathlib
+import signal
+import smtplib
+import socket
+import ssl
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import TypeVar
+
+import mailserver
+import pytest
+import trio
+from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
+
+from mailedge.config import loads_document
+from mailedge.proxy import (
+    TLV,
+    ClientFlags,
+    Command,
+    InetAddress,
+    SSLInfo,
+    TLVType,
+    encode_v1,
+    encode_v2,
+)
+from mailedge.server import Server
+
+EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
+CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
+CLIENT6 = InetAddress(ipaddress.ip_address("2001:db8::7"), 40123)
+SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)
+SERVER6 = InetAddress(ipaddress.ip_address("2001:db8::25"), 25)
+# Every blocking client call is bounded: a hung server fails the test instead of hanging it.
+CLIENT_TIMEOUT = 10.0
+
+T = TypeVar("T")
+
+CONFIG = """\
+[SystemSettings]
+proxyTrustedNetworks = ["127.0.0.0/8", "::1"]
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:0", "[::1]:0"]
+
+[[NetworkListener]]
+name = "imap"
+protocol = "imap"
+bind = ["127.0.0.1:0"]
+
+[[NetworkListener]]
+name = "http"
+protocol = "http"
+bind = ["127.0.0.1:0"]
+
+[[NetworkListener]]
+name = "smtps"
+protocol = "smtp"
+bind = ["127.0.0.1:0"]
+tls = true
+
+[Example]
+hostname = "mx.mailedge.test"
+stateDir = "{state}"
+users = {{ demo = "demo-password" }}
+"""
+
+
+async def blocking(fn: Callable[[], T]) -> T:
+    return await trio.to_thread.run_sync(fn)
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: pathlib.Path) -> Server:
+    document = loads_document(
+        CONFIG.format(state=tmp_path), format="toml", extra_sections=["Example"]
+    )
+    example = mailserver.ExampleSettings.from_table(document.extra["Example"])
+    started: Server = await nursery.start(partial(mailserver.run, document, example))
+    return started
+
+
+def address(server: Server, name: str, family: int = 4) -> tuple[str, int]:
+    return next((h, p) for h, p in server.addresses[name] if (":" in h) == (family == 6))
+
+
+def maildir(tmp_path: pathlib.Path) -> list[email.message.Message]:
+    box = mailbox.Maildir(tmp_path / "Maildir", create=False)
+    return [email.message_from_bytes(box.get_bytes(key)) for key in box.iterkeys()]
+
+
+def trust_demo_cert(tmp_path: pathlib.Path) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(tmp_path / "demo-cert.pem"))
+    context.check_hostname = False  # the demo certificate names mx.mailedge.test, not 127.0.0.1
+    return context
+
+
+MESSAGE = b"From: a@example.org\r\nTo: demo@mailedge.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+@pytest.mark.parametrize(
+    ("header", "family", "client"),
+    [
+        (encode_v1(CLIENT, SERVER), 4, "198.51.100.7"),
+        (encode_v2(Command.PROXY, CLIENT, SERVER), 4, "198.51.100.7"),
+        (encode_v2(Command.PROXY, CLIENT6, SERVER6), 6, "2001:db8::7"),
+    ],
+)
+async def test_smtplib_sees_the_recovered_client(
+    server: Server, tmp_path: pathlib.Path, header: bytes, family: int, client: str
+) -> None:
+    host, port = address(server, "smtp", family)
+
+    def session() -> tuple[int, bytes]:
+        with ProxiedSMTP(header, host, port, timeout=CLIENT_TIMEOUT) as smtp:
+            code, text = smtp.ehlo("client.example")
+            smtp.sendmail("a@example.org", ["demo@mailedge.test"], MESSAGE)
+            return code, text
+
+    code, text = await blocking(session)
+    assert code == 250
+    assert text.splitlines()[0] == f"mx.mailedge.test Hello client.example [{client}]".encode()
+    (message,) = maildir(tmp_path)
+    assert f"[{client}]" in message["Received"]
+    assert "127.0.0.1" not in message["Received"] and "::1" not in message["Received"]
+
+
+async def test_smtplib_starttls_puts_the_version_in_received(
+    server: Server, tmp_path: pathlib.Path
+) -> None:
+    host, port = address(server, "smtp")
+    tls = trust_demo_cert(tmp_path)
+
+    def session() -> None:
+        with ProxiedSMTP(encode_v1(CLIENT, SERVER), host, port, timeout=CLIENT_TIMEOUT) as smtp:
+            smtp.starttls(context=tls)
+            smtp.ehlo("client.example")
+            smtp.sendmail("a@example.org", ["demo@mailedge.test"], MESSAGE)
+
+    await blocking(session)
+    (message,) = maildir(tmp_path)
+    received = " ".join(message["Received"].split())
+    assert "[198.51.100.7]" in received
+    assert "version=TLSv1.3" in received and "ESMTPS" in received
+
+
+async def test_implicit_tls_after_the_header(server: Server, tmp_path: pathlib.Path) -> None:
+    host, port = address(server, "smtps")
+    tls = trust_demo_cert(tmp_path)
+
+    def session() -> bytes:
+        with socket.create_connection((host, port), CLIENT_TIMEOUT) as raw:
+            raw.sendall(encode_v2(Command.PROXY, CLIENT, SERVER))
+            with tls.wrap_socket(raw, server_hostname="mx.mailedge.test") as sock:
+                banner = sock.recv(1024)
+                sock.sendall(b"EHLO x\r\n")
+                reply = b""
+                while not reply.endswith(b"250 SMTPUTF8\r\n") and len(reply) < 4096:
+                    chunk = sock.recv(4096)
+                    if not chunk:
+                        break
+                    reply += chunk
+                return banner + reply
+
+    text = await blocking(session)
+    assert text.startswith(b"220 mx.mailedge.test")
+    assert b"Hello x [198.51.100.7]" in text
+    assert b"STARTTLS" not in text  # already TLS, terminated by this server
+
+
+async def test_imaplib_login_needs_tls_unless_the_proxy_terminated_it(server: Server) -> None:
+    host, port = address(server, "imap")
+
+    def plain() -> tuple[tuple[object, ...], str]:
+        imap = ProxiedIMAP4(encode_v2(Command.PROXY, CLIENT, SERVER), host, port)
+        try:
+            caps = imap.capabilities
+            try:
+                imap.login("demo", "demo-password")
+            except imaplib.IMAP4.error as exc:
+                return caps, str(exc)
+            return caps, "logged in"
+        finally:
+            imap.logout()
+
+    def via_tls_proxy() -> str:
+        ssl_info = SSLInfo(client=ClientFlags.SSL, verify=0, version="TLSv1.3")
+        header = encode_v2(Command.PROXY, CLIENT, SERVER, ssl=ssl_info)
+        imap = ProxiedIMAP4(header, host, port)
+        try:
+            typ, _ = imap.login("demo", "demo-password")
+            return str(typ)
+        finally:
+            imap.logout()
+
+    caps, outcome = await blocking(plain)
+    assert "LOGINDISABLED" in caps
+    assert "PRIVACYREQUIRED" in outcome
+    assert await blocking(via_tls_proxy) == "OK"
+
+
+async def test_whoami_over_http_client(server: Server) -> None:
+    host, port = address(server, "http")
+    header = encode_v2(
+        Command.PROXY,
+        CLIENT,
+        SERVER,
+        tlvs=[TLV(TLVType.AUTHORITY, b"mail.example.org")],
+        ssl=SSLInfo(client=ClientFlags.SSL, verify=0, version="TLSv1.2", cipher="AES128-SHA"),
+    )
+
+    def get() -> dict[str, object]:
+        conn = ProxiedHTTPConnection(header, host, port)
+        try:
+            conn.request("GET", "/whoami")
+            response = conn.getresponse()
+            assert response.status == 200
+            data: dict[str, object] = json.loads(response.read())
+            return data
+        finally:
+            conn.close()
+
+    whoami = await blocking(get)
+    assert whoami["client_ip"] == "198.51.100.7"
+    assert whoami["client_port"] == 40123
+    assert whoami["proxied"] is True
+    assert whoami["tls"] is True
+    assert whoami["tls_terminated_by"] == "proxy"
+    assert whoami["sni"] == "mail.example.org"
+    assert whoami["listener"] == "http"
+
+
+def test_embedded_default_loads_and_announces_what_to_try() -> None:
+    document, example = mailserver.load(None)
+    names = [conf.name for conf in document.settings.listeners]
+    assert names == ["smtp", "imap", "http", "smtp-proxy", "imap-proxy", "http-proxy"]
+    for conf in document.settings.listeners:
+        for bind in conf.bind:
+            assert ipaddress.ip_address(bind.host).is_loopback
+    assert example.users == {"demo": "demo-password"}
+
+
+# -- the real script, with real signals ------------------------------------------------------
+
+
+class Script:
+    """``python examples/mailserver.py`` in a subprocess, stopped in ``close``."""
+
+    def __init__(self, tmp_path: pathlib.Path, *args: str) -> None:
+        self.log = tmp_path / "server.log"
+        self._log = self.log.open("wb")
+        self.process = subprocess.Popen(
+            [sys.executable, str(EXAMPLES / "mailserver.py"), *args],
+            cwd=tmp_path,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+        )
+        assert self.process.stdout is not None
+        self.listeners: dict[str, list[tuple[str, int]]] = {}
+        self.announced: list[str] = []
+        # The script prints one line per bound address, a "try:" line per listener, then
+        # "ready"; the loop is bounded in case it prints something else forever.
+        for _ in range(100):
+            line = self.process.stdout.readline().decode()
+            if not line or line.strip() == "ready":
+                break
+            self.announced.append(line)
+            fields = line.split()
+            if len(fields) >= 3 and not line.startswith(" "):
+                host, _, port = fields[2].rpartition(":")
+                self.listeners.setdefault(fields[0], []).append((host.strip("[]"), int(port)))
+        assert self.listeners, self.log.read_text()
+
+    def address(self, name: str) -> tuple[str, int]:
+        return self.listeners[name][0]
+
+    def wait_for_log(self, text: str, timeout: float = CLIENT_TIMEOUT) -> None:
+        """Wait (bounded) until the server's log shows ``text``."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log.read_text():
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.02)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait(timeout=CLIENT_TIMEOUT)
+        assert self.process.stdout is not None
+        self.process.stdout.close()
+        self._log.close()
+
+
+@pytest.fixture
+def script_config(tmp_path: pathlib.Path) -> pathlib.Path:
+    path = tmp_path / "mailserver.toml"
+    path.write_text(
+        '[SystemSettings]\nproxyTrustedNetworks = ["10.0.0.0/8"]\n\n'
+        '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n\n'
+        f'[Example]\nstateDir = "{tmp_path}"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def script(tmp_path: pathlib.Path, script_config: pathlib.Path) -> Iterator[Script]:
+    running = Script(tmp_path, "--config", str(script_config))
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+def ehlo_line(address: tuple[str, int]) -> bytes:
+    with ProxiedSMTP(encode_v1(CLIENT, SERVER), *address, timeout=CLIENT_TIMEOUT) as smtp:
+        return smtp.ehlo("client.example")[1].splitlines()[0]
+
+
+def test_sighup_reloads_trusted_networks(script: Script, script_config: pathlib.Path) -> None:
+    smtp = script.address("smtp")
+    # 127.0.0.1 is not trusted yet: the header is refused, never honoured.
+    with pytest.raises(smtplib.SMTPServerDisconnected):
+        ehlo_line(smtp)
+    script.wait_for_log("proxy.untrusted_header")
+
+    # A broken file keeps the running settings, and says why.
+    good = script_config.read_text()
+    script_config.write_text(good.replace('"10.0.0.0/8"', '"10.0.0.300/8"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reload of")
+    assert "10.0.0.300/8" in script.log.read_text()
+
+    script_config.write_text(good.replace('"10.0.0.0/8"', '"127.0.0.0/8"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reloaded settings")
+    assert ehlo_line(smtp).endswith(b"[198.51.100.7]")
+
+
+def test_sigterm_drains_an_open_session_and_delivers_it(
+    tmp_path: pathlib.Path, script_config: pathlib.Path
+) -> None:
+    script_config.write_text(script_config.read_text().replace("10.0.0.0/8", "127.0.0.0/8"))
+    script = Script(tmp_path, "--config", str(script_config))
+    try:
+        address = script.address("smtp")
+        with ProxiedSMTP(encode_v1(CLIENT, SERVER), *address, timeout=CLIENT_TIMEOUT) as smtp:
+            smtp.ehlo("client.example")
+            smtp.mail("a@example.org")
+            smtp.rcpt("demo@mailedge.test")
+            code, _ = smtp.docmd("DATA")
+            assert code == 354
+            script.process.send_signal(signal.SIGTERM)
+            script.wait_for_log("draining open sessions")
+            # New connections are refused while the open one finishes.
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(address, CLIENT_TIMEOUT).close()
+            smtp.send(MESSAGE + b".\r\n")
+            code, text = smtp.getreply()
+            assert code == 250, text
+            smtp.quit()
+        assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
+    finally:
+        script.close()
+    (message,) = maildir(tmp_path)
+    assert message["Subject"] == "hi"
+
+
+def test_embedded_default_starts_and_answers(tmp_path: pathlib.Path) -> None:
+    script = Script(tmp_path)
+    try:
+        assert sorted(script.listeners) == sorted(
+            ["smtp", "imap", "http", "smtp-proxy", "imap-proxy", "http-proxy"]
+        )
+        # The direct listener greets a direct client, whose address is the socket's.
+        with smtplib.SMTP(*script.address("smtp"), timeout=CLIENT_TIMEOUT) as smtp:
+            assert smtp.ehlo("x")[1].splitlines()[0].endswith(b"[127.0.0.1]")
+        # The proxy listener believes a header from loopback.
+        assert ehlo_line(script.address("smtp-proxy")).endswith(b"[198.51.100.7]")
+        assert os.path.exists(tmp_path / ".mailedge-demo" / "demo-cert.pem")
+        tries = [line.strip() for line in script.announced if line.strip().startswith("try:")]
+        assert len(tries) == 6
+        assert "try: mailedge probe smtp 127.0.0.1:3525 --client 203.0.113.7:40000" in tries
+    finally:
+        script.close()
