@@ -24,6 +24,8 @@ from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TypeVar
 
+import attrs
+import embed
 import mailserver
 import pytest
 import trio
@@ -40,7 +42,8 @@ from mailedge.proxy import (
     encode_v1,
     encode_v2,
 )
-from mailedge.server import Server
+from mailedge.server import Server, serve
+from mailedge.settings import Protocol
 
 EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
 CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
@@ -399,3 +402,20 @@ def test_embedded_default_starts_and_answers(tmp_path: pathlib.Path) -> None:
         assert "try: mailedge probe smtp 127.0.0.1:3525 --client 203.0.113.7:40000" in tries
     finally:
         script.close()
+
+
+async def test_the_embedding_example_serves_its_handler(nursery: trio.Nursery) -> None:
+    settings = embed.SETTINGS
+    listener = settings.listeners[0]
+    port0 = attrs.evolve(listener, bind=(attrs.evolve(listener.bind[0], port=0),))
+    running: Server = await nursery.start(
+        partial(serve, attrs.evolve(settings, listeners=(port0,)), {Protocol.SMTP: embed.hello})
+    )
+    stream = await trio.open_tcp_stream(*running.addresses["smtp"][0])
+    async with stream:
+        await stream.send_all(encode_v1(CLIENT, SERVER) + b"QUIT\r\n")
+        replies = b""
+        while chunk := await stream.receive_some():
+            replies += chunk
+    assert replies == b"220 you are 198.51.100.7 (header)\r\n221 bye\r\n"
+    nursery.cancel_scope.cancel()
