@@ -1,0 +1,609 @@
+"""``mailedge probe`` against a real server: the example handlers on 127.0.0.1 and ::1."""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import json
+import pathlib
+import sys
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import attrs
+import pytest
+import trio
+from http_handler import HTTPHandler
+from imap_handler import IMAPHandler
+from smtp_handler import SMTPHandler
+
+from mailedge.cli import main
+from mailedge.networks import TrustedNetworks
+from mailedge.probe import (
+    DEFAULT_CLIENT,
+    HeaderMode,
+    Outcome,
+    ProbeOptions,
+    ProbeResult,
+    ProbeUsageError,
+    Target,
+    build_header,
+    format_result,
+    parse_inet_address,
+    parse_target,
+    probe,
+)
+from mailedge.proxy import Command, Family, InetAddress, parse_header
+from mailedge.server import Handler, Server, serve
+from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def listeners() -> tuple[NetworkListener, ...]:
+    """Per protocol, "<protocol>-proxy" trusts loopback; "<protocol>-direct" has PROXY off.
+
+    "smtp-impatient" trusts loopback and waits only 50 ms for a header.
+    """
+    bind = (BindAddress.parse("127.0.0.1:0"), BindAddress.parse("[::1]:0"))
+    made: list[NetworkListener] = []
+    for protocol in Protocol:
+        made.append(NetworkListener(name=f"{protocol}-proxy", protocol=protocol, bind=bind))
+        made.append(
+            NetworkListener(
+                name=f"{protocol}-direct",
+                protocol=protocol,
+                bind=bind,
+                override_proxy_trusted_networks=TrustedNetworks([]),
+            )
+        )
+    made.append(
+        NetworkListener(
+            name="smtp-impatient", protocol=Protocol.SMTP, bind=bind, proxy_header_timeout=0.05
+        )
+    )
+    return tuple(made)
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, tmp_path: pathlib.Path) -> Server:
+    """The example server, cancelled with the test's nursery when the test ends."""
+    settings = Settings(
+        system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8", "::1"])),
+        listeners=listeners(),
+    )
+    handlers: dict[Protocol, Handler] = {
+        Protocol.SMTP: SMTPHandler(hostname="mx.test", maildir=tmp_path / "Maildir"),
+        Protocol.IMAP: IMAPHandler(hostname="mx.test", users={}),
+        Protocol.HTTP: HTTPHandler(),
+    }
+    started: Server = await nursery.start(partial(serve, settings, handlers))
+    return started
+
+
+def target(server: Server, listener: str, family: int = 4) -> Target:
+    host, port = next(
+        (host, port) for host, port in server.addresses[listener] if (":" in host) == (family == 6)
+    )
+    return Target(host, port)
+
+
+def options(
+    server: Server, protocol: Protocol, kind: str = "proxy", family: int = 4, **knobs: object
+) -> ProbeOptions:
+    return ProbeOptions(
+        protocol=protocol,
+        target=target(server, f"{protocol}-{kind}", family),
+        **knobs,  # type: ignore[arg-type]
+    )
+
+
+# --- through a listener that trusts the probe ----------------------------------------------
+
+
+@pytest.mark.parametrize("mode", [HeaderMode.V1, HeaderMode.V2])
+async def test_smtp_through_a_trusted_listener_sees_the_claimed_client(
+    server: Server, mode: HeaderMode
+) -> None:
+    client = InetAddress(ipaddress.ip_address("198.51.100.20"), 1234)
+    result = await probe(options(server, Protocol.SMTP, mode=mode, client=client))
+    assert result.outcome is Outcome.COMPLETED
+    assert result.client_seen == "198.51.100.20"
+    assert result.matched is True
+    assert result.exit_code == 0
+    assert result.replies[0] == "220 mx.test ESMTP mailedge example"
+    assert result.replies[1] == "250-mx.test Hello probe.mailedge.test [198.51.100.20]"
+    assert result.replies[-1].startswith("221 ")
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    assert parsed[0].version == (1 if mode is HeaderMode.V1 else 2)
+    assert parsed[0].source == client
+    text = format_result(result)
+    assert "server sees client: 198.51.100.20" in text
+    assert "MATCH" in text
+    assert "MISMATCH" not in text
+    if mode is HeaderMode.V1:
+        assert "PROXY TCP4 198.51.100.20 127.0.0.1 1234 " in text
+
+
+async def test_smtp_default_client_and_server(server: Server) -> None:
+    opts = options(server, Protocol.SMTP)
+    result = await probe(opts)
+    assert result.client_seen == str(DEFAULT_CLIENT.ip)
+    assert result.matched is True
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    # --server defaults to the address the probe connected to.
+    assert parsed[0].destination == InetAddress(ipaddress.ip_address("127.0.0.1"), opts.target.port)
+
+
+async def test_http_with_ssl_and_authority_shows_tls_terminated_by_the_proxy(
+    server: Server,
+) -> None:
+    result = await probe(
+        options(
+            server,
+            Protocol.HTTP,
+            ssl=True,
+            cipher="TLS_AES_128_GCM_SHA256",
+            cn="client.example.org",
+            cert_verified=True,
+            authority="mail.example.com",
+            alpn="http/1.1",
+            unique_id="probe-1",
+            crc32c=True,
+        )
+    )
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.http_status == 200
+    whoami = result.whoami
+    assert whoami is not None
+    assert whoami["client_ip"] == "203.0.113.7"
+    assert whoami["client_port"] == 40000
+    assert whoami["address_source"] == "header"
+    assert whoami["tls"] is True
+    assert whoami["tls_terminated_by"] == "proxy"
+    assert whoami["tls_version"] == "TLSv1.3"
+    assert whoami["tls_cipher"] == "TLS_AES_128_GCM_SHA256"
+    assert whoami["sni"] == "mail.example.com"
+    assert whoami["alpn"] == "http/1.1"
+    assert whoami["unique_id"] == b"probe-1".hex()
+    assert whoami["client_cert_cn"] == "client.example.org"
+    assert whoami["client_cert_verified"] is True
+    assert result.matched is True
+    assert result.exit_code == 0
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    assert parsed[0].crc32c_verified
+    # The Host header follows the claimed SNI name, as a browser's would.
+    assert ("sent", "Host: mail.example.com") in result.transcript
+    text = format_result(result)
+    assert '"tls_terminated_by": "proxy"' in text
+    assert "TLVs: ALPN, AUTHORITY, UNIQUE_ID, SSL, CRC32C" in text
+
+
+async def test_ssl_without_certificate_is_not_verified(server: Server) -> None:
+    result = await probe(options(server, Protocol.HTTP, ssl=True, tls_version="TLSv1.2"))
+    assert result.whoami is not None
+    assert result.whoami["tls"] is True
+    assert result.whoami["tls_version"] == "TLSv1.2"
+    assert result.whoami["client_cert_verified"] is False
+
+
+async def test_local_header_is_a_health_check(server: Server) -> None:
+    result = await probe(options(server, Protocol.HTTP, mode=HeaderMode.LOCAL))
+    assert result.outcome is Outcome.COMPLETED
+    assert result.whoami is not None
+    assert result.whoami["address_source"] == "proxy_local"
+    assert result.whoami["proxied"] is True
+    assert result.client_seen == "127.0.0.1"
+    assert result.matched is None  # a LOCAL header claims no client
+    assert result.exit_code == 0
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    assert parsed[0].command is Command.LOCAL
+    assert "LOCAL header names no client" in format_result(result)
+
+
+async def test_imap_completes_but_cannot_check_the_client(server: Server) -> None:
+    result = await probe(options(server, Protocol.IMAP))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.replies[0].startswith("* OK [CAPABILITY IMAP4rev1")
+    assert "a1 OK CAPABILITY completed" in result.replies
+    assert result.replies[-1] == "a2 OK LOGOUT completed"
+    assert result.client_seen is None
+    assert result.matched is None
+    assert result.exit_code == 0
+    assert "cannot be checked here" in format_result(result)
+
+
+@pytest.mark.parametrize("mode", [HeaderMode.V1, HeaderMode.V2])
+async def test_ipv6_target_with_an_ipv4_client(server: Server, mode: HeaderMode) -> None:
+    result = await probe(options(server, Protocol.SMTP, family=6, mode=mode))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.local is not None
+    assert result.local.startswith("[::1]:")
+    # Two families: written as IPv6 with the client v4-mapped, read back as IPv4.
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    assert parsed[0].family is Family.INET6
+    assert parsed[0].source == DEFAULT_CLIENT
+    assert result.client_seen == "203.0.113.7"
+    assert result.matched is True
+    if mode is HeaderMode.V1:
+        assert result.header.startswith(b"PROXY TCP6 ::ffff:203.0.113.7 ::1 40000 ")
+
+
+async def test_ipv6_target_with_an_ipv6_client(server: Server) -> None:
+    client = parse_inet_address("[2001:db8::7]:5000")
+    result = await probe(options(server, Protocol.HTTP, family=6, client=client))
+    assert result.client_seen == "2001:db8::7"
+    assert result.matched is True
+    assert result.whoami is not None
+    assert result.whoami["server_ip"] == "::1"
+
+
+async def test_no_header_to_a_trusted_listener_times_out(server: Server) -> None:
+    # The listener waits (5 s) for the header it requires; the probe gives up first.
+    result = await probe(options(server, Protocol.SMTP, mode=HeaderMode.NONE, timeout=0.2))
+    assert result.outcome is Outcome.TIMEOUT
+    assert result.header == b""
+    assert result.exit_code == 1
+    text = format_result(result)
+    assert "no reply within 0.2 s while waiting for the banner" in text
+    assert "seems to trust this address (127.0.0.1) as a proxy" in text
+
+
+async def test_no_header_to_a_trusted_listener_is_closed_after_its_header_timeout(
+    server: Server,
+) -> None:
+    opts = ProbeOptions(Protocol.SMTP, target(server, "smtp-impatient"), mode=HeaderMode.NONE)
+    result = await probe(opts)
+    assert result.outcome is Outcome.CLOSED
+    assert result.replies == []
+    assert result.exit_code == 1
+    text = format_result(result)
+    assert "the server closed the connection while the probe was waiting for the banner" in text
+    assert "No header was sent. A listener that trusts this address (127.0.0.1)" in text
+    assert f"peer={result.local}" in text
+
+
+async def test_a_host_name_target_uses_the_resolved_address_as_server(server: Server) -> None:
+    port = target(server, "smtp-proxy").port
+    result = await probe(ProbeOptions(Protocol.SMTP, Target("localhost", port)))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.matched is True
+    parsed = parse_header(result.header)
+    assert parsed is not None
+    assert isinstance(parsed[0].destination, InetAddress)
+    assert str(parsed[0].destination.ip) in ("127.0.0.1", "::1")
+    assert parsed[0].destination.port == port
+
+
+# --- through a listener with PROXY off -----------------------------------------------------
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+async def test_no_header_to_a_direct_listener(server: Server, protocol: Protocol) -> None:
+    result = await probe(options(server, protocol, "direct", mode=HeaderMode.NONE))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.header == b""
+    assert result.matched is None
+    assert result.exit_code == 0
+    if protocol is not Protocol.IMAP:
+        assert result.client_seen == "127.0.0.1"
+        assert "no claim to check: the server sees 127.0.0.1" in format_result(result)
+    assert "header sent: none (--no-header)" in format_result(result)
+
+
+@pytest.mark.parametrize("protocol", list(Protocol))
+async def test_header_to_a_listener_with_proxy_off_is_closed(
+    server: Server, protocol: Protocol
+) -> None:
+    result = await probe(options(server, protocol, "direct"))
+    assert result.outcome is Outcome.CLOSED
+    assert result.closed_early
+    assert result.exit_code == 1
+    assert result.client_seen is None
+    text = format_result(result)
+    assert "the server closed the connection" in text or "reset the connection" in text
+    assert "PROXY is off on that listener" in text
+    assert "not in the listener's trusted networks" in text or "not a trusted proxy" in text
+    assert f"peer={result.local}" in text
+    if protocol.server_first:
+        # Served as a direct client: greeted at once, closed when the header was read.
+        assert result.replies
+        assert "greeted the probe before reading the header" in text
+    else:
+        assert result.replies == []
+
+
+async def test_json_output(server: Server) -> None:
+    result = await probe(options(server, Protocol.SMTP, mode=HeaderMode.V1))
+    data = json.loads(format_result(result, json=True))
+    assert data["outcome"] == "completed"
+    assert data["exit_code"] == 0
+    assert data["matched"] is True
+    assert data["client_seen"] == "203.0.113.7"
+    assert data["claimed_client"] == {"ip": "203.0.113.7", "port": 40000}
+    assert data["header"]["mode"] == "v1"
+    assert data["header"]["text"].startswith("PROXY TCP4 203.0.113.7 127.0.0.1 40000 ")
+    assert data["header"]["text"].endswith("\\r\\n")
+    assert bytes.fromhex(data["header"]["hex"]) == result.header
+    assert data["header"]["decoded"]["source"] == {"ip": "203.0.113.7", "port": 40000}
+    assert data["transcript"][1] == {"direction": "sent", "line": "EHLO probe.mailedge.test"}
+    assert data["explanation"][0].startswith("MATCH")
+
+
+async def test_subprocess_with_the_example_servers_try_it_syntax(server: Server) -> None:
+    smtp = target(server, "smtp-proxy")
+    completed = await trio.run_process(
+        [
+            sys.executable,
+            "-m",
+            "mailedge.cli",
+            "probe",
+            "smtp",
+            str(smtp),
+            "--client",
+            "203.0.113.7:40000",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=REPO,
+    )
+    out = completed.stdout.decode()
+    assert completed.returncode == 0, (out, completed.stderr.decode())
+    assert out.startswith(f"probe smtp {smtp} from 127.0.0.1:")
+    assert "server sees client: 203.0.113.7" in out
+    assert "MATCH: the server sees the client the header claimed, 203.0.113.7." in out
+
+
+# --- against servers that are not mailedge -------------------------------------------------
+
+
+async def serve_fake(
+    nursery: trio.Nursery, handler: Callable[[trio.SocketStream], Awaitable[None]]
+) -> Target:
+    """A one-off TCP server on 127.0.0.1; the probe closing on it is not its error."""
+
+    async def run(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await handler(stream)
+
+    listeners: list[trio.SocketListener] = await nursery.start(
+        partial(trio.serve_tcp, run, 0, host="127.0.0.1")
+    )
+    host, port = listeners[0].socket.getsockname()[:2]
+    return Target(host, port)
+
+
+async def test_mismatch_when_the_server_ignores_the_header(nursery: trio.Nursery) -> None:
+    async def careless_smtp(stream: trio.SocketStream) -> None:
+        """Greets, and answers EHLO with the socket's peer: it never reads PROXY headers."""
+        peer = stream.socket.getpeername()[0]
+        await stream.send_all(b"220 careless.test ESMTP\r\n")
+        buffer = b""
+        while data := await stream.receive_some():
+            buffer += data
+            while b"\r\n" in buffer:
+                line, buffer = buffer.split(b"\r\n", 1)
+                if line.startswith(b"EHLO"):
+                    reply = f"250-careless.test Hello x [{peer}]\r\n250 8BITMIME\r\n"
+                    await stream.send_all(reply.encode())
+                elif line == b"QUIT":
+                    await stream.send_all(b"221 bye\r\n")
+                    return
+
+    fake = await serve_fake(nursery, careless_smtp)
+    result = await probe(ProbeOptions(Protocol.SMTP, fake, mode=HeaderMode.V1))
+    assert result.outcome is Outcome.COMPLETED
+    assert result.client_seen == "127.0.0.1"
+    assert result.matched is False
+    assert result.exit_code == 1
+    text = format_result(result)
+    assert "MISMATCH: the header claimed 203.0.113.7, but the server sees 127.0.0.1." in text
+    assert "That is the probe's own address: the header was not used." in text
+    assert "does not trust this address (127.0.0.1) as a proxy" in text
+
+
+async def test_a_protocol_that_is_not_smtp(nursery: trio.Nursery) -> None:
+    async def imap_like(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"* OK not smtp\r\n")
+        await stream.receive_some()
+
+    fake = await serve_fake(nursery, imap_like)
+    result = await probe(ProbeOptions(Protocol.SMTP, fake))
+    assert result.outcome is Outcome.BAD_REPLY
+    assert result.exit_code == 1
+    assert f"Is {fake} an SMTP listener?" in format_result(result)
+
+
+async def test_a_refusal_banner(nursery: trio.Nursery) -> None:
+    async def busy(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"421 4.7.0 Too many connections, try again later\r\n")
+
+    fake = await serve_fake(nursery, busy)
+    result = await probe(ProbeOptions(Protocol.SMTP, fake))
+    assert result.outcome is Outcome.REFUSED
+    assert result.detail == (
+        "the server refused the session: 421 4.7.0 Too many connections, try again later"
+    )
+    assert result.exit_code == 1
+    assert "compare with --no-header" in format_result(result)
+
+
+async def test_a_server_that_never_stops_talking(nursery: trio.Nursery) -> None:
+    async def flood(stream: trio.SocketStream) -> None:
+        while True:
+            await stream.send_all(b"x" * 65536)
+
+    fake = await serve_fake(nursery, flood)
+    result = await probe(ProbeOptions(Protocol.IMAP, fake))
+    assert result.outcome is Outcome.BAD_REPLY
+    assert result.detail is not None
+    assert "more than 65536 bytes" in result.detail
+
+
+async def test_connection_refused() -> None:
+    with trio.socket.socket() as sock:
+        await sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Bound, never listening, now closed: nothing accepts on this port.
+    result = await probe(ProbeOptions(Protocol.SMTP, Target("127.0.0.1", port)))
+    assert result.outcome is Outcome.CONNECT_FAILED
+    assert result.exit_code == 1
+    assert result.detail == f"cannot connect to 127.0.0.1:{port}: Connection refused"
+    # The header is built before connecting, so it is shown even then.
+    assert result.header.startswith(b"\r\n\r\n\x00\r\nQUIT\n")
+    assert "Is the server running" in format_result(result)
+
+
+# --- options, headers and the command line -------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("127.0.0.1:3525", Target("127.0.0.1", 3525)),
+        ("[::1]:3525", Target("::1", 3525)),
+        ("mx.example:25", Target("mx.example", 25)),
+        ("localhost:25", Target("localhost", 25)),
+    ],
+)
+def test_parse_target(text: str, expected: Target) -> None:
+    assert parse_target(text) == expected
+    assert str(expected) == text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "::1:25",
+        "[::1]25",
+        "[::1]",
+        "127.0.0.1",
+        "127.0.0.1:0",
+        "127.0.0.1:65536",
+        "127.0.0.1:025",
+        "[127.0.0.1]:25",
+        "bad_name:25",
+        ":25",
+    ],
+)
+def test_parse_target_rejects(text: str) -> None:
+    with pytest.raises(ProbeUsageError, match="HOST:PORT"):
+        parse_target(text)
+
+
+@pytest.mark.parametrize(
+    "text", ["mx.example:25", "[127.0.0.1]:25", "[fe80::1%eth0]:25", "1.2.3.4"]
+)
+def test_parse_inet_address_rejects(text: str) -> None:
+    with pytest.raises(ProbeUsageError, match="--client"):
+        parse_inet_address(text, "--client")
+
+
+def test_build_header_v2_mixed_families_is_v4_mapped_inet6() -> None:
+    opts = ProbeOptions(Protocol.SMTP, Target("::1", 25))
+    server = parse_inet_address("[::1]:25")
+    parsed = parse_header(build_header(opts, server))
+    assert parsed is not None
+    assert parsed[0].family is Family.INET6
+    assert parsed[0].source == DEFAULT_CLIENT
+    assert parsed[0].destination == server
+
+
+def test_build_header_uses_server_option() -> None:
+    server = parse_inet_address("192.0.2.25:25")
+    opts = ProbeOptions(Protocol.SMTP, Target("127.0.0.1", 3525), mode=HeaderMode.V1, server=server)
+    assert build_header(opts, parse_inet_address("127.0.0.1:3525")) == (
+        b"PROXY TCP4 203.0.113.7 192.0.2.25 40000 25\r\n"
+    )
+
+
+def test_a_zone_id_stays_out_of_the_header() -> None:
+    target = parse_target("[fe80::1%lo]:9")
+    assert str(target) == "[fe80::1%lo]:9"
+    assert target.header_address == parse_inet_address("[fe80::1]:9")
+    assert parse_target("[::ffff:127.0.0.1]:9").header_address == parse_inet_address("127.0.0.1:9")
+    assert parse_target("mx.example:25").header_address is None
+
+
+def test_build_header_none() -> None:
+    opts = ProbeOptions(Protocol.HTTP, Target("127.0.0.1", 80), mode=HeaderMode.NONE)
+    assert build_header(opts, parse_inet_address("127.0.0.1:80")) == b""
+
+
+def test_result_exit_codes() -> None:
+    opts = ProbeOptions(Protocol.SMTP, Target("127.0.0.1", 25))
+    completed = ProbeResult(opts, Outcome.COMPLETED)
+    assert completed.exit_code == 0
+    assert attrs.evolve(completed, matched=True).exit_code == 0
+    assert attrs.evolve(completed, matched=False).exit_code == 1
+    for outcome in Outcome:
+        if outcome is not Outcome.COMPLETED:
+            assert ProbeResult(opts, outcome).exit_code == 1
+
+
+def exit_status(argv: list[str]) -> int:
+    try:
+        return main(argv)
+    except SystemExit as stop:
+        return stop.code if isinstance(stop.code, int) else -1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--v1", "--ssl"], "--ssl: a v1 header has no TLVs; use --v2 or --local"),
+        (["--v1", "--authority", "mx.example"], "--authority: a v1 header has no TLVs"),
+        (["--v1", "--alpn", "h2", "--crc32c"], "--alpn, --crc32c: a v1 header has no TLVs"),
+        (["--v1", "--unique-id", "x"], "--unique-id: a v1 header has no TLVs"),
+        (["--no-header", "--ssl"], "--ssl: no header is sent"),
+        (["--no-header", "--client", "192.0.2.1:1"], "--client: without a header the probe sends"),
+        (["--local", "--server", "192.0.2.1:1"], "--server: a LOCAL header carries no addresses"),
+        (["--cn", "client"], "--cn: these describe the SSL TLV; add --ssl"),
+        (["--tls-version", "TLSv1.2"], "--tls-version: these describe the SSL TLV; add --ssl"),
+        (["--cert-verified"], "--cert-verified: these describe the SSL TLV; add --ssl"),
+        (["--unique-id", "x" * 129], "--unique-id is 129 bytes"),
+        (["--alpn", "h\u00e9"], "--alpn"),
+    ],
+)
+def test_conflicting_options_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert exit_status(["probe", "smtp", "127.0.0.1:9", *argv]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.startswith("mailedge probe: error: ")
+    assert message in captured.err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["pop3", "127.0.0.1:110"], "invalid choice: 'pop3'"),
+        (["smtp", "::1:25"], "put an IPv6 address in brackets"),
+        (["smtp", "127.0.0.1"], "has no port"),
+        (["smtp"], "the following arguments are required: HOST:PORT"),
+        (["smtp", "127.0.0.1:25", "--v1", "--v2"], "not allowed with argument"),
+        (["smtp", "127.0.0.1:25", "--client", "203.0.113.7"], "--client '203.0.113.7' has no port"),
+        (["smtp", "127.0.0.1:25", "--timeout", "0"], "must be more than 0 seconds"),
+        (["smtp", "127.0.0.1:25", "--timeout", "nan"], "must be more than 0 seconds"),
+        (["smtp", "127.0.0.1:25", "--timeout", "soon"], "not a number of seconds"),
+    ],
+)
+def test_argument_errors_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    assert exit_status(["probe", *argv]) == 2
+    err = capsys.readouterr().err
+    assert "usage: mailedge probe" in err
+    assert message in err
+
+
+def test_help_lists_the_probe(capsys: pytest.CaptureFixture[str]) -> None:
+    assert exit_status(["--help"]) == 0
+    assert "probe" in capsys.readouterr().out
