@@ -97,6 +97,9 @@ class GateEvent:
 
     @property
     def level(self) -> int:
+        # A connect-and-close is what a TCP health check does; it is not worth a warning.
+        if self.reason == "closed":
+            return logging.INFO
         return _LEVELS[self.name]
 
     def fields(self) -> dict[str, object]:

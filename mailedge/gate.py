@@ -204,7 +204,8 @@ class ProxyGate:
             except NotProxyHeaderError:
                 raise self._reject(conn, "not_proxy_header", _diagnose(buffer), buffer) from None
             except ProxyProtocolError as exc:
-                raise self._reject(conn, exc.reason, exc.message, buffer) from None
+                message = exc.message + _SETTING_HINTS.get(exc.reason, "")
+                raise self._reject(conn, exc.reason, message, buffer) from None
             if result is not None:
                 break
             data = await stream.receive_some(RECEIVE_SIZE)
@@ -360,13 +361,18 @@ class ProxyGate:
         self, conn: _Connection, reason: str, message: str, data: bytes | bytearray
     ) -> ProxyRejected:
         return ProxyRejected(
-            self._emit(conn, EventName.REJECTED, reason, message, first_bytes=data)
+            self._emit(conn, EventName.REJECTED, reason, message, first_bytes=data or None)
         )
 
     def _reject_eof(self, conn: _Connection, data: bytearray) -> ProxyRejected:
         if not data:
             return self._reject(
-                conn, "closed", "the peer closed the connection before sending anything", data
+                conn,
+                "closed",
+                "the peer closed the connection before sending anything: a TCP health check "
+                "without a PROXY header? (HAProxy: add check-send-proxy when checks use "
+                "'check port' or 'addr')",
+                data,
             )
         return self._reject(
             conn,
@@ -429,6 +435,12 @@ class _UntrustedGuardStream(PrefixedStream):
 
 
 # -- diagnosis ------------------------------------------------------------------------------
+
+# The codec names its own parameters; an operator needs the listener setting behind them.
+_SETTING_HINTS = {
+    "too_long": " (the listener's limit is proxyMaxHeaderLength)",
+    "family_not_allowed": " (nginx's mixed-family v1 line needs proxyAllowV1MixedFamily = true)",
+}
 
 _SMTP_COMMAND = re.compile(rb"(?i)(EHLO|HELO|LHLO|QUIT|NOOP|RSET|MAIL|STARTTLS|AUTH)\b")
 _HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|PRI) ")

@@ -420,6 +420,10 @@ async def test_half_close_mid_v2_header_is_a_clean_reject() -> None:
 async def test_close_before_any_byte() -> None:
     run = await run_gate([], eof=True)
     assert (run.event.name, run.event.reason) == (EventName.REJECTED, "closed")
+    assert run.event.first_bytes is None
+    assert "check-send-proxy" in run.event.message
+    # A connect-and-close is a TCP health check's habit: logged, but not as a warning.
+    assert run.event.level == logging.INFO
 
 
 async def test_over_the_listeners_cap_is_rejected() -> None:
@@ -427,6 +431,7 @@ async def test_over_the_listeners_cap_is_rejected() -> None:
     conf = settings(listener(proxy_max_header_length=256))
     run = await run_gate([big[:16]], conf=conf)
     assert run.event.reason == "too_long"
+    assert "proxyMaxHeaderLength" in run.event.message
     run = await run_gate([big], conf=settings())
     assert run.context is not None
 
