@@ -1,10 +1,14 @@
 """An example HTTP handler: who the gate says you are, a health check, and gate metrics.
 
-Routes (GET and HEAD only):
+Routes (GET and HEAD, except where noted):
 
 * ``/whoami``: the connection context as JSON, exactly as the gate established it;
 * ``/healthz``: ``ok``;
-* ``/metrics``: the gate's decision counters in the Prometheus text format.
+* ``/metrics``: the gate's decision counters in the Prometheus text format;
+* ``/admin/bans``: the auto-ban list as JSON, and ``POST /admin/bans/lift?ip=ADDRESS`` to lift
+  one. The admin routes answer only direct connections from a loopback address (not proxied,
+  whatever a proxy's header says), with a loopback ``Host`` and no ``Origin`` (so a web page
+  cannot drive them from a browser); anything else gets 403.
 
 HTTP/1.1 is spoken with h11 (sans-IO) over the trio stream the server layer hands over, with
 keep-alive and a bounded request head. ``X-Forwarded-For`` and its relatives are never read:
@@ -18,6 +22,7 @@ import email.utils
 import http
 import json
 import logging
+import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 
 import attrs
@@ -28,6 +33,7 @@ from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
 from mailedge.context import ConnectionContext
+from mailedge.hooks.autoban import AutoBan
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_SIZE",
@@ -46,6 +52,10 @@ DEFAULT_MAX_REQUEST_SIZE = 16 * 1024
 
 _RECEIVE_SIZE = 4096
 _ALLOWED_METHODS = (b"GET", b"HEAD")
+
+_ADMIN_PREFIX = b"/admin/"
+# Host names a loopback admin request may carry (a DNS-rebinding page would send its own name).
+_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 
 # What the counters look like: ((listener, event name, reason), count), as
 # ``iter(gate.counters)`` yields them. Pass ``lambda: gate.counters``.
@@ -116,16 +126,18 @@ class GateDecisionsCollector(Collector):
 
 @attrs.define
 class HTTPHandler:
-    """A connection handler serving ``/whoami``, ``/healthz`` and ``/metrics``.
+    """A connection handler serving ``/whoami``, ``/healthz``, ``/metrics`` and the ban admin.
 
     ``counters_source`` returns the gate's counters at each scrape; without it ``/metrics``
     shows the metric with no samples. The Prometheus registry is the handler's own, never
-    the process-wide default one.
+    the process-wide default one. ``autoban`` is what ``/admin/bans`` lists and lifts; without
+    it those routes answer 404 (after the same access check).
     """
 
     counters_source: CounterSource | None = None
     server_name: str = "mailedge-example"
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
+    autoban: AutoBan | None = None
     registry: CollectorRegistry = attrs.field(init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
@@ -152,6 +164,34 @@ class _Reply:
 
 def _text(status: int, text: str, *, headers: Headers = (), close: bool = False) -> _Reply:
     return _Reply(status, "text/plain; charset=utf-8", text.encode(), headers, close)
+
+
+def _json(status: int, value: object) -> _Reply:
+    return _Reply(status, "application/json", (json.dumps(value, indent=2) + "\n").encode())
+
+
+def _header(request: h11.Request, name: bytes) -> str | None:
+    for key, value in request.headers:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _admin_refusal(context: ConnectionContext, request: h11.Request) -> str | None:
+    """Why this request may not use the admin routes, or None when it may."""
+    if context.proxied or not context.client_known:
+        # A proxy's header names some client; it is not proof of being on this host.
+        return "proxied"
+    if not context.client_ip.is_loopback:
+        return "not loopback"
+    if _header(request, b"origin") is not None:
+        # Browsers send Origin with cross-site POSTs; curl and scripts do not.
+        return "has an Origin header"
+    host = _header(request, b"host") or ""
+    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
+    if name.lower() not in _LOOPBACK_HOSTS:
+        return f"Host {host!r} is not a loopback name"
+    return None
 
 
 @attrs.define
@@ -223,7 +263,7 @@ class _Connection:
         # A client in h11's IDLE state can only start a request or close.
         assert isinstance(event, h11.Request), event
         request = event
-        reply = self.route(request)
+        reply = await self.route(request)
         if self.machine.they_are_waiting_for_100_continue:
             # We never want a body; refuse it by answering now and closing.
             reply = attrs.evolve(reply, close=True)
@@ -254,7 +294,9 @@ class _Connection:
                 if size > self.handler.max_request_size:
                     return False
 
-    def route(self, request: h11.Request) -> _Reply:
+    async def route(self, request: h11.Request) -> _Reply:
+        if request.target.startswith(_ADMIN_PREFIX):
+            return await self.admin(request)
         if request.method not in _ALLOWED_METHODS:
             return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
         path = request.target.partition(b"?")[0]
@@ -267,6 +309,36 @@ class _Connection:
             return _text(200, "ok")
         if path == b"/metrics":
             return _Reply(200, CONTENT_TYPE_LATEST, generate_latest(self.handler.registry))
+        return _text(404, "not found\n")
+
+    async def admin(self, request: h11.Request) -> _Reply:
+        """The ban admin routes: loopback, direct connections only."""
+        refusal = _admin_refusal(self.context, request)
+        if refusal is not None:
+            self.log(logging.WARNING, "admin request refused: %s", refusal)
+            return _text(403, "forbidden\n")
+        path, _, query = request.target.partition(b"?")
+        autoban = self.handler.autoban
+        if path == b"/admin/bans":
+            if request.method not in _ALLOWED_METHODS:
+                return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
+            if autoban is None:
+                return _text(404, "auto-ban is not configured\n")
+            return _json(200, [ban.to_json() for ban in await autoban.bans()])
+        if path == b"/admin/bans/lift":
+            if request.method != b"POST":
+                return _text(405, "method not allowed\n", headers=[("Allow", "POST")])
+            if autoban is None:
+                return _text(404, "auto-ban is not configured\n")
+            values = urllib.parse.parse_qs(query.decode("latin-1")).get("ip", [])
+            if len(values) != 1:
+                return _text(400, "give exactly one ip=ADDRESS or ip=NETWORK\n")
+            try:
+                lifted = await autoban.lift(values[0])
+            except ValueError as exc:
+                return _text(400, f"{exc}\n")
+            self.log(logging.WARNING, "admin: lift %r -> %s", values[0], lifted)
+            return _json(200 if lifted else 404, {"ip": values[0], "lifted": lifted})
         return _text(404, "not found\n")
 
     async def respond(self, reply: _Reply, *, head: bool = False) -> None:

@@ -7,7 +7,9 @@ connection context the gate built:
 
 * plaintext LOGIN is refused (``LOGINDISABLED``) until ``context.tls`` is true, and a
   session whose TLS a trusted proxy terminated counts as TLS, since the proxy said so;
-* the logs name the connection id and the real client, never the proxy's address.
+* the logs name the connection id and the real client, never the proxy's address;
+* a failed LOGIN calls the ``on_auth_failure`` hook with the context, so an
+  :class:`~mailedge.hooks.autoban.AutoBan` in ``hooks`` bans the real client, not the proxy.
 
 The server layer has already run the PROXY gate (and the handshake, on an implicit-TLS
 listener); it closes the stream after the handler returns, and bounds idle time with a stream
@@ -26,6 +28,7 @@ import attrs
 import trio
 
 from mailedge.context import ConnectionContext
+from mailedge.hooks import BaseHooks, Hooks
 from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.tls import starttls
 
@@ -196,7 +199,8 @@ class IMAPHandler:
 
     ``users`` maps user names to passwords. Without ``ssl_context`` there is no STARTTLS,
     so LOGIN works only where the connection already had TLS (an implicit-TLS listener, or
-    a proxy that terminated TLS and said so in its header).
+    a proxy that terminated TLS and said so in its header). ``hooks`` hears every failed
+    LOGIN (``on_auth_failure``); the server runs their ``on_connect`` before this handler.
     """
 
     hostname: str
@@ -206,6 +210,7 @@ class IMAPHandler:
     max_line_length: int = MAX_LINE_LENGTH
     max_bad_commands: int = MAX_BAD_COMMANDS
     max_auth_failures: int = MAX_AUTH_FAILURES
+    hooks: Hooks = attrs.field(factory=BaseHooks)
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         session = _Session(self, stream, context)
@@ -387,8 +392,8 @@ class _Session:
     async def login(self, tag: str, arguments: str) -> bool:
         """Handle LOGIN and reply to it; True when the client is now logged in.
 
-        An auth-failure hook (rate limiting, banning) belongs where this returns False
-        after checking a password.
+        A wrong user name or password is reported to ``on_auth_failure`` (for bans) before
+        the reply; a LOGIN refused before any password was checked is not a failed login.
         """
         if self.user is not None:
             await self.bad(tag, "Already logged in")
@@ -411,6 +416,7 @@ class _Session:
         if not self.handler.check_password(username, password):
             self.auth_failures += 1
             self.log(logging.WARNING, "LOGIN failed for user %r", username)
+            await self.handler.hooks.on_auth_failure(self.context, username)
             await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed")
             if self.auth_failures >= self.handler.max_auth_failures:
                 await self.send("* BYE Too many authentication failures")

@@ -1,7 +1,7 @@
 """Load :class:`~mailedge.settings.Settings` from a TOML or JSON file, with Stalwart's names.
 
-The file has two optional top-level parts, spelled as in Stalwart: one ``SystemSettings``
-table and an array of ``NetworkListener`` tables::
+The file has three optional top-level parts: one ``SystemSettings`` table and an array of
+``NetworkListener`` tables, spelled as in Stalwart, and one ``AutoBan`` table::
 
     [SystemSettings]
     proxyTrustedNetworks = ["127.0.0.0/8", "::1"]
@@ -38,11 +38,13 @@ import attrs
 
 from mailedge.networks import InvalidNetworkError, TrustedNetworks, parse_network
 from mailedge.settings import (
+    AutoBanSettings,
     BindAddress,
     HeaderMode,
     InvalidSettingError,
     NetworkListener,
     Protocol,
+    RateLimit,
     Settings,
     SystemSettings,
 )
@@ -191,6 +193,15 @@ def _read_binds(value: object, path: str, syntax: _Syntax) -> tuple[BindAddress,
     return tuple(binds)
 
 
+def _read_rate(value: object, path: str, syntax: _Syntax) -> RateLimit:
+    if not isinstance(value, str):
+        raise _expected("a rate such as '60/1m'", value, path, syntax)
+    try:
+        return RateLimit.parse(value)
+    except ValueError as error:
+        raise ConfigError(str(error), path=path) from None
+
+
 def _read_networks(value: object, path: str, syntax: _Syntax) -> TrustedNetworks:
     networks = []
     for index, text in enumerate(_read_strings(value, path, syntax)):
@@ -245,6 +256,17 @@ _LISTENER_KEYS = (
     _Key("maxConnectionsPerIp", "max_connections_per_ip", _read_integer),
     _Key("idleTimeout", "idle_timeout", _read_seconds),
     _Key("tlsHandshakeTimeout", "tls_handshake_timeout", _read_seconds),
+    _Key("rateLimitConnections", "rate_limit_connections", _read_rate),
+    _Key("rateLimitMessages", "rate_limit_messages", _read_rate),
+    _Key("rateLimitIpv6Prefix", "rate_limit_ipv6_prefix", _read_integer),
+)
+
+_AUTO_BAN_KEYS = (
+    _Key("enable", "enable", _read_bool),
+    _Key("failures", "failures", _read_integer),
+    _Key("window", "window", _read_seconds),
+    _Key("duration", "duration", _read_seconds),
+    _Key("ipv6Prefix", "ipv6_prefix", _read_integer),
 )
 
 _SECTIONS = (
@@ -258,6 +280,7 @@ _SECTIONS = (
         unique="name",
         noun="listener",
     ),
+    _Section("AutoBan", "auto_ban", AutoBanSettings, _AUTO_BAN_KEYS),
 )
 
 

@@ -26,11 +26,13 @@ import attrs
 from mailedge.networks import IPAddress, TrustedNetworks
 
 __all__ = [
+    "AutoBanSettings",
     "BindAddress",
     "HeaderMode",
     "InvalidSettingError",
     "NetworkListener",
     "Protocol",
+    "RateLimit",
     "Settings",
     "SystemSettings",
     "UnknownListenerError",
@@ -48,6 +50,17 @@ __all__ = [
     "MAX_IDLE_TIMEOUT",
     "DEFAULT_TLS_HANDSHAKE_TIMEOUT",
     "MAX_TLS_HANDSHAKE_TIMEOUT",
+    "MAX_RATE_LIMIT_COUNT",
+    "MAX_RATE_LIMIT_PERIOD",
+    "DEFAULT_IPV6_PREFIX",
+    "MIN_IPV6_PREFIX",
+    "MAX_IPV6_PREFIX",
+    "DEFAULT_AUTO_BAN_FAILURES",
+    "MAX_AUTO_BAN_FAILURES",
+    "DEFAULT_AUTO_BAN_WINDOW",
+    "MAX_AUTO_BAN_WINDOW",
+    "DEFAULT_AUTO_BAN_DURATION",
+    "MAX_AUTO_BAN_DURATION",
 ]
 
 # The spec asks for at least 3 s so that a header delayed by one TCP retransmission still
@@ -86,10 +99,42 @@ DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
 # Beyond a minute a handshake is an attack or a unit mistake.
 MAX_TLS_HANDSHAKE_TIMEOUT = 60.0
 
+# More than a million per period is no limit at all; a larger number is a typo.
+MAX_RATE_LIMIT_COUNT = 1_000_000
+# Each limited client's state lives up to one period; a day covers daily quotas, and longer
+# periods would hold per-client state (and memory) for longer than any mail policy needs.
+MAX_RATE_LIMIT_PERIOD = 86400.0
+# One IPv6 host normally owns a whole /64 (SLAAC, RFC 7421), so limits and bans on single
+# addresses would let it rotate through 2**64 of them. Postfix uses /84 for its limits.
+DEFAULT_IPV6_PREFIX = 64
+# Shorter than a /32 (a typical whole-ISP allocation) would lump unrelated customers together.
+MIN_IPV6_PREFIX = 32
+# /128 is a single address: Stalwart's choice, which lets one host sidestep limits.
+MAX_IPV6_PREFIX = 128
+# Ten failures are more than typos and a forgotten password on a phone; far fewer than a
+# guessing run, which tries hundreds.
+DEFAULT_AUTO_BAN_FAILURES = 10
+# Each tracked client keeps up to this many failure times; a threshold beyond it is no ban.
+MAX_AUTO_BAN_FAILURES = 1000
+# Ten minutes: slow enough guessing (under 10 per 10 min) is too slow to matter, and a
+# failure record is forgotten soon enough that a user's typos never add up over a day.
+DEFAULT_AUTO_BAN_WINDOW = 600.0
+# A window over a day keeps failure records (memory) for too long to be worth it.
+MAX_AUTO_BAN_WINDOW = 86400.0
+# An hour stops a guessing run cold, and a user who locked themselves out is back the same day.
+DEFAULT_AUTO_BAN_DURATION = 3600.0
+# Thirty days: anything longer belongs in a firewall rule, not in memory.
+MAX_AUTO_BAN_DURATION = 30 * 86400.0
+
 # A listener name appears in every event about its connections; whitespace would split it.
 _NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
 # A port is plain ASCII decimal without leading zeros: never "025", "+25" or "2_5".
 _PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+# A rate: a count, "/", a number and a unit, in plain ASCII decimal: "60/1m", "200/1h".
+# The digit counts only bound the work; the ranges are checked on the numbers.
+_RATE = re.compile(r"([0-9]{1,9})/([0-9]{1,9})([smhd])")
+_RATE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+_RATE_EXAMPLE = "such as '60/1m' or '200/1h'"
 
 
 class InvalidSettingError(ValueError):
@@ -159,6 +204,11 @@ def _expect_int(attribute: attrs.Attribute[Any], value: object) -> int:
     return value
 
 
+def _number(value: float) -> str:
+    """A limit as a person writes it: 2592000, not 2.592e+06; 0.25 as is."""
+    return str(int(value)) if value == int(value) else f"{value:g}"
+
+
 def _seconds(maximum: float) -> Validator:
     """An attrs validator: a number of seconds, more than 0 and at most ``maximum``."""
 
@@ -171,7 +221,7 @@ def _seconds(maximum: float) -> Validator:
         if not 0 < value <= maximum:
             raise InvalidSettingError(
                 attribute.name,
-                f"must be more than 0 and at most {maximum:g} seconds, got {value!r}",
+                f"must be more than 0 and at most {_number(maximum)} seconds, got {value!r}",
             )
 
     return check
@@ -313,6 +363,107 @@ def _check_bind(_instance: object, attribute: attrs.Attribute[Any], value: objec
         seen.add(item)
 
 
+def _rate_count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not 1 <= _expect_int(attribute, value) <= MAX_RATE_LIMIT_COUNT:
+        raise InvalidSettingError(
+            attribute.name, f"must be from 1 to {MAX_RATE_LIMIT_COUNT}, got {value!r}"
+        )
+
+
+def _rate_error(text: str, detail: str) -> ValueError:
+    return ValueError(f"{text!r} {detail}")
+
+
+@attrs.frozen(repr=False)
+class RateLimit:
+    """At most ``count`` events per ``period`` seconds: ``RateLimit.parse("60/1m")``.
+
+    Enforced with GCRA (see :mod:`mailedge.hooks.ratelimit`): a client may use all ``count``
+    at once, and then one every ``period / count`` seconds.
+    """
+
+    count: int = attrs.field(validator=_rate_count)
+    period: float = attrs.field(validator=_seconds(MAX_RATE_LIMIT_PERIOD))
+
+    @classmethod
+    def parse(cls, text: str) -> RateLimit:
+        """Parse ``"<count>/<number><unit>"``, the unit one of s, m, h, d; strictly.
+
+        Raises ``ValueError`` naming ``text``: no spaces, no signs, no leading zeros, no
+        fractions, and lower-case units only, so that a typo is an error, not another limit.
+        """
+        if not isinstance(text, str):
+            raise TypeError(f"a rate is a string, not {type(text).__name__}")
+        match = _RATE.fullmatch(text)
+        if match is None:
+            raise _rate_error(
+                text,
+                "is not a rate: write a count, '/', a number and a unit (s, m, h or d), "
+                + _RATE_EXAMPLE,
+            )
+        count_text, amount_text, unit = match.groups()
+        for number in (count_text, amount_text):
+            if number.startswith("0") and number != "0":
+                raise _rate_error(text, f"is not a rate: {number!r} has a leading zero")
+        count, amount = int(count_text), int(amount_text)
+        if not 1 <= count <= MAX_RATE_LIMIT_COUNT:
+            raise _rate_error(
+                text, f"has a count of {count}; it must be from 1 to {MAX_RATE_LIMIT_COUNT}"
+            )
+        period = amount * _RATE_UNITS[unit]
+        if not 1 <= period <= MAX_RATE_LIMIT_PERIOD:
+            raise _rate_error(
+                text,
+                f"has a period of {period} seconds; it must be from 1 second to "
+                f"{MAX_RATE_LIMIT_PERIOD:g} (1d)",
+            )
+        return cls(count, float(period))
+
+    @property
+    def emission_interval(self) -> float:
+        """GCRA's T: the steady-state spacing between two events, ``period / count``."""
+        return self.period / self.count
+
+    @property
+    def burst_tolerance(self) -> float:
+        """GCRA's tau: how far ahead of schedule a client may run, ``(count - 1) * T``.
+
+        With it, ``count`` events are allowed at once from a rested state, no more.
+        """
+        return self.emission_interval * (self.count - 1)
+
+    def __str__(self) -> str:
+        if self.period == int(self.period):
+            seconds = int(self.period)
+            for unit, size in reversed(_RATE_UNITS.items()):
+                if seconds % size == 0:
+                    return f"{self.count}/{seconds // size}{unit}"
+        return f"{self.count}/{self.period:g}s"
+
+    def __repr__(self) -> str:
+        return f"RateLimit({str(self)!r})"
+
+
+def _check_rate_limit(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if value is not None:
+        _of_type("a RateLimit or None", RateLimit)(_instance, attribute, value)
+
+
+def _ipv6_prefix(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not MIN_IPV6_PREFIX <= _expect_int(attribute, value) <= MAX_IPV6_PREFIX:
+        raise InvalidSettingError(
+            attribute.name,
+            f"must be from {MIN_IPV6_PREFIX} to {MAX_IPV6_PREFIX}, got {value!r}",
+        )
+
+
+def _check_failures(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
+    if not 1 <= _expect_int(attribute, value) <= MAX_AUTO_BAN_FAILURES:
+        raise InvalidSettingError(
+            attribute.name, f"must be from 1 to {MAX_AUTO_BAN_FAILURES}, got {value!r}"
+        )
+
+
 @attrs.frozen
 class SystemSettings:
     """The server-wide settings."""
@@ -376,6 +527,17 @@ class NetworkListener:
     tls_handshake_timeout: float = attrs.field(
         default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=_seconds(MAX_TLS_HANDSHAKE_TIMEOUT)
     )
+    # New connections per recovered client (see rate_limit_ipv6_prefix), checked by
+    # RateLimitHooks.on_connect. Off by default: the right number depends on the site (an MX
+    # and a submission port behind one webmail host differ by orders of magnitude).
+    rate_limit_connections: RateLimit | None = attrs.field(
+        default=None, validator=_check_rate_limit
+    )
+    # SMTP transactions (MAIL FROM) per recovered client, checked by RateLimitHooks.on_mail_from.
+    # Off by default, for the same reason.
+    rate_limit_messages: RateLimit | None = attrs.field(default=None, validator=_check_rate_limit)
+    # How many leading bits of an IPv6 client the rate limits count as one client.
+    rate_limit_ipv6_prefix: int = attrs.field(default=DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
 
     def effective_proxy_trusted_networks(self, system: SystemSettings) -> TrustedNetworks:
         """The networks this listener trusts: its override if set, else the server-wide list."""
@@ -402,6 +564,30 @@ class NetworkListener:
                 shown = repr(str(value)) if isinstance(value, enum.Enum) else repr(value)
                 parts.append(f"{field.name}={shown}")
         return f"NetworkListener({', '.join(parts)})"
+
+
+@attrs.frozen
+class AutoBanSettings:
+    """The server-wide auto-ban policy: ``failures`` within ``window`` seconds ban a client.
+
+    Every address in :meth:`Settings.all_proxy_trusted_networks` is exempt, always.
+    """
+
+    # On by default: it acts only on failures (bad logins, PROXY headers from untrusted peers,
+    # protocol errors), and trusted proxies are exempt, so it cannot lock out a whole proxy.
+    enable: bool = attrs.field(default=True, validator=_of_type("a boolean", bool))
+    # How many failures within the window ban the client (see the constant for why 10).
+    failures: int = attrs.field(default=DEFAULT_AUTO_BAN_FAILURES, validator=_check_failures)
+    # The sliding window the failures are counted in, in seconds.
+    window: float = attrs.field(
+        default=DEFAULT_AUTO_BAN_WINDOW, validator=_seconds(MAX_AUTO_BAN_WINDOW)
+    )
+    # How long a ban lasts, in seconds.
+    duration: float = attrs.field(
+        default=DEFAULT_AUTO_BAN_DURATION, validator=_seconds(MAX_AUTO_BAN_DURATION)
+    )
+    # How many leading bits of an IPv6 client one ban covers.
+    ipv6_prefix: int = attrs.field(default=DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
 
 
 def _check_listeners(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -433,6 +619,9 @@ class Settings:
     )
     # Listener names are unique, so events and Settings.listener() can name one unambiguously.
     listeners: tuple[NetworkListener, ...] = attrs.field(default=(), validator=_check_listeners)
+    auto_ban: AutoBanSettings = attrs.field(
+        default=AutoBanSettings(), validator=_of_type("an AutoBanSettings", AutoBanSettings)
+    )
 
     def listener(self, name: str) -> NetworkListener:
         """The listener called ``name``; raises :class:`UnknownListenerError` (a KeyError)."""

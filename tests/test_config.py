@@ -13,10 +13,12 @@ from mailedge import config
 from mailedge.config import ConfigError, load, load_document, loads, loads_document
 from mailedge.networks import TrustedNetworks
 from mailedge.settings import (
+    AutoBanSettings,
     BindAddress,
     HeaderMode,
     NetworkListener,
     Protocol,
+    RateLimit,
     Settings,
     SystemSettings,
 )
@@ -61,6 +63,7 @@ EXAMPLE = Settings(
 # Every key, none at its default: the JSON twin of the full example in docs/configuration.md.
 FULL = {
     "SystemSettings": {"proxyTrustedNetworks": ["127.0.0.0/8", "::1", "10.0.0.0/8"]},
+    "AutoBan": {"enable": True, "failures": 5, "window": 300, "duration": 7200, "ipv6Prefix": 56},
     "NetworkListener": [
         {
             "name": "submissions",
@@ -70,6 +73,13 @@ FULL = {
             "overrideProxyTrustedNetworks": ["192.0.2.10", "2001:db8::/32"],
             "proxyHeaderTimeout": 3,
             "proxyMaxHeaderLength": 8192,
+            "maxConnections": 256,
+            "maxConnectionsPerIp": 8,
+            "idleTimeout": 120,
+            "tlsHandshakeTimeout": 5,
+            "rateLimitConnections": "60/1m",
+            "rateLimitMessages": "200/1h",
+            "rateLimitIpv6Prefix": 56,
         },
         {
             "name": "submission-nginx",
@@ -131,7 +141,18 @@ def test_every_key() -> None:
     )
     assert submissions.proxy_header_timeout == 3
     assert submissions.proxy_max_header_length == 8192
+    assert (submissions.max_connections, submissions.max_connections_per_ip) == (256, 8)
+    assert (submissions.idle_timeout, submissions.tls_handshake_timeout) == (120, 5)
+    assert submissions.rate_limit_connections == RateLimit(60, 60.0)
+    assert submissions.rate_limit_messages == RateLimit(200, 3600.0)
+    assert submissions.rate_limit_ipv6_prefix == 56
+    assert settings.auto_ban == AutoBanSettings(
+        enable=True, failures=5, window=300, duration=7200, ipv6_prefix=56
+    )
     nginx = settings.listener("submission-nginx")
+    assert nginx.rate_limit_connections is None
+    assert nginx.rate_limit_messages is None
+    assert nginx.rate_limit_ipv6_prefix == 64
     assert nginx.bind == (BindAddress.parse("127.0.0.1:10587"), BindAddress.parse("[::1]:10587"))
     assert nginx.override_proxy_trusted_networks is None
     assert nginx.effective_proxy_trusted_networks(settings.system) == TrustedNetworks(
@@ -360,6 +381,69 @@ def test_load_skips_a_byte_order_mark(tmp_path: pathlib.Path) -> None:
             "NetworkListener[0].bind",
             "NetworkListener[0].bind: 0.0.0.0:25 is listed twice",
         ),
+        (
+            listener(rateLimitConnections="60 per minute"),
+            "NetworkListener[0].rateLimitConnections",
+            "NetworkListener[0].rateLimitConnections: '60 per minute' is not a rate: write a "
+            "count, '/', a number and a unit (s, m, h or d), such as '60/1m' or '200/1h'",
+        ),
+        (
+            listener(rateLimitConnections=60),
+            "NetworkListener[0].rateLimitConnections",
+            "NetworkListener[0].rateLimitConnections: expected a rate such as '60/1m', got 60",
+        ),
+        (
+            listener(rateLimitMessages="10/2d"),
+            "NetworkListener[0].rateLimitMessages",
+            "NetworkListener[0].rateLimitMessages: '10/2d' has a period of 172800 seconds; "
+            "it must be from 1 second to 86400 (1d)",
+        ),
+        (
+            listener(rateLimitMessages="0/1h"),
+            "NetworkListener[0].rateLimitMessages",
+            "NetworkListener[0].rateLimitMessages: '0/1h' has a count of 0; "
+            "it must be from 1 to 1000000",
+        ),
+        (
+            listener(rateLimitMessages="60/01m"),
+            "NetworkListener[0].rateLimitMessages",
+            "NetworkListener[0].rateLimitMessages: '60/01m' is not a rate: '01' has a leading zero",
+        ),
+        (
+            listener(rateLimitIpv6Prefix=16),
+            "NetworkListener[0].rateLimitIpv6Prefix",
+            "NetworkListener[0].rateLimitIpv6Prefix: must be from 32 to 128, got 16",
+        ),
+        (
+            listener(rateLimitIpv6Prefix=64.0),
+            "NetworkListener[0].rateLimitIpv6Prefix",
+            "NetworkListener[0].rateLimitIpv6Prefix: expected an integer, got 64.0",
+        ),
+        (
+            "[AutoBan]\nipv6Prefix = 16\n",
+            "AutoBan.ipv6Prefix",
+            "AutoBan.ipv6Prefix: must be from 32 to 128, got 16",
+        ),
+        (
+            "[AutoBan]\nenable = 1\n",
+            "AutoBan.enable",
+            "AutoBan.enable: expected a boolean, got 1",
+        ),
+        (
+            "[AutoBan]\nfailures = 0\n",
+            "AutoBan.failures",
+            "AutoBan.failures: must be from 1 to 1000, got 0",
+        ),
+        (
+            "[AutoBan]\nwindow = '10m'\n",
+            "AutoBan.window",
+            "AutoBan.window: expected a number of seconds, got '10m'",
+        ),
+        (
+            "[AutoBan]\nduration = 0\n",
+            "AutoBan.duration",
+            "AutoBan.duration: must be more than 0 and at most 2592000 seconds, got 0",
+        ),
     ],
 )
 def test_value_errors_name_the_path_and_the_value(text: str, path: str, message: str) -> None:
@@ -417,6 +501,21 @@ def test_value_errors_name_the_path_and_the_value(text: str, path: str, message:
             "unknown key 'NetworkListeners' (did you mean 'NetworkListener'?)",
         ),
         ("[server]\n", None, "unknown key 'server'"),
+        (
+            "[Autoban]\n",
+            None,
+            "unknown key 'Autoban' (did you mean 'AutoBan'?)",
+        ),
+        (
+            "[AutoBan]\nfailure = 3\n",
+            "AutoBan",
+            "AutoBan: unknown key 'failure' (did you mean 'failures'?)",
+        ),
+        (
+            listener(rateLimit="60/1m"),
+            "NetworkListener[0]",
+            "NetworkListener[0]: unknown key 'rateLimit' (did you mean 'rateLimitMessages'?)",
+        ),
         (
             '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\n',
             "NetworkListener[0]",

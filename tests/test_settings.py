@@ -16,11 +16,13 @@ from mailedge.settings import (
     DEFAULT_PROXY_OPTIONAL_WAIT,
     MAX_PROXY_MAX_HEADER_LENGTH,
     MIN_PROXY_MAX_HEADER_LENGTH,
+    AutoBanSettings,
     BindAddress,
     HeaderMode,
     InvalidSettingError,
     NetworkListener,
     Protocol,
+    RateLimit,
     Settings,
     SystemSettings,
     UnknownListenerError,
@@ -200,6 +202,8 @@ def test_listener_defaults() -> None:
     assert smtp.proxy_allow_v1_mixed_family is False
     assert (smtp.max_connections, smtp.max_connections_per_ip) == (512, 16)
     assert (smtp.idle_timeout, smtp.tls_handshake_timeout) == (300.0, 10.0)
+    assert (smtp.rate_limit_connections, smtp.rate_limit_messages) == (None, None)
+    assert smtp.rate_limit_ipv6_prefix == 64
 
 
 def test_listener_accepts_the_limits() -> None:
@@ -308,6 +312,23 @@ def test_listener_accepts_the_limits() -> None:
         (
             {"tls_handshake_timeout": 0},
             "tls_handshake_timeout: must be more than 0 and at most 60 seconds, got 0",
+        ),
+        (
+            {"rate_limit_connections": "60/1m"},
+            "rate_limit_connections: expected a RateLimit or None, got '60/1m'",
+        ),
+        (
+            {"rate_limit_messages": 60},
+            "rate_limit_messages: expected a RateLimit or None, got 60",
+        ),
+        ({"rate_limit_ipv6_prefix": 31}, "rate_limit_ipv6_prefix: must be from 32 to 128, got 31"),
+        (
+            {"rate_limit_ipv6_prefix": 129},
+            "rate_limit_ipv6_prefix: must be from 32 to 128, got 129",
+        ),
+        (
+            {"rate_limit_ipv6_prefix": True},
+            "rate_limit_ipv6_prefix: expected an integer, got True",
         ),
     ],
 )
@@ -426,3 +447,122 @@ def test_settings_are_values() -> None:
     two = Settings(SystemSettings(TrustedNetworks(["::1", "127.0.0.0/8"])), (listener(),))
     assert one == two
     assert hash(one) == hash(two)
+
+
+# -- rates ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "period", "shown"),
+    [
+        ("60/1m", 60, 60.0, "60/1m"),
+        ("200/1h", 200, 3600.0, "200/1h"),
+        ("5/10s", 5, 10.0, "5/10s"),
+        ("1/1d", 1, 86400.0, "1/1d"),
+        ("100/60s", 100, 60.0, "100/1m"),
+        ("10/90s", 10, 90.0, "10/90s"),
+        ("1000000/24h", 1_000_000, 86400.0, "1000000/1d"),
+    ],
+)
+def test_rate_parse(text: str, count: int, period: float, shown: str) -> None:
+    rate = RateLimit.parse(text)
+    assert (rate.count, rate.period) == (count, period)
+    assert str(rate) == shown
+    assert repr(rate) == f"RateLimit({shown!r})"
+    assert RateLimit.parse(str(rate)) == rate
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (
+            "60 per minute",
+            "'60 per minute' is not a rate: write a count, '/', a number and a unit "
+            "(s, m, h or d), such as '60/1m' or '200/1h'",
+        ),
+        ("60/m", "'60/m' is not a rate: write a count"),
+        ("60/1M", "'60/1M' is not a rate: write a count"),
+        ("60 /1m", "'60 /1m' is not a rate: write a count"),
+        ("+60/1m", "'+60/1m' is not a rate: write a count"),
+        ("60/1.5m", "'60/1.5m' is not a rate: write a count"),
+        ("60/1m ", "'60/1m ' is not a rate: write a count"),
+        ("\uff16\uff10/1m", "'\uff16\uff10/1m' is not a rate: write a count"),
+        ("060/1m", "'060/1m' is not a rate: '060' has a leading zero"),
+        ("0/1m", "'0/1m' has a count of 0; it must be from 1 to 1000000"),
+        ("1000001/1d", "'1000001/1d' has a count of 1000001; it must be from 1 to 1000000"),
+        ("5/0s", "'5/0s' has a period of 0 seconds; it must be from 1 second to 86400 (1d)"),
+        ("5/2d", "'5/2d' has a period of 172800 seconds; it must be from 1 second to 86400 (1d)"),
+    ],
+)
+def test_bad_rates(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}"):
+        RateLimit.parse(text)
+
+
+def test_rate_limit_validates_when_built_directly() -> None:
+    assert RateLimit(3, 0.5).emission_interval == pytest.approx(1 / 6)
+    with pytest.raises(InvalidSettingError, match=r"^count: must be from 1 to 1000000, got 0$"):
+        RateLimit(0, 60.0)
+    with pytest.raises(InvalidSettingError, match=r"^count: expected an integer, got 1.5$"):
+        RateLimit(1.5, 60.0)  # type: ignore[arg-type]
+    with pytest.raises(InvalidSettingError, match=r"^period: must be more than 0 and at most"):
+        RateLimit(1, 86401.0)
+    with pytest.raises(TypeError, match="a rate is a string"):
+        RateLimit.parse(60)  # type: ignore[arg-type]
+
+
+def test_gcra_parameters() -> None:
+    rate = RateLimit.parse("60/1m")
+    assert rate.emission_interval == 1.0
+    # count events at once from rest: the first at TAT = now, the last (count - 1) * T ahead.
+    assert rate.burst_tolerance == 59.0
+    assert RateLimit(1, 10.0).burst_tolerance == 0.0
+
+
+def test_listener_repr_shows_rate_limits() -> None:
+    smtp = listener(rate_limit_connections=RateLimit.parse("60/1m"), rate_limit_ipv6_prefix=56)
+    assert repr(smtp) == (
+        "NetworkListener(name='smtp', protocol='smtp', bind=('127.0.0.1:2525',), "
+        "rate_limit_connections=RateLimit('60/1m'), rate_limit_ipv6_prefix=56)"
+    )
+
+
+# -- auto-ban -------------------------------------------------------------------------------------
+
+
+def test_auto_ban_defaults() -> None:
+    policy = Settings().auto_ban
+    assert policy == AutoBanSettings()
+    assert (policy.enable, policy.failures, policy.window, policy.duration) == (
+        True,
+        10,
+        600.0,
+        3600.0,
+    )
+    assert policy.ipv6_prefix == 64
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"enable": 1}, "enable: expected a boolean, got 1"),
+        ({"failures": 0}, "failures: must be from 1 to 1000, got 0"),
+        ({"failures": 1001}, "failures: must be from 1 to 1000, got 1001"),
+        ({"failures": 2.0}, "failures: expected an integer, got 2.0"),
+        ({"window": 0}, "window: must be more than 0 and at most 86400 seconds, got 0"),
+        (
+            {"duration": 2592001},
+            "duration: must be more than 0 and at most 2592000 seconds, got 2592001",
+        ),
+        ({"ipv6_prefix": 24}, "ipv6_prefix: must be from 32 to 128, got 24"),
+    ],
+)
+def test_auto_ban_validation(fields: dict[str, Any], message: str) -> None:
+    with pytest.raises(InvalidSettingError) as caught:
+        AutoBanSettings(**fields)
+    assert str(caught.value) == message
+
+
+def test_settings_check_the_auto_ban_type() -> None:
+    with pytest.raises(InvalidSettingError, match=r"^auto_ban: expected an AutoBanSettings"):
+        Settings(auto_ban=None)  # type: ignore[arg-type]

@@ -17,6 +17,7 @@ from http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler, context_to_json
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
 from mailedge.events import EventCounters, EventName, GateEvent
+from mailedge.hooks.autoban import AutoBan
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -28,7 +29,7 @@ from mailedge.proxy import (
     TLVType,
     Transport,
 )
-from mailedge.settings import Protocol
+from mailedge.settings import AutoBanSettings, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
 
 ip = ipaddress.ip_address
@@ -626,3 +627,155 @@ async def test_cancellation_propagates(autojump_clock: trio.testing.MockClock) -
         assert (await client.get("/healthz")).status == 200
         nursery.cancel_scope.cancel()
     assert outcome == "cancelled"
+
+
+# /admin/bans
+
+
+def loopback_context(address: str = "127.0.0.1") -> ConnectionContext:
+    """A direct connection from a loopback address: the only kind the admin routes serve."""
+    return attrs.evolve(
+        direct_ipv6_context(), client_ip=ip(address), peer_ip=ip(address), local_ip=ip(address)
+    )
+
+
+async def admin_autoban() -> AutoBan:
+    conf = Settings(auto_ban=AutoBanSettings(failures=1, window=60.0, duration=600.0))
+    autoban = AutoBan(lambda: conf, wall_clock=lambda: 1_700_000_000.0)
+    await autoban.record_failure("198.51.100.7", "failed login")
+    await autoban.record_failure("2001:db8:1:2::5", "bad commands")
+    return autoban
+
+
+async def admin(
+    client: Client,
+    target: str,
+    *extra: str,
+    method: str = "GET",
+    host: str = "127.0.0.1:2080",
+) -> Response:
+    lines = [f"{method} {target} HTTP/1.1", f"Host: {host}", *extra, "", ""]
+    await client.send("\r\n".join(lines).encode())
+    return await client.response(head=method == "HEAD")
+
+
+@pytest.mark.parametrize("address", ["127.0.0.1", "127.0.0.53", "::1"])
+async def test_admin_lists_and_lifts_bans(
+    autojump_clock: trio.testing.MockClock, address: str
+) -> None:
+    autoban = await admin_autoban()
+    handler = HTTPHandler(autoban=autoban)
+    async with session(handler, loopback_context(address)) as client:
+        listed = await admin(client, "/admin/bans")
+        assert listed.status == 200
+        assert listed.headers["content-type"] == "application/json"
+        assert json.loads(listed.body) == [
+            {
+                "key": "198.51.100.7",
+                "until": "2023-11-14T22:23:20Z",
+                "remaining": 600.0,
+                "reason": "failed login",
+                "failures": 1,
+            },
+            {
+                "key": "2001:db8:1:2::/64",
+                "until": "2023-11-14T22:23:20Z",
+                "remaining": 600.0,
+                "reason": "bad commands",
+                "failures": 1,
+            },
+        ]
+        lifted = await admin(client, "/admin/bans/lift?ip=198.51.100.7", method="POST")
+        assert (lifted.status, json.loads(lifted.body)) == (
+            200,
+            {"ip": "198.51.100.7", "lifted": True},
+        )
+        again = await admin(client, "/admin/bans/lift?ip=198.51.100.7", method="POST")
+        assert (again.status, json.loads(again.body)["lifted"]) == (404, False)
+        by_network = await admin(client, "/admin/bans/lift?ip=2001:db8:1:2::/64", method="POST")
+        assert by_network.status == 200
+        assert json.loads((await admin(client, "/admin/bans")).body) == []
+    assert await autoban.bans() == []
+
+
+@pytest.mark.parametrize(
+    "context",
+    [
+        # A proxied request whose header claims a loopback client: the header is no proof.
+        attrs.evolve(proxied_ipv4_context(), client_ip=ip("127.0.0.1"), peer_ip=ip("127.0.0.1")),
+        # A proxy on loopback speaking for another client.
+        attrs.evolve(proxied_ipv4_context(), peer_ip=ip("127.0.0.1")),
+        # A proxy's health check (LOCAL): its address stands in for a client that is not there.
+        attrs.evolve(loopback_context(), proxied=True, address_source=AddressSource.PROXY_LOCAL),
+        # Direct, but not from loopback.
+        direct_ipv6_context(),
+    ],
+    ids=["proxied-claims-loopback", "proxied-via-loopback", "proxy-local", "direct-remote"],
+)
+async def test_admin_is_loopback_direct_only(
+    autojump_clock: trio.testing.MockClock,
+    caplog: pytest.LogCaptureFixture,
+    context: ConnectionContext,
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), context) as client:
+        assert (await admin(client, "/admin/bans")).status == 403
+        lift = await admin(client, "/admin/bans/lift?ip=198.51.100.7", method="POST")
+        assert lift.status == 403
+        assert (await admin(client, "/admin/nope")).status == 403
+    assert len(await autoban.bans()) == 2
+    assert "admin request refused" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "host"),
+    [
+        (("Origin: https://evil.example",), "127.0.0.1:2080"),
+        ((), "evil.example"),
+        ((), "127.0.0.1.evil.example:2080"),
+    ],
+)
+async def test_admin_refuses_what_a_browser_page_could_send(
+    autojump_clock: trio.testing.MockClock, extra: tuple[str, ...], host: str
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        response = await admin(
+            client, "/admin/bans/lift?ip=198.51.100.7", *extra, method="POST", host=host
+        )
+        assert response.status == 403
+    assert len(await autoban.bans()) == 2
+
+
+@pytest.mark.parametrize("host", ["localhost", "LOCALHOST:8080", "[::1]:2080", "127.0.0.1"])
+async def test_admin_accepts_loopback_host_names(
+    autojump_clock: trio.testing.MockClock, host: str
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        assert (await admin(client, "/admin/bans", host=host)).status == 200
+
+
+async def test_admin_methods_and_errors(autojump_clock: trio.testing.MockClock) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        post_list = await admin(client, "/admin/bans", method="POST")
+        assert (post_list.status, post_list.headers["allow"]) == (405, "GET, HEAD")
+        get_lift = await admin(client, "/admin/bans/lift?ip=198.51.100.7")
+        assert (get_lift.status, get_lift.headers["allow"]) == (405, "POST")
+        assert (await admin(client, "/admin/bans", method="HEAD")).status == 200
+        assert (await admin(client, "/admin/bans/lift", method="POST")).status == 400
+        twice = await admin(client, "/admin/bans/lift?ip=1.2.3.4&ip=5.6.7.8", method="POST")
+        assert twice.status == 400
+        bad = await admin(client, "/admin/bans/lift?ip=not-an-ip", method="POST")
+        assert (bad.status, bad.body) == (400, b"'not-an-ip' is not an IP network\n")
+        assert (await admin(client, "/admin/other")).status == 404
+    assert len(await autoban.bans()) == 2
+
+
+async def test_admin_without_autoban_is_404(autojump_clock: trio.testing.MockClock) -> None:
+    async with session(HTTPHandler(), loopback_context()) as client:
+        assert (await admin(client, "/admin/bans")).status == 404
+        assert (await admin(client, "/admin/bans/lift?ip=::1", method="POST")).status == 404
+    async with session(HTTPHandler(), direct_ipv6_context()) as client:
+        assert (await admin(client, "/admin/bans")).status == 403

@@ -17,7 +17,10 @@ import trustme
 from imap_handler import MAX_LINE_LENGTH, IMAPHandler, IMAPSyntaxError, parse_astrings
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.settings import Protocol
+from mailedge.hooks import BaseHooks
+from mailedge.hooks.autoban import AutoBan
+from mailedge.networks import TrustedNetworks
+from mailedge.settings import AutoBanSettings, Protocol, Settings, SystemSettings
 from mailedge.streams import IdleTimeoutStream
 
 HOSTNAME = "imap.example"
@@ -582,3 +585,72 @@ def test_parse_astrings_rejects(text: str) -> None:
 
 def test_repr_hides_passwords() -> None:
     assert "correct horse" not in repr(plain_handler())
+
+
+# The auth-failure hook
+
+
+@attrs.define
+class RecordingHooks(BaseHooks):
+    failures: list[tuple[ConnectionContext, str]] = attrs.field(factory=list)
+
+    async def on_auth_failure(self, context: ConnectionContext, username: str) -> None:
+        self.failures.append((context, username))
+
+
+async def test_a_failed_login_calls_the_hook(autojump_clock: trio.testing.MockClock) -> None:
+    hooks = RecordingHooks()
+    handler = IMAPHandler(HOSTNAME, USERS, hooks=hooks)
+    context = proxy_tls_context()
+    async with session(handler, context) as client:
+        await client.line()
+        await client.command("a LOGIN mallory guess")
+        await client.command('b LOGIN alice "correct horse"')
+    assert hooks.failures == [(context, "mallory")]
+
+
+@pytest.mark.parametrize("line", ["a LOGIN alice", 'a LOGIN alice "open', "a LOGIN a b c"])
+async def test_malformed_logins_are_not_auth_failures(
+    autojump_clock: trio.testing.MockClock, line: str
+) -> None:
+    hooks = RecordingHooks()
+    async with session(IMAPHandler(HOSTNAME, USERS, hooks=hooks), proxy_tls_context()) as client:
+        await client.line()
+        await client.command(line)
+    assert hooks.failures == []
+
+
+async def test_a_refused_plaintext_login_is_not_an_auth_failure(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    hooks = RecordingHooks()
+    async with session(IMAPHandler(HOSTNAME, USERS, hooks=hooks), make_context()) as client:
+        await client.line()
+        await client.command("a LOGIN alice guess")
+    assert hooks.failures == []
+
+
+async def test_failed_logins_ban_the_real_client_not_the_proxy(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    conf = Settings(
+        system=SystemSettings(TrustedNetworks(["10.0.0.2"])),
+        auto_ban=AutoBanSettings(failures=5, window=600.0, duration=3600.0),
+    )
+    autoban = AutoBan(lambda: conf)
+    handler = IMAPHandler(HOSTNAME, USERS, hooks=autoban)
+    context = proxy_tls_context()  # 198.51.100.7 behind the proxy at 10.0.0.2
+    # Three failures end a session; the count carries over to the next one.
+    for tags in (("a", "b", "c"), ("d", "e")):
+        assert (await autoban.on_connect(context)).accepted
+        async with session(handler, context) as client:
+            await client.line()
+            for tag in tags:
+                await client.command(f"{tag} LOGIN alice guess")
+    verdict = await autoban.on_connect(context)
+    assert verdict.reason.startswith("banned until ")
+    [ban] = await autoban.bans()
+    assert ban.key == "198.51.100.7"
+    assert ban.reason == "failed login for 'alice' on listener imap"
+    other = attrs.evolve(context, client_ip=ipaddress.ip_address("198.51.100.8"))
+    assert (await autoban.on_connect(other)).accepted
