@@ -3,16 +3,16 @@
 Written in the style of ``trio.serve_listeners``: ``serve`` binds every listener, reports
 the bound addresses through ``task_status.started``, and runs until cancelled or shut down.
 Each accepted connection gets its own task, in which the slow work happens: the PROXY
-header under its timeout, the TLS handshake under its own, then the protocol handler. The
-accept loop only accepts.
+header under its timeout, the connection limits and the ``on_connect`` hook, the TLS
+handshake under its own timeout, then the protocol handler. The accept loop only accepts.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
+import re
 import signal
 import ssl
 from collections.abc import Awaitable, Callable, Collection, Mapping
@@ -21,8 +21,9 @@ import attrs
 import trio
 
 from mailedge.config import ConfigError, load_document
-from mailedge.context import ConnectionContext
+from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
+from mailedge.hooks.base import Action, BaseHooks, Hooks, Verdict
 from mailedge.limits import ConnectionLimits
 from mailedge.settings import NetworkListener, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
@@ -46,18 +47,52 @@ LISTEN_BACKLOG = 128
 # A refusal is one short line; a peer that will not take it within a second gets closed.
 REFUSAL_SEND_TIMEOUT = 1.0
 
+# The on_connect hook is a store lookup or two; 10 s covers a slow shared store and bounds a
+# hung one, which would otherwise hold a connection slot with nothing said to the client.
+ON_CONNECT_TIMEOUT = 10.0
 
-def refusal(protocol: Protocol, text: str) -> bytes:
-    """The protocol's way of saying "not now" before closing."""
+# What the client is told when on_connect fails (raises or times out). Like a Postfix policy
+# service that fails, it is a temporary refusal: mail is retried, and nothing is let in that a
+# working hook might have refused.
+HOOK_FAILURE_REASON = "Service temporarily unavailable, try again later"
+HOOK_FAILURE_STATUS = "4.3.0"
+
+# A refusal's text goes into a reply line; a hook's reason must not be able to end the line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
+# An RFC 3463 enhanced status code: class.subject.detail.
+_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+
+
+def refusal(
+    protocol: Protocol,
+    text: str,
+    *,
+    action: Action = Action.TEMPFAIL,
+    status: str | None = None,
+) -> bytes:
+    """The protocol's way of saying "not now" (TEMPFAIL) or "no" (REJECT) before closing.
+
+    SMTP: ``421 4.7.0`` or ``554 5.7.1`` (``status`` replaces the enhanced code when its class
+    matches); IMAP: ``* BYE`` either way; HTTP: ``503`` with ``Retry-After`` or ``403``.
+    """
+    if action is Action.ACCEPT:
+        raise ValueError("an accepting verdict is not a refusal")
+    reject = action is Action.REJECT
+    text = _CONTROL.sub(" ", text).strip() or ("Refused" if reject else "Try again later")
     if protocol is Protocol.SMTP:
-        return f"421 4.7.0 {text}\r\n".encode()
+        code, default = ("554", "5.7.1") if reject else ("421", "4.7.0")
+        valid = status is not None and _STATUS.fullmatch(status) and status[0] == code[0]
+        return f"{code} {status if valid else default} {text}\r\n".encode()
     if protocol is Protocol.IMAP:
         return f"* BYE {text}\r\n".encode()
     body = f"{text}\n".encode()
+    head = (
+        b"HTTP/1.1 403 Forbidden\r\n"
+        if reject
+        else b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n"
+    )
     return (
-        b"HTTP/1.1 503 Service Unavailable\r\n"
-        b"Content-Type: text/plain; charset=utf-8\r\n"
-        b"Retry-After: 5\r\n"
+        head + b"Content-Type: text/plain; charset=utf-8\r\n"
         b"Connection: close\r\n"
         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
     )
@@ -78,6 +113,8 @@ class Server:
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     gate: ProxyGate = attrs.field()
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
+    # Policy: on_connect runs here, after the gate and the limits; the handlers run the rest.
+    hooks: Hooks = attrs.field(factory=BaseHooks)
     # Bound addresses by listener name, filled in once every listener is bound.
     addresses: dict[str, list[Endpoint]] = attrs.field(factory=dict, init=False)
     _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
@@ -179,10 +216,12 @@ class Server:
                     await _refuse(stream, conf.protocol, "Too many connections, try again later")
                     return
                 await self._session(conf, stream)
-        except OSError as exc:
-            # The peer reset before we could even ask who it was; nothing else to do.
-            if exc.errno not in (errno.ENOTCONN, errno.ECONNRESET, errno.EINVAL):
-                raise
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            # A reset during the gate or a refusal, or before we could ask who the peer was.
+            logger.info("listener %s: connection lost before its session: %s", name, exc)
+        except Exception:
+            # Whatever one connection does, the listener keeps serving the others.
+            logger.exception("listener %s: connection failed", name)
         finally:
             await trio.aclose_forcefully(stream)
 
@@ -205,11 +244,34 @@ class Server:
                 )
                 await _refuse(stream, conf.protocol, "Too many connections from your address")
                 return
-            try:
-                if conf.tls:
-                    assert self.ssl_context is not None
+            verdict = await self._on_connect(context)
+            if not verdict.accepted:
+                logger.warning(
+                    "listener %s: on_connect refused %r: %s %s",
+                    conf.name,
+                    context,
+                    verdict.action.value,
+                    verdict.reason,
+                )
+                await _refuse(
+                    stream,
+                    conf.protocol,
+                    verdict.reason,
+                    action=verdict.action,
+                    status=verdict.status,
+                )
+                return
+            if conf.tls:
+                assert self.ssl_context is not None
+                try:
                     with trio.fail_after(conf.tls_handshake_timeout):
                         stream, context = await starttls(stream, context, self.ssl_context)
+                except (trio.TooSlowError, trio.BrokenResourceError) as exc:
+                    # Behind a proxy, a failed handshake is usually a configuration mismatch.
+                    level = logging.WARNING if context.proxied else logging.INFO
+                    logger.log(level, "%r: %s", context, _handshake_failure(exc, context, conf))
+                    return
+            try:
                 await self.handlers[conf.protocol](
                     IdleTimeoutStream(stream, conf.idle_timeout), context
                 )
@@ -221,6 +283,37 @@ class Server:
                 # One session's bug must not take the listener down with it.
                 logger.exception("%r: handler failed", context)
 
+    async def _on_connect(self, context: ConnectionContext) -> Verdict:
+        try:
+            with trio.fail_after(ON_CONNECT_TIMEOUT):
+                return await self.hooks.on_connect(context)
+        except trio.TooSlowError:
+            # A timeout's traceback says nothing the message does not.
+            logger.error(  # noqa: TRY400
+                "%r: on_connect took over %g s; refusing", context, ON_CONNECT_TIMEOUT
+            )
+        except Exception:
+            # trio.Cancelled is a BaseException and passes; a hook's bug refuses one client.
+            logger.exception("%r: on_connect failed; refusing", context)
+        return Verdict.tempfail(HOOK_FAILURE_REASON, status=HOOK_FAILURE_STATUS)
+
+
+def _handshake_failure(exc: Exception, context: ConnectionContext, conf: NetworkListener) -> str:
+    """Why an implicit-TLS handshake failed, in the operator's terms."""
+    if context.tls_terminated_by is TLSTerminator.PROXY:
+        return (
+            "the TLS handshake failed, and the proxy's header says it already terminated the "
+            "client's TLS: send the proxy's decrypted traffic to a listener without tls, or "
+            "have the proxy re-encrypt (HAProxy: ssl on the server line)"
+        )
+    if isinstance(exc, trio.TooSlowError):
+        return (
+            f"no TLS handshake within {conf.tls_handshake_timeout:g} s on an implicit-TLS "
+            "listener: the client sent nothing or plaintext (a proxy terminating TLS and "
+            "forwarding plaintext, or a client that expects STARTTLS)"
+        )
+    return f"the TLS handshake failed: {exc.__cause__ or exc}"
+
 
 def _peer(stream: trio.SocketStream) -> Endpoint:
     return _endpoint(stream.socket.getpeername())
@@ -231,13 +324,20 @@ def _show(endpoint: Endpoint) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-async def _refuse(stream: trio.abc.Stream, protocol: Protocol, text: str) -> None:
+async def _refuse(
+    stream: trio.abc.Stream,
+    protocol: Protocol,
+    text: str,
+    *,
+    action: Action = Action.TEMPFAIL,
+    status: str | None = None,
+) -> None:
     # A client that is not reading must not hold the refusal up: best effort, briefly.
     with (
         trio.move_on_after(REFUSAL_SEND_TIMEOUT),
         contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
     ):
-        await stream.send_all(refusal(protocol, text))
+        await stream.send_all(refusal(protocol, text, action=action, status=status))
 
 
 async def serve(
@@ -246,14 +346,17 @@ async def serve(
     *,
     ssl_context: ssl.SSLContext | None = None,
     gate: ProxyGate | None = None,
+    hooks: Hooks | None = None,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
 
-    ``handlers`` maps each protocol to an async ``(stream, context)`` callable. With
-    ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`, whose
-    ``addresses`` hold the bound endpoints (so tests can bind port 0).
+    ``handlers`` maps each protocol to an async ``(stream, context)`` callable. ``hooks``
+    (for instance a :class:`~mailedge.hooks.base.HookChain`) gets ``on_connect`` for every
+    connection the gate admits; a refusal is sent in the protocol's words and the connection
+    closed. With ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`,
+    whose ``addresses`` hold the bound endpoints (so tests can bind port 0).
     """
     server = Server(
         settings=settings,
@@ -261,6 +364,7 @@ async def serve(
         ssl_context=ssl_context,
         drain_timeout=drain_timeout,
         gate=gate if gate is not None else ProxyGate(settings),
+        hooks=hooks if hooks is not None else BaseHooks(),
     )
     await server.run(task_status=task_status)
 

@@ -2,26 +2,36 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import pathlib
+import socket
 import ssl
+import struct
 from collections.abc import AsyncIterator
 
+import attrs
 import pytest
 import trio
 import trio.testing
 import trustme
 
+from mailedge import server as server_module
 from mailedge.context import ConnectionContext
 from mailedge.events import EventName
+from mailedge.hooks import Action, BaseHooks, HookChain, Hooks, Verdict
+from mailedge.hooks.autoban import AutoBan
+from mailedge.hooks.ratelimit import RateLimitHooks
 from mailedge.networks import TrustedNetworks
-from mailedge.proxy import Command, InetAddress, encode_v1, encode_v2
+from mailedge.proxy import ClientFlags, Command, InetAddress, SSLInfo, encode_v1, encode_v2
 from mailedge.server import Handler, Server, refusal, serve
 from mailedge.settings import (
+    AutoBanSettings,
     BindAddress,
     NetworkListener,
     Protocol,
+    RateLimit,
     Settings,
     SystemSettings,
 )
@@ -288,3 +298,267 @@ async def test_every_protocol_needs_a_handler() -> None:
 )
 async def test_refusals_speak_the_protocol(protocol: Protocol, start_: bytes) -> None:
     assert refusal(protocol, "busy").startswith(start_)
+
+
+# -- the on_connect hook --------------------------------------------------------------------------
+
+
+@attrs.define
+class Refuse(BaseHooks):
+    """Refuses the client ``who`` with ``verdict``; records every context it is asked about."""
+
+    who: str
+    verdict: Verdict
+    seen: list[ConnectionContext] = attrs.field(factory=list)
+
+    async def on_connect(self, context: ConnectionContext) -> Verdict:
+        self.seen.append(context)
+        if str(context.client_ip) == self.who:
+            return self.verdict
+        return Verdict.accept()
+
+
+async def start_protocol(
+    nursery: trio.Nursery, protocol: Protocol, hooks: Hooks, handler: Handler = whoami
+) -> Server:
+    conf = settings(
+        NetworkListener(
+            name="edge",
+            protocol=protocol,
+            bind=(BindAddress.parse("127.0.0.1:0"), BindAddress.parse("[::1]:0")),
+        )
+    )
+    server: Server = await nursery.start(
+        functools.partial(serve, conf, {protocol: handler}, hooks=hooks)
+    )
+    return server
+
+
+async def read_all(stream: trio.abc.Stream) -> bytes:
+    data = b""
+    while chunk := await stream.receive_some():
+        data += chunk
+    return data
+
+
+@pytest.mark.parametrize(
+    ("protocol", "verdict", "expected"),
+    [
+        (Protocol.SMTP, Verdict.tempfail("slow down"), b"421 4.7.0 slow down\r\n"),
+        (Protocol.SMTP, Verdict.reject("go away"), b"554 5.7.1 go away\r\n"),
+        (
+            Protocol.SMTP,
+            Verdict.tempfail("banned until 2030-01-01T00:00:00Z"),
+            b"421 4.7.0 banned until 2030-01-01T00:00:00Z\r\n",
+        ),
+        (Protocol.IMAP, Verdict.tempfail("slow down"), b"* BYE slow down\r\n"),
+        (Protocol.IMAP, Verdict.reject("go away"), b"* BYE go away\r\n"),
+    ],
+)
+async def test_on_connect_refusals_over_real_sockets(
+    nursery: trio.Nursery,
+    caplog: pytest.LogCaptureFixture,
+    protocol: Protocol,
+    verdict: Verdict,
+    expected: bytes,
+) -> None:
+    hooks = Refuse("198.51.100.7", verdict)
+    server = await start_protocol(nursery, protocol, hooks)
+    refused = await connect(server, "edge")
+    await refused.send_all(encode_v1(CLIENT, SERVER))
+    # The refusal, then the connection is closed: the handler never ran.
+    assert await read_all(refused) == expected
+    # Another client behind the same proxy is served.
+    other = await connect(server, "edge", family=6)
+    await other.send_all(encode_v1(InetAddress(ipaddress.ip_address("198.51.100.8"), 1), SERVER))
+    assert await read_reply(other) == b"220 198.51.100.8 1\r\n"
+    # The hook saw the recovered clients, not the proxy.
+    assert [str(c.client_ip) for c in hooks.seen] == ["198.51.100.7", "198.51.100.8"]
+    [record] = [r for r in caplog.records if "on_connect refused" in r.getMessage()]
+    assert record.levelno == logging.WARNING
+    assert "client=198.51.100.7:40123 via=127.0.0.1:" in record.getMessage()
+    assert f"{verdict.action.value} {verdict.reason}" in record.getMessage()
+    nursery.cancel_scope.cancel()
+
+
+@pytest.mark.parametrize(
+    ("verdict", "status_line"),
+    [
+        (Verdict.tempfail("later"), b"HTTP/1.1 503 Service Unavailable\r\n"),
+        (Verdict.reject("no"), b"HTTP/1.1 403 Forbidden\r\n"),
+    ],
+)
+async def test_on_connect_refusals_over_http(
+    nursery: trio.Nursery, verdict: Verdict, status_line: bytes
+) -> None:
+    server = await start_protocol(nursery, Protocol.HTTP, Refuse("198.51.100.7", verdict))
+    stream = await connect(server, "edge")
+    await stream.send_all(encode_v1(CLIENT, SERVER) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+    response = await read_all(stream)
+    assert response.startswith(status_line)
+    assert response.endswith(f"\r\n\r\n{verdict.reason}\n".encode())
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_failing_hook_refuses_for_now(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Broken(BaseHooks):
+        async def on_connect(self, context: ConnectionContext) -> Verdict:
+            raise RuntimeError("store unreachable")
+
+    server = await start(nursery, settings(), hooks=Broken())
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_all(stream) == (
+        b"421 4.3.0 Service temporarily unavailable, try again later\r\n"
+    )
+    [crash] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert "on_connect failed" in crash.getMessage()
+    assert crash.exc_info is not None
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_hung_hook_is_bounded(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    class Hung(BaseHooks):
+        async def on_connect(self, context: ConnectionContext) -> Verdict:
+            await trio.sleep_forever()
+            raise AssertionError("unreachable")
+
+    monkeypatch.setattr(server_module, "ON_CONNECT_TIMEOUT", 0.05)
+    server = await start(nursery, settings(), hooks=Hung())
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    assert (await read_all(stream)).startswith(b"421 4.3.0 ")
+    assert "on_connect took over 0.05 s" in caplog.text
+    nursery.cancel_scope.cancel()
+
+
+async def test_rate_limits_count_each_client_behind_the_proxy(nursery: trio.Nursery) -> None:
+    conf = settings(listener(rate_limit_connections=RateLimit.parse("1/1d")))
+    server = await start(nursery, conf, hooks=RateLimitHooks(lambda: conf))
+    first = await connect(server)
+    await first.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(first) == b"220 198.51.100.7 40123\r\n"
+    again = await connect(server)
+    await again.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_all(again) == (
+        b"421 4.7.0 Too many connections from your network, try later\r\n"
+    )
+    # Same proxy, another client: its own budget.
+    other = await connect(server)
+    await other.send_all(encode_v1(InetAddress(ipaddress.ip_address("198.51.100.8"), 1), SERVER))
+    assert await read_reply(other) == b"220 198.51.100.8 1\r\n"
+    # The proxy's health checks are never counted.
+    for _ in range(3):
+        check = await connect(server)
+        await check.send_all(encode_v2(Command.LOCAL))
+        assert (await read_reply(check)).startswith(b"220 127.0.0.1 ")
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_banned_client_is_refused_and_its_proxy_is_not(nursery: trio.Nursery) -> None:
+    conf = attrs.evolve(settings(), auto_ban=AutoBanSettings(failures=1))
+    autoban = AutoBan(lambda: conf)
+    await autoban.record_failure(CLIENT.ip, "failed login")
+    # A proxy's failures are never counted: it stays servable.
+    await autoban.record_failure(ipaddress.ip_address("127.0.0.1"), "failed login")
+    server = await start(nursery, conf, hooks=HookChain([autoban]))
+    banned = await connect(server)
+    await banned.send_all(encode_v1(CLIENT, SERVER))
+    reply = await read_all(banned)
+    assert reply.startswith(b"421 4.7.0 banned until ") and reply.endswith(b"Z\r\n")
+    other = await connect(server)
+    await other.send_all(encode_v1(InetAddress(ipaddress.ip_address("198.51.100.8"), 1), SERVER))
+    assert await read_reply(other) == b"220 198.51.100.8 1\r\n"
+    check = await connect(server)
+    await check.send_all(encode_v2(Command.LOCAL))
+    assert (await read_reply(check)).startswith(b"220 127.0.0.1 ")
+    nursery.cancel_scope.cancel()
+
+
+async def test_default_hooks_accept_everything(nursery: trio.Nursery) -> None:
+    server = await start(nursery, settings())
+    assert isinstance(server.hooks, BaseHooks)
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(stream) == b"220 198.51.100.7 40123\r\n"
+    nursery.cancel_scope.cancel()
+
+
+# -- refusal() ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("protocol", "action", "status", "expected"),
+    [
+        (Protocol.SMTP, Action.TEMPFAIL, None, b"421 4.7.0 no\r\n"),
+        (Protocol.SMTP, Action.REJECT, None, b"554 5.7.1 no\r\n"),
+        (Protocol.SMTP, Action.TEMPFAIL, "4.7.28", b"421 4.7.28 no\r\n"),
+        (Protocol.SMTP, Action.REJECT, "5.7.23", b"554 5.7.23 no\r\n"),
+        # An enhanced code of the wrong class (or not one at all) is replaced.
+        (Protocol.SMTP, Action.TEMPFAIL, "5.7.1", b"421 4.7.0 no\r\n"),
+        (Protocol.SMTP, Action.REJECT, "4.7.1", b"554 5.7.1 no\r\n"),
+        (Protocol.SMTP, Action.REJECT, "5.7.1 injected", b"554 5.7.1 no\r\n"),
+        (Protocol.IMAP, Action.REJECT, None, b"* BYE no\r\n"),
+    ],
+)
+async def test_refusal_variants(
+    protocol: Protocol, action: Action, status: str | None, expected: bytes
+) -> None:
+    assert refusal(protocol, "no", action=action, status=status) == expected
+
+
+async def test_refusal_http_variants() -> None:
+    assert refusal(Protocol.HTTP, "busy") == (
+        b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        b"Content-Length: 5\r\n\r\nbusy\n"
+    )
+    assert refusal(Protocol.HTTP, "no", action=Action.REJECT) == (
+        b"HTTP/1.1 403 Forbidden\r\n"
+        b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
+        b"Content-Length: 3\r\n\r\nno\n"
+    )
+
+
+async def test_refusal_text_cannot_end_the_line() -> None:
+    assert refusal(Protocol.SMTP, "a\r\n250 OK\r\n") == b"421 4.7.0 a 250 OK\r\n"
+    assert refusal(Protocol.IMAP, "", action=Action.REJECT) == b"* BYE Refused\r\n"
+    assert refusal(Protocol.SMTP, "\r\n") == b"421 4.7.0 Try again later\r\n"
+    with pytest.raises(ValueError, match="not a refusal"):
+        refusal(Protocol.SMTP, "fine", action=Action.ACCEPT)
+
+
+async def test_tls_terminated_twice_is_diagnosed(
+    nursery: trio.Nursery, ca: trustme.CA, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A proxy that terminates TLS in front of an implicit-TLS listener: say so, loudly."""
+    server_ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("mx.example").configure_cert(server_ctx)
+    server = await start(nursery, settings(listener(tls=True)), ssl_context=server_ctx)
+    stream = await connect(server)
+    ssl_tlv = SSLInfo(client=ClientFlags.SSL, verify=0, version="TLSv1.3")
+    await stream.send_all(encode_v2(Command.PROXY, CLIENT, SERVER, ssl=ssl_tlv) + b"EHLO x\r\n")
+    assert await stream.receive_some() == b""  # closed: no banner in plaintext
+    (record,) = [r for r in caplog.records if r.name == "mailedge.server"]
+    assert record.levelno == logging.WARNING
+    assert "already terminated the client's TLS" in record.getMessage()
+    assert "198.51.100.7" in record.getMessage()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_reset_during_the_gate_ends_only_that_connection(nursery: trio.Nursery) -> None:
+    server = await start(nursery, settings())
+    doomed = await connect(server)
+    await doomed.send_all(b"PROXY TCP4 198.51.")
+    # SO_LINGER 0 makes close() send a RST instead of a FIN.
+    doomed.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    doomed.socket.close()
+    await trio.testing.wait_all_tasks_blocked()
+    good = await connect(server)
+    await good.send_all(encode_v1(CLIENT, SERVER))
+    assert await read_reply(good) == b"220 198.51.100.7 40123\r\n"
+    nursery.cancel_scope.cancel()
