@@ -9,12 +9,21 @@ PROXY header (and, on an implicit-TLS listener, its TLS handshake) dealt with al
 It is not a mail server: it accepts any recipient, relays nothing and delivers every message,
 once, into one Maildir. See ``docs/smtp-handler.md``.
 
+Policy comes from ``hooks`` (:mod:`mailedge.hooks`): ``on_helo`` for each HELO/EHLO,
+``on_mail_from`` before a sender is accepted, ``on_data`` with the whole message before it is
+stored. A refusal becomes ``451`` (tempfail) or ``550`` (reject) with the verdict's enhanced
+status code and reason; an accepting verdict's headers (Received-SPF, Authentication-Results)
+are written into the stored message, and a ``quarantine`` flag files it in the Maildir++ folder
+``.Junk`` instead of the inbox. ``on_connect`` is the server layer's, before the banner.
+See ``docs/hooks-spf-dmarc.md``.
+
 The server layer calls it once per admitted connection::
 
     handler = SMTPHandler(
         hostname="mx.example",
         maildir=Path("/var/mail/sink"),
         ssl_context=server_ssl_context("cert.pem", "key.pem"),
+        hooks=HookChain([SPFHook("mx.example"), DMARCHook("mx.example")]),
     )
     await handler(stream, context)
 """
@@ -30,12 +39,13 @@ import pathlib
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 import attrs
 import trio
 
 from mailedge.context import ConnectionContext, TLSTerminator
+from mailedge.hooks.base import Action, BaseHooks, Envelope, Hooks, Verdict
 from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.tls import starttls
 
@@ -56,6 +66,9 @@ __all__ = [
     "MAX_PATH",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_BAD_COMMANDS",
+    # policy
+    "QUARANTINE_FLAG",
+    "QUARANTINE_FOLDER",
 ]
 
 log = logging.getLogger("mailedge.examples.smtp")
@@ -79,6 +92,16 @@ DEFAULT_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
 MAX_BAD_COMMANDS = 10
 # One receive: room for a pipelined batch of commands, and the reader's bound past one line.
 RECEIVE_SIZE = 8192
+# RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; a hook's reason gets what is left
+# after the code, the enhanced status code and the CRLF, with room to spare.
+MAX_POLICY_REASON = 400
+# RFC 5322 2.1.1: header lines SHOULD be at most 78 characters; hook headers are folded to it.
+HEADER_WIDTH = 78
+
+# The verdict flag that files a message as junk (the DMARC hook sets it for p=quarantine),
+# and where: the Maildir++ folder that IMAP servers such as Dovecot show as "Junk".
+QUARANTINE_FLAG = "quarantine"
+QUARANTINE_FOLDER = "Junk"
 
 # Replies that say the command itself was wrong; ten in a row end the session.
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
@@ -104,6 +127,12 @@ _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 # What a TLS version or cipher name may contain when written into a header.
 _UNSAFE_IN_HEADER = re.compile(r"[^A-Za-z0-9_.+/-]")
+# RFC 3463 2: class.subject.detail.
+_ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
+# What may stand in a reply's text: printable ASCII (non-ASCII needs SMTPUTF8's extensions).
+_NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
+# A hook's header line: an RFC 5322 field name, a colon, and text without control characters.
+_HOOK_HEADER = re.compile(r"[\x21-\x39\x3b-\x7e]+:[^\x00-\x08\x0a-\x1f\x7f]*")
 
 
 class LineTooLongError(Exception):
@@ -221,6 +250,10 @@ class Transaction:
     # The BODY parameter (RFC 6152): 7BIT or 8BITMIME. Both are stored as received.
     body: str = "7BIT"
     declared_size: int | None = None
+    # From the hooks' accepting verdicts (greeting, MAIL FROM, end of DATA): header lines to
+    # write into the stored message, and flags for delivery (e.g. quarantine).
+    headers: list[str] = attrs.Factory(list)
+    flags: set[str] = attrs.Factory(set)
 
 
 @attrs.define
@@ -237,12 +270,15 @@ class Session:
     # Consecutive replies with ``bad_command`` set.
     bad_commands: int = 0
     delivered: int = 0
+    # The greeting's accepting verdict, whose headers and flags go into each transaction.
+    greeting_verdict: Verdict = attrs.field(factory=Verdict.accept, repr=False)
 
     def forget_greeting(self) -> None:
         """RFC 3207 4.2: after STARTTLS, nothing learnt in plaintext is kept."""
         self.helo = None
         self.esmtp = False
         self.transaction = None
+        self.greeting_verdict = Verdict.accept()
 
 
 class _SessionEnded(Exception):
@@ -278,6 +314,8 @@ class SMTPHandler:
     tls_handshake_timeout: float = attrs.field(
         default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=attrs.validators.gt(0)
     )
+    # Policy at HELO/EHLO, MAIL FROM and the end of DATA; the default accepts everything.
+    hooks: Hooks = attrs.field(factory=BaseHooks)
 
     def __attrs_post_init__(self) -> None:
         # Creates the directory with cur/, new/ and tmp/ if it is missing; it leaves an
@@ -288,7 +326,8 @@ class SMTPHandler:
 
     def __repr__(self) -> str:
         starttls = "starttls" if self.ssl_context is not None else "no-starttls"
-        return f"<SMTPHandler {self.hostname} maildir={self.maildir} {starttls}>"
+        hooks = "" if type(self.hooks) is BaseHooks else f" hooks={self.hooks!r}"
+        return f"<SMTPHandler {self.hostname} maildir={self.maildir} {starttls}{hooks}>"
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         session = Session(context=context, stream=stream, reader=LineReader(stream))
@@ -313,7 +352,7 @@ class SMTPHandler:
         )
 
     async def _converse(self, session: Session) -> None:
-        # Policy hook (connect): a verdict could answer 554 here instead of the banner.
+        # Connect-time policy (hooks.on_connect) is the server layer's: it runs before this.
         await self._send(session, Reply(220, f"{self.hostname} ESMTP mailedge example"))
         while True:
             try:
@@ -382,9 +421,9 @@ class SMTPHandler:
     async def cmd_ehlo(self, session: Session, argument: str) -> Reply:
         if len(argument) > MAX_DOMAIN or not _HELO.fullmatch(argument):
             return Reply(501, "5.5.4 Syntax: EHLO domain-or-address-literal")
-        # Policy hook (HELO/EHLO): a verdict on the name could reject it here.
-        # RFC 5321 4.1.4: a new greeting also resets any transaction.
-        session.helo, session.esmtp, session.transaction = argument, True, None
+        refusal = await self._greet(session, argument, esmtp=True)
+        if refusal is not None:
+            return refusal
         keywords = [
             "PIPELINING",
             f"SIZE {self.max_message_size}",
@@ -399,9 +438,24 @@ class SMTPHandler:
     async def cmd_helo(self, session: Session, argument: str) -> Reply:
         if len(argument) > MAX_DOMAIN or not _HELO.fullmatch(argument):
             return Reply(501, "5.5.4 Syntax: HELO domain-or-address-literal")
-        # Policy hook (HELO/EHLO).
-        session.helo, session.esmtp, session.transaction = argument, False, None
+        refusal = await self._greet(session, argument, esmtp=False)
+        if refusal is not None:
+            return refusal
         return Reply(250, self._hello(session))
+
+    async def _greet(self, session: Session, helo: str, *, esmtp: bool) -> Reply | None:
+        """Policy hook (HELO/EHLO): the refusal to send, or None with the greeting recorded."""
+        # RFC 5321 4.1.4: a new greeting also resets any transaction, accepted or not; a
+        # refused one leaves the session ungreeted, so MAIL needs a greeting that passes.
+        session.helo, session.esmtp, session.transaction = None, False, None
+        session.greeting_verdict = Verdict.accept()
+        verdict = await self._consult(
+            session, "HELO", lambda: self.hooks.on_helo(session.context, helo)
+        )
+        refusal = _policy_reply(verdict)
+        if refusal is None:
+            session.helo, session.esmtp, session.greeting_verdict = helo, esmtp, verdict
+        return refusal
 
     def _hello(self, session: Session) -> str:
         return f"{self.hostname} Hello {session.helo} [{session.context.client_ip}]"
@@ -443,7 +497,17 @@ class SMTPHandler:
             return Reply(501, f"5.5.4 Bad sender address: {exc}")
         if not transaction.sender.isascii() and not transaction.smtputf8:
             return Reply(553, "5.6.7 Non-ASCII address needs SMTPUTF8")
-        # Policy hook (MAIL FROM): a verdict on the sender could reject it here.
+        # Policy hook (MAIL FROM): SPF, for one, judges the sender here.
+        helo = session.helo
+        verdict = await self._consult(
+            session,
+            "MAIL FROM",
+            lambda: self.hooks.on_mail_from(session.context, helo, transaction.sender),
+        )
+        refusal = _policy_reply(verdict)
+        if refusal is not None:
+            return refusal
+        _adopt(transaction, session.greeting_verdict, verdict)
         session.transaction = transaction
         return Reply(250, "2.1.0 Sender OK")
 
@@ -520,7 +584,20 @@ class SMTPHandler:
             # RFC 5321 2.3.8: CR and LF appear only together. A relay that passed a bare one
             # on could be tricked into ending the data early.
             return Reply(554, "5.6.0 Bare CR or LF in message", bad_command=False)
-        # Policy hook (end of DATA): a verdict on the message could reject it here.
+        # Policy hook (end of DATA): the whole message as received (LF line ends, without this
+        # server's trace headers), before it is stored. DMARC, for one, judges it here.
+        envelope = Envelope(
+            helo=session.helo or "",
+            mail_from=transaction.sender,
+            rcpt_to=tuple(transaction.recipients),
+        )
+        verdict = await self._consult(
+            session, "DATA", lambda: self.hooks.on_data(session.context, envelope, bytes(body))
+        )
+        refusal = _policy_reply(verdict)
+        if refusal is not None:
+            return refusal
+        _adopt(transaction, verdict)
         return await self._deliver(session, transaction, body)
 
     async def cmd_rset(self, session: Session, argument: str) -> Reply:
@@ -577,30 +654,56 @@ class SMTPHandler:
         )
         return None
 
+    # -- policy --------------------------------------------------------------------------
+
+    async def _consult(
+        self, session: Session, point: str, call: Callable[[], Awaitable[Verdict]]
+    ) -> Verdict:
+        """A hook's verdict; a hook that raises is a temporary failure, not a lost session."""
+        try:
+            verdict = await call()
+        except Exception:
+            log.exception("%s: %s hook failed", _who(session.context), point)
+            return Verdict.tempfail("Policy check failed, try again later", status="4.3.0")
+        if not verdict.accepted:
+            log.info(
+                "%s: %s refused by policy (%s): %s",
+                _who(session.context),
+                point,
+                verdict.action.value,
+                verdict.reason,
+            )
+        return verdict
+
     # -- delivery ------------------------------------------------------------------------
 
     async def _deliver(self, session: Session, transaction: Transaction, body: bytearray) -> Reply:
         message_id = secrets.token_hex(8)
         message = self.trace_headers(session, transaction, message_id) + body
+        folder = QUARANTINE_FOLDER if QUARANTINE_FLAG in transaction.flags else None
         try:
-            key = await trio.to_thread.run_sync(self.deliver, message)
+            key = await trio.to_thread.run_sync(self.deliver, message, folder)
         except Exception:
             log.exception("%s: delivery of %s failed", _who(session.context), message_id)
             return Reply(451, "4.3.0 Delivery failed, try again later")
         session.delivered += 1
         log.info(
-            "%s: delivered id=%s key=%s from=<%s> recipients=%d size=%d",
+            "%s: delivered id=%s key=%s folder=%s from=<%s> recipients=%d size=%d flags=%s",
             _who(session.context),
             message_id,
             key,
+            folder or "INBOX",
             transaction.sender,
             len(transaction.recipients),
             len(message),
+            ",".join(sorted(transaction.flags)) or "-",
         )
         return Reply(250, f"2.0.0 OK queued as {key}")
 
     def trace_headers(self, session: Session, transaction: Transaction, message_id: str) -> bytes:
-        """The Return-Path and Received headers this server prepends (RFC 5321 4.4)."""
+        """The Return-Path and Received headers this server prepends (RFC 5321 4.4), with the
+        hooks' headers between them: RFC 7208 9.1 puts Received-SPF above this server's
+        Received, and RFC 8601 Authentication-Results likewise; Return-Path stays on top."""
         context = session.context
         # Only a client the gate vouches for is named; a LOCAL or UNKNOWN header leaves
         # client_ip standing in for the proxy, which must not look like the sender's address.
@@ -611,21 +714,29 @@ class SMTPHandler:
         lines = [
             # This is the final delivery, which records the reverse-path (RFC 5321 4.4).
             f"Return-Path: <{transaction.sender}>",
+            *_hook_headers(session, transaction.headers),
             f"Received: from {session.helo} ({client})",
             f"\tby {self.hostname} (mailedge example) {with_}",
             f"\tid {message_id}; {email.utils.formatdate(localtime=True)}",
         ]
         return "".join(f"{line}\n" for line in lines).encode()
 
-    def deliver(self, message: bytes) -> str:
+    def deliver(self, message: bytes, folder: str | None = None) -> str:
         """Store ``message`` in the Maildir durably and return its key. Blocks: run in a thread.
 
-        ``mailbox`` fsyncs the file it writes in ``tmp/`` but not the directory that gains its
-        link in ``new/``; until that is synced a crash can lose a message already accepted.
+        ``folder`` names a Maildir++ subfolder (``.Junk`` for "Junk"), created if missing;
+        None is the inbox. ``mailbox`` fsyncs the file it writes in ``tmp/`` but not the
+        directory that gains its link in ``new/``; until that is synced a crash can lose a
+        message already accepted.
         """
         # A Maildir object per delivery: the objects keep a cache that is not thread-safe.
-        key = mailbox.Maildir(self.maildir, create=False).add(message)
-        new = self.maildir / "new"
+        box = mailbox.Maildir(self.maildir, create=False)
+        path = self.maildir
+        if folder is not None:
+            # Maildir++: a subfolder is a Maildir named "." + its name, with a marker file.
+            box, path = box.add_folder(folder), self.maildir / f".{folder}"
+        key = box.add(message)
+        new = path / "new"
         _fsync(new / key)
         _fsync(new, directory=True)
         return key
@@ -645,6 +756,61 @@ class SMTPHandler:
             trio.BrokenResourceError, trio.ClosedResourceError, trio.TooSlowError
         ):
             await session.stream.send_all(reply.encode())
+
+
+def _policy_reply(verdict: Verdict) -> Reply | None:
+    """The reply to a refusing verdict (None when it accepts): 451 or 550, with its status
+    code when that fits the reply's class, and its reason made safe for one reply line."""
+    if verdict.accepted:
+        return None
+    if verdict.action is Action.TEMPFAIL:
+        code, status, fallback = 451, "4.7.1", "Try again later"
+    else:
+        code, status, fallback = 550, "5.7.1", "Refused by policy"
+    # A status code of the wrong class (a 5.x.x on a 451) would contradict the reply.
+    if (
+        verdict.status
+        and _ENHANCED_STATUS.fullmatch(verdict.status)
+        and verdict.status[0] == str(code)[0]
+    ):
+        status = verdict.status
+    # Control characters become spaces (no reason can end the line and forge another reply),
+    # anything else outside printable ASCII a "?".
+    reason = " ".join(_CONTROL.sub(" ", verdict.reason).split())
+    reason = _NOT_REPLY_TEXT.sub("?", reason)[:MAX_POLICY_REASON]
+    # Not a bad command: the client said nothing wrong, the policy said no.
+    return Reply(code, f"{status} {reason or fallback}", bad_command=False)
+
+
+def _adopt(transaction: Transaction, *verdicts: Verdict) -> None:
+    for verdict in verdicts:
+        transaction.headers.extend(verdict.headers)
+        transaction.flags.update(verdict.flags)
+
+
+def _hook_headers(session: Session, headers: Iterable[str]) -> list[str]:
+    """The hooks' header lines, unfolded then folded at spaces to HEADER_WIDTH.
+
+    A line that is not ``Name: text`` without control characters is dropped (and logged):
+    whatever a hook returns, it cannot add a line break of its own to the stored message.
+    """
+    lines: list[str] = []
+    for header in headers:
+        if not _HOOK_HEADER.fullmatch(header):
+            log.warning("%s: dropped a malformed hook header %r", _who(session.context), header)
+            continue
+        name, _, value = header.partition(":")
+        folded = f"{name}:"
+        for word in value.split():
+            line = len(folded) - (folded.rfind("\n") + 1)
+            # Folding inserts a line break before a space (RFC 5322 2.2.3), so unfolding
+            # gives the line back (spaces collapsed); a word longer than a line stays whole.
+            separator = (
+                "\n " if line + 1 + len(word) > HEADER_WIDTH and line > len(name) + 1 else " "
+            )
+            folded += separator + word
+        lines.append(folded)
+    return lines
 
 
 def _who(context: ConnectionContext) -> str:

@@ -23,12 +23,14 @@ import trustme
 from smtp_handler import (
     MAX_COMMAND_LINE,
     MAX_TEXT_LINE,
+    QUARANTINE_FOLDER,
     LineReader,
     LineTooLongError,
     SMTPHandler,
 )
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.hooks.base import BaseHooks, Envelope, HookChain, Verdict
 from mailedge.settings import Protocol
 from mailedge.streams import IdleTimeoutStream
 
@@ -898,3 +900,331 @@ async def test_the_message_and_its_directory_are_synced_before_the_250(
     new = (handler.maildir / "new").resolve()
     assert str(new / key) in synced_at_reply
     assert str(new) in synced_at_reply
+
+
+# -- policy hooks ----------------------------------------------------------------------------------
+
+
+@attrs.define
+class FakeHooks(BaseHooks):
+    """Answers each point with a set verdict (or raises) and records what it was asked."""
+
+    helo: Verdict = attrs.field(factory=Verdict.accept)
+    mail_from: Verdict = attrs.field(factory=Verdict.accept)
+    data: Verdict = attrs.field(factory=Verdict.accept)
+    fail_at: str | None = None
+    calls: list[tuple[object, ...]] = attrs.field(factory=list)
+
+    def _answer(self, point: str, verdict: Verdict) -> Verdict:
+        if self.fail_at == point:
+            raise RuntimeError(f"{point} hook is broken")
+        return verdict
+
+    async def on_helo(self, context: ConnectionContext, helo: str) -> Verdict:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("helo", context.client_ip, helo))
+        return self._answer("helo", self.helo)
+
+    async def on_mail_from(self, context: ConnectionContext, helo: str, mail_from: str) -> Verdict:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("mail_from", context.client_ip, helo, mail_from))
+        return self._answer("mail_from", self.mail_from)
+
+    async def on_data(
+        self, context: ConnectionContext, envelope: Envelope, message: bytes
+    ) -> Verdict:
+        await trio.lowlevel.checkpoint()
+        self.calls.append(("data", context.client_ip, envelope, message))
+        return self._answer("data", self.data)
+
+
+def hooked(tmp_path: pathlib.Path, hooks: BaseHooks) -> SMTPHandler:
+    return SMTPHandler(hostname=HOSTNAME, maildir=tmp_path / "Maildir", hooks=hooks)
+
+
+async def test_the_hooks_see_the_recovered_client_and_the_transaction(
+    tmp_path: pathlib.Path,
+) -> None:
+    hooks = FakeHooks()
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("Subject: hi\r\n\r\n..dot\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    client_ip = ipaddress.ip_address(CLIENT_IP)
+    assert hooks.calls == [
+        ("helo", client_ip, "client.example"),
+        ("mail_from", client_ip, "client.example", "alice@example.org"),
+        (
+            "data",
+            client_ip,
+            Envelope("client.example", "alice@example.org", ("bob@example.net",)),
+            # As received, unstuffed, LF line ends, without this server's trace headers.
+            b"Subject: hi\n\n.dot\n",
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("verdict", "reply"),
+    [
+        (Verdict.tempfail("Slow down"), "451 4.7.1 Slow down"),
+        (Verdict.tempfail("SPF temperror", status="4.7.24"), "451 4.7.24 SPF temperror"),
+        (Verdict.reject("Go away"), "550 5.7.1 Go away"),
+        (Verdict.reject("SPF fail", status="5.7.23"), "550 5.7.23 SPF fail"),
+        # A status of the wrong class would contradict the code: the default replaces it.
+        (Verdict.tempfail("Later", status="5.7.1"), "451 4.7.1 Later"),
+        (Verdict.reject("No", status="not-a-status"), "550 5.7.1 No"),
+        # The reason cannot break the reply, and an empty one still says something.
+        (Verdict.reject("two\r\nlines\x00\u00e9"), "550 5.7.1 two lines ?"),
+        (Verdict.tempfail(""), "451 4.7.1 Try again later"),
+        (Verdict.reject("x" * 600), "550 5.7.1 " + "x" * 400),
+    ],
+)
+async def test_a_refused_sender_gets_the_verdicts_reply_and_no_transaction(
+    tmp_path: pathlib.Path, verdict: Verdict, reply: str
+) -> None:
+    handler = hooked(tmp_path, FakeHooks(mail_from=verdict))
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<alice@example.org>") == [reply]
+        assert await client.command("RCPT TO:<bob@example.net>") == [
+            "503 5.5.1 Need MAIL before RCPT"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+@pytest.mark.parametrize(
+    ("verdict", "reply"),
+    [
+        (Verdict.tempfail("DNS trouble", status="4.4.3"), "451 4.4.3 DNS trouble"),
+        (
+            Verdict.reject("DMARC policy of example.org rejects this message", status="5.7.1"),
+            "550 5.7.1 DMARC policy of example.org rejects this message",
+        ),
+    ],
+)
+async def test_a_refused_message_is_not_stored_and_the_session_goes_on(
+    tmp_path: pathlib.Path, verdict: Verdict, reply: str
+) -> None:
+    hooks = FakeHooks(data=verdict)
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.mail("Subject: no\r\n\r\nbody\r\n") == [reply]
+        # The transaction is over, and a refusal at the end of the data is no bad command.
+        assert await client.command("RCPT TO:<bob@example.net>") == [
+            "503 5.5.1 Need MAIL before RCPT"
+        ]
+        hooks.data = Verdict.accept()
+        assert (await client.mail("Subject: yes\r\n\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message["Subject"] == "yes"
+
+
+@pytest.mark.parametrize(
+    ("verdict", "reply"),
+    [
+        (Verdict.tempfail("Greeting later"), "451 4.7.1 Greeting later"),
+        (Verdict.reject("Bad name", status="5.7.1"), "550 5.7.1 Bad name"),
+    ],
+)
+@pytest.mark.parametrize("verb", ["EHLO", "HELO"])
+async def test_a_refused_greeting_leaves_the_session_ungreeted(
+    tmp_path: pathlib.Path, verdict: Verdict, reply: str, verb: str
+) -> None:
+    hooks = FakeHooks(helo=verdict)
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert await client.command(f"{verb} client.example") == [reply]
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+        # The session stays open; a greeting the policy accepts works.
+        hooks.helo = Verdict.accept()
+        assert (await client.command(f"{verb} client.example"))[0].startswith("250")
+        assert await client.command("MAIL FROM:<a@example.org>") == ["250 2.1.0 Sender OK"]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_a_refused_second_greeting_ends_the_earlier_one(tmp_path: pathlib.Path) -> None:
+    hooks = FakeHooks()
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        hooks.helo = Verdict.reject("Not that name")
+        assert await client.command("EHLO other.example") == ["550 5.7.1 Not that name"]
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "503 5.5.1 Send EHLO or HELO first"
+        ]
+
+    await converse(handler, make_context(), script)
+
+
+async def test_a_hook_that_raises_is_a_temporary_failure(
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    hooks = FakeHooks(fail_at="mail_from")
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<a@example.org>") == [
+            "451 4.3.0 Policy check failed, try again later"
+        ]
+        hooks.fail_at = "data"
+        assert await client.mail("\r\nbody\r\n", sender="a@example.org") == [
+            "451 4.3.0 Policy check failed, try again later"
+        ]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+
+    await converse(handler, make_context(), script)
+    assert stored(handler.maildir) == {}
+    assert "MAIL FROM hook failed" in caplog.text and "DATA hook failed" in caplog.text
+
+
+async def test_accepting_verdicts_headers_are_stored_above_received(
+    tmp_path: pathlib.Path,
+) -> None:
+    long_value = "mx.example; " + "; ".join(
+        f"method{i}=pass header.d=example.org" for i in range(6)
+    )
+    hooks = FakeHooks(
+        helo=Verdict.accept(headers=["X-Greeting: checked"]),
+        mail_from=Verdict.accept(
+            headers=["Received-SPF: pass (mx.example: test) client-ip=198.51.100.7;"],
+            flags=frozenset({"spf:pass"}),
+        ),
+        data=Verdict.accept(
+            headers=[
+                f"Authentication-Results: {long_value}",
+                "X-Evil: smuggled\r\nBcc: victim@example.net",
+                "not a header",
+            ],
+            flags=frozenset({"dmarc:pass"}),
+        ),
+    )
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("Subject: hi\r\n\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (raw,) = (path.read_bytes() for path in (handler.maildir / "new").iterdir())
+    head = raw.decode().split("\n\n", 1)[0]
+    names = [line.split(":", 1)[0] for line in head.split("\n") if not line[:1].isspace()]
+    assert names == [
+        "Return-Path",
+        "X-Greeting",
+        "Received-SPF",
+        "Authentication-Results",
+        "Received",
+        "Subject",
+    ]
+    # Long hook headers are folded at spaces to 78 characters, and unfold to what was given.
+    assert all(len(line) <= 78 for line in head.split("\n"))
+    (message,) = stored(handler.maildir).values()
+    assert " ".join(str(message["Authentication-Results"]).split()) == long_value
+    assert "Bcc" not in message and "X-Evil" not in message
+
+
+async def test_a_quarantine_flag_files_the_message_as_junk(tmp_path: pathlib.Path) -> None:
+    hooks = FakeHooks(data=Verdict.accept(flags=frozenset({"quarantine"})))
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("Subject: junk\r\n\r\nbody\r\n"))[0].startswith("250 2.0.0")
+        hooks.data = Verdict.accept()
+        assert (await client.mail("Subject: ham\r\n\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    junk = handler.maildir / f".{QUARANTINE_FOLDER}"
+    assert (junk / "maildirfolder").is_file()
+    assert [m["Subject"] for m in stored(junk).values()] == ["junk"]
+    assert [m["Subject"] for m in stored(handler.maildir).values()] == ["ham"]
+
+
+async def test_a_quarantined_message_is_synced_in_its_folder(
+    tmp_path: pathlib.Path, fsynced: list[str]
+) -> None:
+    handler = hooked(tmp_path, FakeHooks(data=Verdict.accept(flags=frozenset({"quarantine"}))))
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert (await client.mail("\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    new = (handler.maildir / f".{QUARANTINE_FOLDER}" / "new").resolve()
+    (key,) = os.listdir(new)
+    assert str(new / key) in fsynced and str(new) in fsynced
+
+
+async def test_headers_and_flags_belong_to_their_transaction(tmp_path: pathlib.Path) -> None:
+    hooks = FakeHooks(mail_from=Verdict.accept(headers=["X-First: 1"]))
+    handler = hooked(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<a@example.org>") == ["250 2.1.0 Sender OK"]
+        assert await client.command("RSET") == ["250 2.0.0 Reset state"]
+        hooks.mail_from = Verdict.accept(headers=["X-Second: 2"])
+        assert (await client.mail("Subject: t\r\n\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert message["X-Second"] == "2" and "X-First" not in message
+
+
+async def test_a_chain_of_hooks_is_consulted_in_order(tmp_path: pathlib.Path) -> None:
+    first = FakeHooks(mail_from=Verdict.accept(headers=["X-First: 1"]))
+    second = FakeHooks(mail_from=Verdict.reject("Second says no", status="5.7.1"))
+    handler = hooked(tmp_path, HookChain([first, second]))
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<a@example.org>") == ["550 5.7.1 Second says no"]
+
+    await converse(handler, make_context(), script)
+    assert [call[0] for call in first.calls] == ["helo", "mail_from"]
+    assert [call[0] for call in second.calls] == ["helo", "mail_from"]
+
+
+async def test_starttls_forgets_the_greetings_verdict(
+    tmp_path: pathlib.Path, server_ssl: ssl.SSLContext, client_ssl: ssl.SSLContext
+) -> None:
+    hooks = FakeHooks(helo=Verdict.accept(headers=["X-Plaintext-Greeting: yes"]))
+    handler = SMTPHandler(
+        hostname=HOSTNAME, maildir=tmp_path / "Maildir", ssl_context=server_ssl, hooks=hooks
+    )
+
+    async def script(client: Client) -> None:
+        await client.start()
+        await client.starttls(client_ssl)
+        hooks.helo = Verdict.accept()
+        assert (await client.command("EHLO client.example"))[-1] == "250 SMTPUTF8"
+        assert (await client.mail("\r\nbody\r\n"))[0].startswith("250 2.0.0")
+
+    await converse(handler, make_context(), script)
+    (message,) = stored(handler.maildir).values()
+    assert "X-Plaintext-Greeting" not in message
+
+
+def test_the_repr_names_the_hooks(tmp_path: pathlib.Path) -> None:
+    handler = hooked(tmp_path, HookChain([BaseHooks()]))
+    assert repr(handler) == (
+        f"<SMTPHandler mx.example maildir={tmp_path / 'Maildir'} no-starttls "
+        "hooks=<HookChain ['BaseHooks']>>"
+    )
