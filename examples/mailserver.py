@@ -29,6 +29,13 @@ from smtp_handler import SMTPHandler
 
 from mailedge.config import ConfigError, Document, load_document, loads_document
 from mailedge.gate import ProxyGate
+from mailedge.hooks import HookChain, Hooks
+from mailedge.hooks.autoban import AutoBan
+from mailedge.hooks.dmarc import DMARCHook
+from mailedge.hooks.dns import ResolverSettings
+from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
+from mailedge.hooks.spf import SPFHook
+from mailedge.hooks.store import MemoryStore
 from mailedge.server import Handler, Server, handle_signals, serve
 from mailedge.settings import NetworkListener, Protocol
 from mailedge.tls import server_ssl_context
@@ -96,10 +103,16 @@ class ExampleSettings:
     hostname: str = DEFAULT_HOSTNAME
     state_dir: pathlib.Path = pathlib.Path(DEFAULT_STATE_DIR)
     users: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    # SPF and DMARC need DNS the demo cannot assume, so they are opt-in: with them on and no
+    # resolver reachable, every message would get a 451 temperror.
+    spf: bool = False
+    dmarc: bool = False
+    # "ip" or "ip:port" entries; empty means the system resolver.
+    dns_servers: tuple[str, ...] = ()
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> ExampleSettings:
-        known = {"hostname", "stateDir", "users"}
+        known = {"hostname", "stateDir", "users", "spf", "dmarc", "dnsServers"}
         for key in table:
             if key not in known:
                 raise ConfigError(f"unknown key {key!r}", path=EXAMPLE_SECTION)
@@ -114,7 +127,22 @@ class ExampleSettings:
             isinstance(k, str) and isinstance(v, str) for k, v in users.items()
         ):
             raise ConfigError("expected a table of user = password", path="Example.users")
-        return cls(hostname=hostname, state_dir=pathlib.Path(state_dir), users=users)
+        flags = {}
+        for key in ("spf", "dmarc"):
+            flags[key] = table.get(key, False)
+            if not isinstance(flags[key], bool):
+                raise ConfigError(f"expected a boolean, got {flags[key]!r}", path=f"Example.{key}")
+        servers = table.get("dnsServers", [])
+        if not isinstance(servers, list) or not all(isinstance(x, str) for x in servers):
+            raise ConfigError("expected a list of 'ip' or 'ip:port'", path="Example.dnsServers")
+        return cls(
+            hostname=hostname,
+            state_dir=pathlib.Path(state_dir),
+            users=users,
+            spf=flags["spf"],
+            dmarc=flags["dmarc"],
+            dns_servers=tuple(servers),
+        )
 
 
 def load(config: str | None) -> tuple[Document, ExampleSettings]:
@@ -219,22 +247,44 @@ class Parts:
     gate: ProxyGate
     handlers: dict[Protocol, Handler]
     ssl_context: ssl.SSLContext
+    hooks: HookChain
+    autoban: AutoBan
 
 
 def build(document: Document, example: ExampleSettings) -> Parts:
-    """The gate, one handler per protocol, and the demo TLS context."""
+    """The gate, the policy hooks, one handler per protocol, and the demo TLS context."""
     cert, key = demo_certificate(example.state_dir, example.hostname)
     tls = server_ssl_context(str(cert), str(key))
-    gate = ProxyGate(document.settings)
+    store = MemoryStore()
+    # The hooks read the gate's settings at call time, so a SIGHUP reload applies to them too.
+    autoban = AutoBan(lambda: gate.settings, store)
+    # Untrusted PROXY headers count as failures towards a ban of the peer that sent them.
+    gate = ProxyGate(document.settings, on_event=autoban.on_gate_event)
+    policy: list[Hooks] = [
+        # First, so a banned client is refused before it spends any rate budget.
+        autoban,
+        RateLimitHooks(lambda: gate.settings, RateLimiter(store)),
+    ]
+    resolver = ResolverSettings.parse(example.dns_servers)
+    if example.spf:
+        policy.append(SPFHook(receiver=example.hostname, resolver=resolver))
+    if example.dmarc:
+        policy.append(DMARCHook(authserv_id=example.hostname, resolver=resolver))
+    hooks = HookChain(policy)
     handlers: dict[Protocol, Handler] = {
         Protocol.SMTP: SMTPHandler(
-            hostname=example.hostname, maildir=example.state_dir / "Maildir", ssl_context=tls
+            hostname=example.hostname,
+            maildir=example.state_dir / "Maildir",
+            ssl_context=tls,
+            hooks=hooks,
         ),
-        Protocol.IMAP: IMAPHandler(hostname=example.hostname, users=example.users, ssl_context=tls),
-        # /metrics reports the gate's decisions by listener, event and reason.
-        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters),
+        Protocol.IMAP: IMAPHandler(
+            hostname=example.hostname, users=example.users, ssl_context=tls, hooks=hooks
+        ),
+        # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
+        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
     }
-    return Parts(gate, handlers, tls)
+    return Parts(gate, handlers, tls, hooks, autoban)
 
 
 async def run(
@@ -250,6 +300,7 @@ async def run(
         parts.handlers,
         ssl_context=parts.ssl_context,
         gate=parts.gate,
+        hooks=parts.hooks,
         task_status=task_status,
     )
 

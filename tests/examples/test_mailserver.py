@@ -7,6 +7,7 @@ blocking clients in a worker thread. The signal tests run the real script in a s
 from __future__ import annotations
 
 import email
+import http.client
 import imaplib
 import ipaddress
 import json
@@ -419,3 +420,68 @@ async def test_the_embedding_example_serves_its_handler(nursery: trio.Nursery) -
             replies += chunk
     assert replies == b"220 you are 198.51.100.7 (header)\r\n221 bye\r\n"
     nursery.cancel_scope.cancel()
+
+
+BAN_CONFIG = """\
+[SystemSettings]
+proxyTrustedNetworks = ["10.0.0.0/8"]
+
+[AutoBan]
+failures = 2
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:0"]
+
+[[NetworkListener]]
+name = "http"
+protocol = "http"
+bind = ["127.0.0.1:0"]
+
+[Example]
+stateDir = "{state}"
+"""
+
+
+async def test_spoofing_peers_are_banned_and_the_ban_can_be_lifted(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    """The example wires auto-ban to the gate: untrusted PROXY headers earn a ban."""
+    document = loads_document(
+        BAN_CONFIG.format(state=tmp_path), format="toml", extra_sections=["Example"]
+    )
+    example = mailserver.ExampleSettings.from_table(document.extra["Example"])
+    running: Server = await nursery.start(partial(mailserver.run, document, example))
+    smtp = address(running, "smtp")
+
+    async def spoof() -> bytes:
+        # From 127.0.0.2, so that the admin calls below, from 127.0.0.1, are not banned too.
+        stream = await trio.open_tcp_stream(*smtp, local_address="127.0.0.2")
+        async with stream:
+            banner = await stream.receive_some()
+            await stream.send_all(encode_v1(CLIENT, SERVER))
+            while await stream.receive_some():
+                pass
+        return bytes(banner)
+
+    # 127.0.0.2 is not a trusted proxy here: its headers are refused, and counted.
+    assert (await spoof()).startswith(b"220 ")
+    assert (await spoof()).startswith(b"220 ")
+    assert (await spoof()).startswith(b"421 4.7.0 ")  # banned, refused right after the gate
+
+    def admin(method: str, path: str) -> tuple[int, object]:
+        conn = http.client.HTTPConnection(*address(running, "http"), timeout=CLIENT_TIMEOUT)
+        try:
+            conn.request(method, path)
+            response = conn.getresponse()
+            return response.status, json.loads(response.read())
+        finally:
+            conn.close()
+
+    status, bans = await blocking(partial(admin, "GET", "/admin/bans"))
+    assert status == 200
+    assert isinstance(bans, list) and [ban["key"] for ban in bans] == ["127.0.0.2"]
+    status, _ = await blocking(partial(admin, "POST", "/admin/bans/lift?ip=127.0.0.2"))
+    assert status == 200
+    assert (await spoof()).startswith(b"220 ")
