@@ -1,13 +1,18 @@
 """The values the codec produces and consumes: headers, addresses, TLVs and SSL details.
 
-All are immutable ``attrs`` values. The parser fills them in after full validation, so
-the typed accessors here never raise.
+All are immutable ``attrs`` values. A :class:`ProxyHeader` holds the header's bytes as
+received, validated in full by the parser; the addresses, TLVs and SSL details are built
+from those bytes the first time they are read, and cached. Since the bytes were validated,
+building them never raises.
 """
 
 from __future__ import annotations
 
 import enum
 import ipaddress
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any, Generic, NamedTuple, TypeVar, overload
 
 import attrs
 
@@ -16,6 +21,7 @@ __all__ = [
     "ClientFlags",
     "Command",
     "Family",
+    "HeaderLayout",
     "InetAddress",
     "ProxyHeader",
     "SSLInfo",
@@ -154,49 +160,455 @@ class SSLInfo:
         return self.cert_presented and self.verify == 0
 
 
-def _first(tlvs: tuple[TLV, ...], type_: int) -> bytes | None:
-    for tlv in tlvs:
-        if tlv.type == type_:
-            return tlv.value
-    return None
+IPv4Address = ipaddress.IPv4Address
+IPv6Address = ipaddress.IPv6Address
+
+# --- turning validated bytes into values ------------------------------------------------------
+#
+# Everything below reads bytes the parser has already validated in full, so none of it checks
+# anything and none of it can raise.
+
+# Every canonical octet text -> its value; leading zeros, "+1", " 1" and full-width digits
+# are simply absent, so a lookup is also a check (the v1 parser uses these tables too).
+_OCTETS = {str(value).encode("ascii"): value for value in range(256)}
+_OCTETS_8 = {text: value << 8 for text, value in _OCTETS.items()}
+_OCTETS_16 = {text: value << 16 for text, value in _OCTETS.items()}
+_OCTETS_24 = {text: value << 24 for text, value in _OCTETS.items()}
+_zfill = bytes.zfill
+_FOURS = (4,) * 8
+# The zero digits that "::" stands for, by the number of groups it replaces.
+_ZERO_GROUPS = tuple(b"0000" * count for count in range(9))
+_V4_MAPPED = 0xFFFF  # the top 96 bits of ::ffff:a.b.c.d, shifted down by 32
+
+_V2_INET4 = struct.Struct("!IIHH")
+_V2_INET6 = struct.Struct("!QQQQHH")  # each address as two 64-bit halves
+_V2_FIXED_LENGTH = 16
+_UNIX_PATH_LENGTH = 108
+# Byte 13's high nibble (the family) -> where the TLVs start.
+_TLV_STARTS = (16, 16 + 12, 16 + 36, 16 + 216)
+_SSL_FIXED = struct.Struct("!BI")
+# The SSL sub-types decoded to text, in SSLInfo's field order, mapped to their position.
+_SSL_TEXT_SLOTS = {
+    int(sub_type): slot
+    for slot, sub_type in enumerate(
+        (
+            SSLSubType.VERSION,
+            SSLSubType.CN,
+            SSLSubType.CIPHER,
+            SSLSubType.SIG_ALG,
+            SSLSubType.KEY_ALG,
+            SSLSubType.GROUP,
+            SSLSubType.SIG_SCHEME,
+        )
+    )
+}
+_SSL_CLIENT_CERT = int(SSLSubType.CLIENT_CERT)
+# ClientFlags for every client byte, built once: IntFlag construction is slow.
+_CLIENT_FLAGS = tuple(ClientFlags(value) for value in range(256))
+_ALPN = int(TLVType.ALPN)
+_AUTHORITY = int(TLVType.AUTHORITY)
+_CRC32C = int(TLVType.CRC32C)
+_UNIQUE_ID = int(TLVType.UNIQUE_ID)
+_SSL = int(TLVType.SSL)
+_NETNS = int(TLVType.NETNS)
 
 
-@attrs.frozen
-class ProxyHeader:
-    """A complete, validated PROXY protocol header (v1 or v2)."""
+def _ipv4_int(text: bytes) -> int | None:
+    """The value of a canonical dotted quad, or None."""
+    parts = text.split(b".")
+    if len(parts) != 4:
+        return None
+    value = 0
+    for part in parts:
+        octet = _OCTETS.get(part)
+        if octet is None:
+            return None
+        value = value << 8 | octet
+    return value
+
+
+def _ipv6_int(text: bytes) -> int | None:
+    """The value of IPv6 text (RFC 4291 forms, no zone id, no brackets), or None.
+
+    ``text`` must already be known to hold only hex digits, colons and dots. Each group is
+    zero-filled to 4 digits and the 32 digits become one int: far cheaper than a loop.
+    """
+    if b"." in text:
+        return _ipv6_embedded_int(text)
+    head, double_colon, tail = text.partition(b"::")
+    if double_colon:
+        groups = head.split(b":") if head else []
+        rest = tail.split(b":") if tail else []
+        fill = 8 - len(groups) - len(rest)
+        if fill < 1 or b"" in groups or b"" in rest:
+            return None
+        digits = (
+            b"".join(map(_zfill, groups, _FOURS))
+            + _ZERO_GROUPS[fill]
+            + b"".join(map(_zfill, rest, _FOURS))
+        )
+    else:
+        groups = text.split(b":")
+        if len(groups) != 8 or b"" in groups:
+            return None
+        digits = b"".join(map(_zfill, groups, _FOURS))
+    # A group of more than 4 digits would make the text longer than 32 digits.
+    return int(digits, 16) if len(digits) == 32 else None
+
+
+def _ipv6_embedded_int(text: bytes) -> int | None:
+    """IPv6 text whose last 32 bits are a dotted quad, e.g. ``::ffff:192.0.2.1``."""
+    colon = text.rfind(b":")
+    v4 = _ipv4_int(text[colon + 1 :]) if colon >= 0 else None
+    if v4 is None:
+        return None
+    return _ipv6_int(text[: colon + 1] + b"%x:%x" % (v4 >> 16, v4 & 0xFFFF))
+
+
+def _ip6(value: int, normalize_v4_mapped: bool) -> IPAddress:
+    """An IPv6 address from its value, or the IPv4 one a v4-mapped value stands for."""
+    if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
+        return IPv4Address(value & 0xFFFFFFFF)
+    return IPv6Address(value)
+
+
+def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
+    """The address of a validated v1 address field, of either family (nginx mixes them)."""
+    if b":" in text:
+        value = _ipv6_int(text)
+        assert value is not None  # validated by the parser
+        return _ip6(value, normalize_v4_mapped)
+    a, b, c, d = text.split(b".")
+    return IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+
+
+def _v1_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None, Address | None]:
+    if raw[6] == 0x55:  # "PROXY UNKNOWN ...": no usable address
+        return None, None
+    source, destination, sport, dport = raw[11:-2].split(b" ")
+    return (
+        InetAddress(_v1_ip(source, normalize_v4_mapped), int(sport)),
+        InetAddress(_v1_ip(destination, normalize_v4_mapped), int(dport)),
+    )
+
+
+def _unix_path(raw: bytes, start: int) -> bytes:
+    path = raw[start : start + _UNIX_PATH_LENGTH]
+    nul = path.find(b"\0")
+    return path if nul < 0 else path[:nul]
+
+
+def _v2_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None, Address | None]:
+    family = raw[13] >> 4
+    if raw[12] & 0xF == Command.LOCAL or family == Family.UNSPEC:
+        return None, None
+    if family == Family.INET:
+        src, dst, sport, dport = _V2_INET4.unpack_from(raw, _V2_FIXED_LENGTH)
+        return InetAddress(IPv4Address(src), sport), InetAddress(IPv4Address(dst), dport)
+    if family == Family.INET6:
+        s_hi, s_lo, d_hi, d_lo, sport, dport = _V2_INET6.unpack_from(raw, _V2_FIXED_LENGTH)
+        return (
+            InetAddress(_ip6(s_hi << 64 | s_lo, normalize_v4_mapped), sport),
+            InetAddress(_ip6(d_hi << 64 | d_lo, normalize_v4_mapped), dport),
+        )
+    return (
+        UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH)),
+        UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH + _UNIX_PATH_LENGTH)),
+    )
+
+
+def _tlv_spans(data: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int]]:
+    """(type, value start, value end) of each TLV in validated ``data[pos:end]``."""
+    while pos < end:
+        start = pos + 3
+        stop = start + (data[pos + 1] << 8 | data[pos + 2])
+        yield data[pos], start, stop
+        pos = stop
+
+
+def _decode_ssl(value: bytes) -> SSLInfo:
+    """The SSLInfo of a validated PP2_TYPE_SSL value: the first sub-TLV of a type wins."""
+    client, verify = _SSL_FIXED.unpack_from(value)
+    text: list[str | None] = [None, None, None, None, None, None, None]
+    client_cert: bytes | None = None
+    subs: list[TLV] = []
+    for type_, start, stop in _tlv_spans(value, _SSL_FIXED.size, len(value)):
+        sub = value[start:stop]
+        slot = _SSL_TEXT_SLOTS.get(type_)
+        if slot is not None:
+            if text[slot] is None:
+                text[slot] = sub.decode()
+        elif type_ == _SSL_CLIENT_CERT and client_cert is None:
+            client_cert = sub
+        subs.append(TLV(type_, sub))
+    return SSLInfo(
+        _CLIENT_FLAGS[client],
+        verify,
+        text[0],
+        text[1],
+        text[2],
+        text[3],
+        text[4],
+        text[5],
+        text[6],
+        client_cert,
+        tuple(subs),
+    )
+
+
+# --- the header --------------------------------------------------------------------------------
+
+_T = TypeVar("_T")
+
+
+class _lazy(Generic[_T]):  # lower case: used as a decorator, like property
+    """A read-only attribute computed on first read and kept in the instance ``__dict__``.
+
+    A non-data descriptor: once the value is in ``__dict__``, Python finds it there and
+    never calls this again. ``functools.cached_property`` does the same, but on Python 3.11
+    it takes a lock on every first read, which costs three times as much.
+    """
+
+    def __init__(self, compute: Callable[[Any], _T]) -> None:
+        self._compute = compute
+        self._name = compute.__name__
+        self.__doc__ = compute.__doc__
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _lazy[_T]: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> _T: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> _T | _lazy[_T]:
+        if instance is None:
+            return self
+        value = instance.__dict__[self._name] = self._compute(instance)
+        return value
+
+
+class HeaderLayout(NamedTuple):
+    """What a header is, apart from its bytes: shared by every header of that kind."""
 
     version: int
     command: Command
     family: Family
     transport: Transport
-    # None when the header carries no usable address: LOCAL, v1 UNKNOWN, v2 UNSPEC.
-    source: Address | None
-    destination: Address | None
-    # Every TLV raw, in wire order (v2 only; empty for v1).
-    tlvs: tuple[TLV, ...] = attrs.field(default=(), repr=False)
-    # The decoded SSL TLV, when one was present.
-    ssl: SSLInfo | None = None
-    # True when a CRC32C TLV was present and matched; a mismatch never produces a header.
-    crc32c_verified: bool = False
+    # The parse option that shapes the addresses: ::ffff:a.b.c.d read as IPv4.
+    normalize_v4_mapped: bool
+
+
+def _all_layouts() -> dict[HeaderLayout, HeaderLayout]:
+    layouts = [
+        HeaderLayout(1, Command.PROXY, family, Transport.STREAM, normalize)
+        for family in (Family.UNSPEC, Family.INET, Family.INET6)
+        for normalize in (False, True)
+    ]
+    layouts += [
+        HeaderLayout(2, command, family, transport, normalize)
+        for command in Command
+        for family in Family
+        for transport in Transport
+        if (family is Family.UNSPEC) == (transport is Transport.UNSPEC)
+        for normalize in (False, True)
+    ]
+    return {layout: layout for layout in layouts}
+
+
+# Every valid layout, built once: a parsed header points at one of these.
+_LAYOUTS = _all_layouts()
+
+
+def header_layout(
+    version: int,
+    command: Command,
+    family: Family,
+    transport: Transport,
+    normalize_v4_mapped: bool,
+) -> HeaderLayout:
+    """The shared layout for these values (which the parser has validated)."""
+    return _LAYOUTS[HeaderLayout(version, command, family, transport, normalize_v4_mapped)]
+
+
+@attrs.frozen(slots=False, init=False, repr=False, match_args=False)
+class ProxyHeader:
+    """A complete, validated PROXY protocol header (v1 or v2).
+
+    The parser validates every byte, then stores just two things: the bytes (``raw``) and
+    a shared :class:`HeaderLayout` (version, command, family, transport and the
+    ``normalize_v4_mapped`` option). ``version``, ``command``, ``family`` and
+    ``transport`` read the layout. ``source``, ``destination``, ``tlvs``, ``ssl``,
+    ``crc32c_verified`` and the TLV accessors are built from ``raw`` on first read and
+    cached; since ``raw`` was validated, they never raise.
+
+    Two headers are equal (and hash alike) when their ``raw`` bytes and the
+    ``normalize_v4_mapped`` option they were parsed with are equal: those two decide every
+    other attribute. ``ProxyHeader(...)`` builds a header from values; see ``__init__``.
+    """
+
+    # The whole header exactly as received: "PROXY " to the CRLF, or the v2 signature to
+    # the end of the last TLV. Never anything after it.
+    raw: bytes
+    _layout: HeaderLayout = attrs.field(alias="layout")
+
+    def __init__(
+        self,
+        version: int,
+        command: Command,
+        family: Family,
+        transport: Transport,
+        source: Address | None = None,
+        destination: Address | None = None,
+        tlvs: Iterable[TLV] = (),
+        ssl: SSLInfo | None = None,
+        crc32c_verified: bool = False,
+    ) -> None:
+        """Build the header these values describe: encoded, then parsed back.
+
+        The bytes are what ``encode_v1``/``encode_v2`` write for them, so the header is as
+        valid as a parsed one. ``tlvs`` are written in order (a CRC32C TLV among them gets
+        the right checksum); ``ssl``, when no SSL TLV is among ``tlvs``, is appended as one;
+        ``crc32c_verified=True`` appends a CRC32C TLV when none is among ``tlvs``. What the
+        attributes then hold is what the parser read back, so ``tlvs`` also lists the SSL
+        and CRC32C TLVs. Raises ``ValueError`` (or ``TypeError``) for values no header can
+        carry, or that would not read back as given.
+        """
+        from mailedge.proxy.build import build_header  # here: build imports this module
+
+        built = build_header(
+            version,
+            command,
+            family,
+            transport,
+            source,
+            destination,
+            tuple(tlvs),
+            ssl,
+            crc32c_verified,
+        )
+        self.__dict__.update(built.__dict__)
+
+    @property
+    def version(self) -> int:
+        """1 (text) or 2 (binary)."""
+        return self._layout.version
+
+    @property
+    def command(self) -> Command:
+        """PROXY, or LOCAL (v2 only): the proxy's own connection, addresses ignored."""
+        return self._layout.command
+
+    @property
+    def family(self) -> Family:
+        """The address family on the wire: v1 TCP4/TCP6/UNKNOWN are INET/INET6/UNSPEC."""
+        return self._layout.family
+
+    @property
+    def transport(self) -> Transport:
+        """STREAM or DGRAM; UNSPEC with v2 family UNSPEC; always STREAM for v1."""
+        return self._layout.transport
+
+    def __repr__(self) -> str:
+        return (
+            f"ProxyHeader(version={self.version!r}, command={self.command!r}, "
+            f"family={self.family!r}, transport={self.transport!r}, source={self.source!r}, "
+            f"destination={self.destination!r}, ssl={self.ssl!r}, "
+            f"crc32c_verified={self.crc32c_verified!r})"
+        )
+
+    @_lazy
+    def source(self) -> Address | None:
+        """The client's endpoint; None for LOCAL, v1 UNKNOWN and v2 UNSPEC."""
+        return self._addresses()[0]
+
+    @_lazy
+    def destination(self) -> Address | None:
+        """The endpoint the client connected to; None when ``source`` is."""
+        return self._addresses()[1]
+
+    def _addresses(self) -> tuple[Address | None, Address | None]:
+        layout = self._layout
+        if layout.version == 1:
+            addresses = _v1_addresses(self.raw, layout.normalize_v4_mapped)
+        else:
+            addresses = _v2_addresses(self.raw, layout.normalize_v4_mapped)
+        # Both are built at once; keep both, so the other is a plain lookup too.
+        fields = self.__dict__
+        fields["source"], fields["destination"] = addresses
+        return addresses
+
+    @_lazy
+    def tlvs(self) -> tuple[TLV, ...]:
+        """Every TLV raw, in wire order (v2 only; empty for v1)."""
+        if self._layout.version == 1:
+            return ()
+        raw = self.raw
+        return tuple(
+            TLV(type_, raw[start:stop])
+            for type_, start, stop in _tlv_spans(raw, _TLV_STARTS[raw[13] >> 4], len(raw))
+        )
+
+    @_lazy
+    def _first_values(self) -> dict[int, bytes]:
+        """The value of the first TLV of each type."""
+        values: dict[int, bytes] = {}
+        if self._layout.version == 1:
+            return values
+        raw = self.raw
+        for type_, start, stop in _tlv_spans(raw, _TLV_STARTS[raw[13] >> 4], len(raw)):
+            if type_ not in values:
+                values[type_] = raw[start:stop]
+        return values
+
+    @_lazy
+    def ssl(self) -> SSLInfo | None:
+        """The decoded SSL TLV, when one was present (a header has at most one)."""
+        value = self._first_values.get(_SSL)
+        return None if value is None else _decode_ssl(value)
+
+    @_lazy
+    def crc32c_verified(self) -> bool:
+        """True when a CRC32C TLV was present, and so matched: a mismatch never parses."""
+        return _CRC32C in self._first_values
 
     @property
     def alpn(self) -> bytes | None:
         """The PP2_TYPE_ALPN value: the protocol the client negotiated, e.g. ``b"h2"``."""
-        return _first(self.tlvs, TLVType.ALPN)
+        return self._first_values.get(_ALPN)
 
     @property
     def authority(self) -> str | None:
         """The PP2_TYPE_AUTHORITY value (the SNI host name), validated as UTF-8 by the parser."""
-        value = _first(self.tlvs, TLVType.AUTHORITY)
+        value = self._first_values.get(_AUTHORITY)
         return None if value is None else value.decode("utf-8")
 
     @property
     def unique_id(self) -> bytes | None:
         """The PP2_TYPE_UNIQUE_ID value: an opaque id of at most 128 bytes."""
-        return _first(self.tlvs, TLVType.UNIQUE_ID)
+        return self._first_values.get(_UNIQUE_ID)
 
     @property
     def netns(self) -> str | None:
         """The PP2_TYPE_NETNS value: the network namespace name, validated by the parser."""
-        value = _first(self.tlvs, TLVType.NETNS)
+        value = self._first_values.get(_NETNS)
         return None if value is None else value.decode("ascii")
+
+
+_new_header = object.__new__
+
+
+def make_header(raw: bytes, layout: HeaderLayout) -> ProxyHeader:
+    """The parser's constructor: ``raw`` must be a header it has validated in full.
+
+    It skips ``__init__`` and fills the instance ``__dict__`` directly, which the frozen
+    class allows (only attribute assignment is blocked): a fraction of an ``attrs``
+    ``__init__``'s cost. The hot paths in v1.py and v2.py inline these same lines.
+    """
+    header = _new_header(ProxyHeader)
+    fields = header.__dict__
+    fields["raw"] = raw
+    fields["_layout"] = layout
+    return header

@@ -1,17 +1,44 @@
-"""``parse_header``: one entry point for v1 and v2, dispatching on the first byte."""
+"""``parse_header``: one entry point for v1 and v2, dispatching on the first byte.
+
+It holds the two hot paths itself, since every function call counts at this scale: a
+complete v1 TCP4/TCP6 line that one regular expression accepts whole, and a complete v2
+PROXY over TCP/IPv4 or TCP/IPv6 header, whose TLVs ``check_tlvs`` validates. Both store
+the validated bytes and build nothing else. Everything else goes to ``parse_v1`` or
+``parse_v2``, which check field by field and name what is wrong.
+"""
 
 from __future__ import annotations
 
 from mailedge.proxy.errors import NotProxyHeaderError
 from mailedge.proxy.header import ProxyHeader
-from mailedge.proxy.tlv import show
-from mailedge.proxy.v1 import V1_MAX_LENGTH, parse_v1
-from mailedge.proxy.v2 import DEFAULT_MAX_V2_LENGTH, V2_FIXED_LENGTH, parse_v2
+from mailedge.proxy.tlv import check_tlvs, show
+from mailedge.proxy.v1 import FAST_LINE, V1_MAX_LENGTH, parse_v1
+from mailedge.proxy.v1 import TCP4_LAYOUTS as V1_TCP4_LAYOUTS
+from mailedge.proxy.v1 import TCP6_LAYOUTS as V1_TCP6_LAYOUTS
+from mailedge.proxy.v2 import (
+    DEFAULT_MAX_V2_LENGTH,
+    FIXED,
+    INET4_END,
+    INET6_END,
+    PROXY_TCP4,
+    PROXY_TCP6,
+    V2_FIXED_LENGTH,
+    V2_SIGNATURE,
+    parse_v2,
+)
+from mailedge.proxy.v2 import TCP4_LAYOUTS as V2_TCP4_LAYOUTS
+from mailedge.proxy.v2 import TCP6_LAYOUTS as V2_TCP6_LAYOUTS
 
 __all__ = ["parse_header"]
 
 _V1_FIRST = ord("P")
 _V2_FIRST = ord("\r")
+_FOUR = ord("4")  # byte 9 of a TCP4 line
+_fast_line = FAST_LINE.match
+_unpack_fixed = FIXED.unpack_from
+# The parser's constructor, make_header, inlined: the class is frozen, but filling the
+# new instance's __dict__ directly is allowed, and far cheaper than an __init__.
+_new_header = object.__new__
 
 
 def parse_header(
@@ -38,10 +65,41 @@ def parse_header(
     if not data:
         return None
     first = data[0]
-    if first == _V1_FIRST:
-        return parse_v1(data, allow_v1_mixed_family, normalize_v4_mapped)
     if first == _V2_FIRST:
+        available = len(data)
+        if available >= INET4_END:
+            signature, kind, length = _unpack_fixed(data)
+            total = V2_FIXED_LENGTH + length
+            if signature == V2_SIGNATURE and total <= max_v2_length and available >= total:
+                if kind == PROXY_TCP4 and total >= INET4_END:
+                    if total != INET4_END:
+                        check_tlvs(data, INET4_END, total)
+                    header = _new_header(ProxyHeader)
+                    fields = header.__dict__
+                    fields["raw"] = data[:total]
+                    fields["_layout"] = V2_TCP4_LAYOUTS[normalize_v4_mapped]
+                    return header, total
+                if kind == PROXY_TCP6 and total >= INET6_END:
+                    if total != INET6_END:
+                        check_tlvs(data, INET6_END, total)
+                    header = _new_header(ProxyHeader)
+                    fields = header.__dict__
+                    fields["raw"] = data[:total]
+                    fields["_layout"] = V2_TCP6_LAYOUTS[normalize_v4_mapped]
+                    return header, total
         return parse_v2(data, max_v2_length, allow_unix, allow_dgram, normalize_v4_mapped)
+    if first == _V1_FIRST:
+        match = _fast_line(data)
+        if match is not None:
+            end = match.end()
+            if end <= V1_MAX_LENGTH:
+                header = _new_header(ProxyHeader)
+                fields = header.__dict__
+                fields["raw"] = data[:end]
+                layouts = V1_TCP4_LAYOUTS if data[9] == _FOUR else V1_TCP6_LAYOUTS
+                fields["_layout"] = layouts[normalize_v4_mapped]
+                return header, end
+        return parse_v1(data, allow_v1_mixed_family, normalize_v4_mapped)
     raise NotProxyHeaderError(
         f"first bytes {show(bytes(data[:12]))} are neither the v1 prefix 'PROXY ' "
         "nor the v2 signature"

@@ -1,18 +1,25 @@
 """v2 TLVs: the walk over the TLV area, per-type rules, the SSL TLV and CRC32C.
 
-Every TLV is kept raw, in wire order. The types the spec gives rules for are validated;
-unknown, custom (0xE0-0xEF), experimental (0xF0-0xF7) and reserved (0xF8-0xFF) types are
-kept and otherwise skipped.
+The parser validates the TLVs here and builds nothing: the header keeps its bytes, and
+its ``tlvs`` and ``ssl`` are built from them when first read. The types the spec gives
+rules for are validated; unknown, custom (0xE0-0xEF), experimental (0xF0-0xF7) and
+reserved (0xF8-0xFF) types are kept and otherwise skipped.
 """
 
 from __future__ import annotations
 
 import struct
+from typing import NoReturn
 
 import google_crc32c
 
-from mailedge.proxy.errors import ChecksumError, InvalidTLVError, SSLTLVError
-from mailedge.proxy.header import TLV, ClientFlags, SSLInfo, SSLSubType, TLVType
+from mailedge.proxy.errors import (
+    ChecksumError,
+    InvalidTLVError,
+    ProxyProtocolError,
+    SSLTLVError,
+)
+from mailedge.proxy.header import ClientFlags, SSLInfo, SSLSubType, TLVType, _decode_ssl
 
 __all__ = [
     "CRC32C_LENGTH",
@@ -20,9 +27,10 @@ __all__ = [
     "TLV_HEADER_LENGTH",
     "UNIQUE_ID_MAX_LENGTH",
     "check_partial_tlvs",
+    "check_tlvs",
     "crc32c_of",
+    "first_problem",
     "parse_ssl",
-    "parse_tlvs",
     "show",
 ]
 
@@ -39,7 +47,6 @@ SSL_FIXED_LENGTH = 5
 _SHOW_LIMIT = 40
 
 _TYPE_LENGTH = struct.Struct("!BH")
-_SSL_FIXED = struct.Struct("!BI")
 _CRC_VALUE = struct.Struct("!I")
 _ZERO_CRC = bytes(CRC32C_LENGTH)
 _crc_value = google_crc32c.value
@@ -53,20 +60,20 @@ _NETNS = int(TLVType.NETNS)
 # The only types with rules; every other type is kept without a look.
 _CHECKED = frozenset((_AUTHORITY, _CRC32C, _UNIQUE_ID, _SSL, _NETNS))
 
-# The SSL sub-types decoded to text, in SSLInfo's field order, mapped to their position.
-_SSL_TEXT_TYPES = (
-    SSLSubType.VERSION,
-    SSLSubType.CN,
-    SSLSubType.CIPHER,
-    SSLSubType.SIG_ALG,
-    SSLSubType.KEY_ALG,
-    SSLSubType.GROUP,
-    SSLSubType.SIG_SCHEME,
+# The SSL sub-types whose values must be UTF-8.
+_SSL_TEXT = frozenset(
+    int(sub_type)
+    for sub_type in (
+        SSLSubType.VERSION,
+        SSLSubType.CN,
+        SSLSubType.CIPHER,
+        SSLSubType.SIG_ALG,
+        SSLSubType.KEY_ALG,
+        SSLSubType.GROUP,
+        SSLSubType.SIG_SCHEME,
+    )
 )
-_SSL_TEXT = {int(sub_type): slot for slot, sub_type in enumerate(_SSL_TEXT_TYPES)}
-_SSL_CLIENT_CERT = int(SSLSubType.CLIENT_CERT)
-# ClientFlags for every client byte, built once: IntFlag construction is slow.
-_CLIENT_FLAGS = tuple(ClientFlags(value) for value in range(256))
+_SSL_VERSION = int(SSLSubType.VERSION)
 _CLIENT_SSL = int(ClientFlags.SSL)
 
 
@@ -149,15 +156,116 @@ def _second(name: str, pos: int) -> InvalidTLVError:
     return cls(f"v2 {name} TLV at offset {pos} is a second {name} TLV; a header has one")
 
 
-def parse_tlvs(data: bytes, pos: int, end: int) -> tuple[tuple[TLV, ...], SSLInfo | None, bool]:
-    """Walk and validate the TLVs in ``data[pos:end]``, where ``data[:end]`` is the header.
+def check_tlvs(data: bytes, pos: int, end: int) -> None:
+    """Validate the TLVs in ``data[pos:end]``, where ``data[:end]`` is the header.
 
-    Returns the TLVs, the decoded SSL TLV, and whether a CRC32C TLV was present (and so
-    matched: a mismatch raises).
+    Every rule is checked and the CRC32C, when present, verified; nothing is built. This
+    is the hot path, so it only tells valid from invalid: at the first sign of a problem
+    it hands over to :func:`_raise_first_problem`, which walks again and names it.
+
+    UTF-8 and ASCII rules are met at once when the whole TLV area is ASCII, as it is for
+    the text real proxies send (host names, protocol names, TLS version and cipher
+    names); the area is checked once, at the first TLV that has such a rule, and only if
+    it holds other bytes is each value decoded on its own.
     """
-    tlvs: list[TLV] = []
-    ssl: SSLInfo | None = None
+    first = pos
+    area_is_ascii: bool | None = None  # not looked at yet
+    seen_ssl = False
     crc_at = 0  # where the CRC32C value starts; 0 = none (a value never starts there)
+    # No bounds check per TLV: one that overruns ``end`` leaves ``pos`` past it and fails
+    # the check after the loop, before anything is accepted; reading past the end of
+    # ``data`` on the way raises IndexError, which means the same.
+    try:
+        while pos < end:
+            type_ = data[pos]
+            start = pos + TLV_HEADER_LENGTH
+            pos = start + (data[pos + 1] << 8 | data[pos + 2])
+            if type_ in _CHECKED:
+                if type_ == _SSL:
+                    if seen_ssl or pos - start < SSL_FIXED_LENGTH:
+                        _raise_first_problem(data, first, end)
+                    seen_ssl = True
+                    # The sub-TLVs: the same walk, one level down.
+                    has_version = False
+                    sub = start + SSL_FIXED_LENGTH
+                    while sub < pos:
+                        sub_type = data[sub]
+                        sub_start = sub + TLV_HEADER_LENGTH
+                        sub = sub_start + (data[sub + 1] << 8 | data[sub + 2])
+                        if sub_type in _SSL_TEXT:
+                            if sub_type == _SSL_VERSION:
+                                has_version = True
+                            if area_is_ascii is None:
+                                area_is_ascii = data[first:end].isascii()
+                            if not area_is_ascii:
+                                try:
+                                    data[sub_start:sub].decode()
+                                except UnicodeDecodeError:
+                                    _raise_first_problem(data, first, end)
+                    if sub != pos or (data[start] & _CLIENT_SSL and not has_version):
+                        _raise_first_problem(data, first, end)
+                elif type_ == _UNIQUE_ID:
+                    if pos - start > UNIQUE_ID_MAX_LENGTH:
+                        _raise_first_problem(data, first, end)
+                elif type_ == _CRC32C:
+                    if crc_at or pos - start != CRC32C_LENGTH:
+                        _raise_first_problem(data, first, end)
+                    crc_at = start
+                else:  # AUTHORITY (UTF-8) or NETNS (ASCII)
+                    if area_is_ascii is None:
+                        area_is_ascii = data[first:end].isascii()
+                    if not area_is_ascii:
+                        value = data[start:pos]
+                        if type_ == _AUTHORITY:
+                            try:
+                                value.decode()
+                            except UnicodeDecodeError:
+                                _raise_first_problem(data, first, end)
+                        elif not value.isascii():
+                            _raise_first_problem(data, first, end)
+    except IndexError:
+        _raise_first_problem(data, first, end)
+    if pos != end:
+        _raise_first_problem(data, first, end)
+    if crc_at:
+        _check_crc(data, crc_at, end)
+
+
+def _check_crc(data: bytes, crc_at: int, end: int) -> None:
+    (expected,) = _CRC_VALUE.unpack_from(data, crc_at)
+    actual = crc32c_of(data, crc_at, end)
+    if expected != actual:
+        raise ChecksumError(
+            f"v2 CRC32C TLV value 0x{expected:08x} does not match the header's checksum "
+            f"0x{actual:08x}"
+        )
+
+
+def _raise_first_problem(data: bytes, pos: int, end: int) -> NoReturn:
+    """Raise the error :func:`first_problem` names; :func:`check_tlvs` knows there is one."""
+    error = first_problem(data, pos, end)
+    if error is None:  # pragma: no cover - the two walks disagree: a bug in one of them
+        error = InvalidTLVError(f"v2 TLVs at offset {pos} are invalid")
+    raise error
+
+
+def first_problem(data: bytes, pos: int, end: int) -> ProxyProtocolError | None:
+    """The error for the first problem with the TLVs in ``data[pos:end]``, in wire order.
+
+    None when they are valid. This is the slow, plain walk that :func:`check_tlvs` hands
+    over to: its messages name the TLV, its offset and the rule it breaks. The tests run
+    both on the same bytes and check that they agree.
+    """
+    try:
+        _walk_explaining(data, pos, end)
+    except ProxyProtocolError as error:
+        return error
+    return None
+
+
+def _walk_explaining(data: bytes, pos: int, end: int) -> None:
+    seen_ssl = False
+    crc_at = 0
     while pos < end:
         start = pos + TLV_HEADER_LENGTH
         if start > end:
@@ -166,40 +274,22 @@ def parse_tlvs(data: bytes, pos: int, end: int) -> tuple[tuple[TLV, ...], SSLInf
         stop = start + length
         if stop > end:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, end))
-        value = data[start:stop]
-        if type_ in _CHECKED:  # the same rules as _check_value, inlined for speed
-            if type_ == _SSL:
-                if ssl is not None:
-                    raise _second("SSL", pos)
-                ssl = parse_ssl(value)
-            elif type_ == _AUTHORITY:
-                try:
-                    value.decode()
-                except UnicodeDecodeError:
-                    raise _authority_error(value) from None
-            elif type_ == _UNIQUE_ID:
-                if length > UNIQUE_ID_MAX_LENGTH:
-                    raise _unique_id_length_error(length)
-            elif type_ == _CRC32C:
-                if crc_at:
-                    raise _second("CRC32C", pos)
-                if length != CRC32C_LENGTH:
-                    raise _crc_length_error(length)
-                crc_at = start
-            elif not value.isascii():  # NETNS
-                raise _netns_error(value)
-        tlvs.append(TLV(type_, value))
+        if type_ == _SSL:
+            if seen_ssl:
+                raise _second("SSL", pos)
+            seen_ssl = True
+            check_ssl(data[start:stop])
+        elif type_ == _CRC32C:
+            if crc_at:
+                raise _second("CRC32C", pos)
+            if length != CRC32C_LENGTH:
+                raise _crc_length_error(length)
+            crc_at = start
+        elif type_ in _CHECKED:
+            _check_value(type_, data[start:stop])
         pos = stop
-    if not crc_at:
-        return tuple(tlvs), ssl, False
-    (expected,) = _CRC_VALUE.unpack_from(data, crc_at)
-    actual = crc32c_of(data, crc_at, end)
-    if expected != actual:
-        raise ChecksumError(
-            f"v2 CRC32C TLV value 0x{expected:08x} does not match the header's checksum "
-            f"0x{actual:08x}"
-        )
-    return tuple(tlvs), ssl, True
+    if crc_at:
+        _check_crc(data, crc_at, end)
 
 
 def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
@@ -233,7 +323,7 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
                 _check_partial_ssl(data[start:available], length)
             return
         if type_ == _SSL:
-            parse_ssl(data[start:stop])
+            check_ssl(data[start:stop])
         elif type_ in _CHECKED:
             _check_value(type_, data[start:stop])
         pos = stop
@@ -274,15 +364,12 @@ def _ssl_text_error(type_: int, value: bytes) -> SSLTLVError:
     )
 
 
-def parse_ssl(value: bytes) -> SSLInfo:
-    """Decode a PP2_TYPE_SSL value: client, verify, then sub-TLVs (the first of a type wins)."""
+def check_ssl(value: bytes) -> None:
+    """Validate a PP2_TYPE_SSL value: client, verify, then sub-TLVs, naming any problem."""
     length = len(value)
     if length < SSL_FIXED_LENGTH:
         raise _ssl_too_short(length)
-    client, verify = _SSL_FIXED.unpack_from(value)
-    text: list[str | None] = [None, None, None, None, None, None, None]
-    client_cert: bytes | None = None
-    subs: list[TLV] = []
+    has_version = False
     pos = SSL_FIXED_LENGTH
     while pos < length:
         start = pos + TLV_HEADER_LENGTH
@@ -292,33 +379,23 @@ def parse_ssl(value: bytes) -> SSLInfo:
         stop = start + size
         if stop > length:
             raise SSLTLVError(_overrun(f"SSL sub-TLV 0x{type_:02x}", pos, start, stop, length))
-        sub = value[start:stop]
-        slot = _SSL_TEXT.get(type_)
-        if slot is not None:
+        if type_ in _SSL_TEXT:
+            sub = value[start:stop]
             try:
-                decoded = sub.decode()
+                sub.decode()
             except UnicodeDecodeError:
                 raise _ssl_text_error(type_, sub) from None
-            if text[slot] is None:
-                text[slot] = decoded
-        elif type_ == _SSL_CLIENT_CERT and client_cert is None:
-            client_cert = sub
-        subs.append(TLV(type_, sub))
+            if type_ == _SSL_VERSION:
+                has_version = True
         pos = stop
-    if client & _CLIENT_SSL and text[0] is None:
+    client = value[0]
+    if client & _CLIENT_SSL and not has_version:
         raise SSLTLVError(
             f"v2 SSL TLV client 0x{client:02x} has CLIENT_SSL set but no VERSION sub-TLV"
         )
-    return SSLInfo(
-        _CLIENT_FLAGS[client],
-        verify,
-        text[0],
-        text[1],
-        text[2],
-        text[3],
-        text[4],
-        text[5],
-        text[6],
-        client_cert,
-        tuple(subs),
-    )
+
+
+def parse_ssl(value: bytes) -> SSLInfo:
+    """Validate and decode a PP2_TYPE_SSL value (the first sub-TLV of a type wins)."""
+    check_ssl(value)
+    return _decode_ssl(value)

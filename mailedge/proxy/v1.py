@@ -1,14 +1,16 @@
 """PROXY protocol v1: the text line ``PROXY TCP4|TCP6|UNKNOWN ... CRLF``.
 
-The common, valid lines go through one precompiled regular expression each; anything
-else (an error, an incomplete line, UNKNOWN, nginx's mixed families) takes the slow path,
-which validates field by field and says exactly what is wrong.
+The common, valid lines (TCP4, and TCP6 with IPv6 addresses) are matched by
+``FAST_LINE``, one precompiled regular expression that holds the whole grammar: a match is
+a complete, valid line, and nothing else is checked or built (``parse_header`` runs it
+first). The header keeps the line, and its addresses are read from it when first asked
+for. Anything else (an error, an incomplete line, UNKNOWN, nginx's mixed families) goes
+to :func:`parse_v1`, which validates field by field and says exactly what is wrong.
 """
 
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Address, IPv6Address
 
 from mailedge.proxy.errors import (
     DisallowedFamilyError,
@@ -19,15 +21,22 @@ from mailedge.proxy.errors import (
     V1SyntaxError,
 )
 from mailedge.proxy.header import (
+    _OCTETS,
     Command,
     Family,
-    InetAddress,
     ProxyHeader,
     Transport,
+    _ipv4_int,
+    _ipv6_int,
+    header_layout,
+    make_header,
 )
 from mailedge.proxy.tlv import show
 
 __all__ = [
+    "FAST_LINE",
+    "TCP4_LAYOUTS",
+    "TCP6_LAYOUTS",
     "V1_MAX_LENGTH",
     "V1_PREFIX",
     "parse_v1",
@@ -40,33 +49,70 @@ V1_PREFIX = b"PROXY "
 # The longest IPv6 text: six hex groups and an embedded dotted quad.
 _IPV6_MAX_TEXT = 45
 
+# --- the grammar as regular expressions ---------------------------------------------------
+#
+# Bytes patterns, so [0-9] is ASCII only, as the spec wants. No capturing groups: the fast
+# path only needs to know that the line matches, and where it ends.
+
 # One octet 0-255 without leading zeros, and one port 0-65535 without leading zeros.
-_OCTET = rb"(25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
-_PORT = rb"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3}|0)"
-_IPV4 = _OCTET + rb"\." + _OCTET + rb"\." + _OCTET + rb"\." + _OCTET
-# The whole TCP4 grammar: a match is a complete, valid line.
-_TCP4_LINE = re.compile(
-    rb"PROXY TCP4 " + _IPV4 + b" " + _IPV4 + b" " + _PORT + b" " + _PORT + b"\r\n"
+_OCTET = rb"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_PORT = (
+    rb"(?:[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]"
+    rb"|[1-9][0-9]{0,3}|0)"
 )
-# TCP6 with the IPv6 character set; the addresses are then checked by _ipv6_int.
-_IPV6_CHARS = rb"([0-9A-Fa-f:.]{2,45})"
-_TCP6_LINE = re.compile(
-    rb"PROXY TCP6 " + _IPV6_CHARS + b" " + _IPV6_CHARS + b" " + _PORT + b" " + _PORT + b"\r\n"
+_IPV4 = _OCTET + rb"\." + _OCTET + rb"\." + _OCTET + rb"\." + _OCTET
+# One IPv6 group: 1 to 4 hex digits, either case.
+_H16 = rb"[0-9A-Fa-f]{1,4}"
+
+
+def _ipv6_tail(room: int) -> bytes:
+    """What may follow "::": up to ``room`` groups, the last two of which may be a dotted quad."""
+    if room == 0:
+        return b""
+    forms = [_H16 + (b"(?::" + _H16 + b"){0,%d}" % (room - 1) if room > 1 else b"")]
+    if room >= 2:
+        forms.append((b"(?:" + _H16 + b":){0,%d}" % (room - 2) if room > 2 else b"") + _IPV4)
+    return b"(?:" + b"|".join(forms) + b")?"
+
+
+def _ipv6_after(groups: int) -> bytes:
+    """What may follow the first ``groups`` groups and no "::" yet (1 <= groups <= 8)."""
+    if groups == 8:
+        return b""
+    forms = [b":" + _ipv6_tail(7 - groups), _H16 + _ipv6_after(groups + 1)]
+    if groups == 6:
+        forms.append(_IPV4)  # x:x:x:x:x:x:d.d.d.d
+    return b":(?:" + b"|".join(forms) + b")"
+
+
+# RFC 4291 section 2.2 text: eight groups; or "::" standing for one or more zero groups, at
+# most seven groups around it; either with the last two groups as a dotted quad. No zone id,
+# no brackets. Written as a tree on the number of groups read so far, so the engine reads
+# each character once: a group, then ":" and either another group or the "::".
+_IPV6 = b"(?:::" + _ipv6_tail(7) + b"|" + _H16 + _ipv6_after(1) + b")"
+
+# The whole TCP4 and TCP6 grammar: a match is a complete, valid line (TCP6 can still be
+# longer than the 107 bytes the spec allows: the caller checks). Mixed families (nginx) do
+# not match, and go through parse_v1 and its allow_mixed_family check. Byte 9 of a match
+# tells TCP4 from TCP6.
+FAST_LINE = re.compile(
+    rb"PROXY TCP(?:4 "
+    + _IPV4
+    + b" "
+    + _IPV4
+    + b"|6 "
+    + _IPV6
+    + b" "
+    + _IPV6
+    + b") "
+    + _PORT
+    + b" "
+    + _PORT
+    + b"\r\n"
 )
 _IPV6_TEXT = re.compile(rb"[0-9A-Fa-f:.]*")
 _PORT_TEXT = re.compile(_PORT)
 
-# Every canonical octet text -> its value; leading zeros, "+1", " 1" and full-width digits
-# are simply absent. The shifted copies save the shifts on the hot path.
-_OCTETS = {str(value).encode("ascii"): value for value in range(256)}
-_OCTETS_8 = {text: value << 8 for text, value in _OCTETS.items()}
-_OCTETS_16 = {text: value << 16 for text, value in _OCTETS.items()}
-_OCTETS_24 = {text: value << 24 for text, value in _OCTETS.items()}
-_zfill = bytes.zfill
-_FOURS = (4,) * 8
-# The zero digits that "::" stands for, by the number of groups it replaces.
-_ZERO_GROUPS = tuple(b"0000" * count for count in range(9))
-_V4_MAPPED = 0xFFFF  # the top 96 bits of ::ffff:a.b.c.d
 _PROTOCOLS = (b"TCP4", b"TCP6", b"UNKNOWN")
 _FIELD_NAMES = ("source address", "destination address", "source port", "destination port")
 
@@ -75,108 +121,10 @@ _INET = Family.INET
 _INET6 = Family.INET6
 _UNSPEC = Family.UNSPEC
 _STREAM = Transport.STREAM
-_UNKNOWN_HEADER = ProxyHeader(1, _PROXY, _UNSPEC, _STREAM, None, None, (), None, False)
-
-
-def parse_v1(
-    data: bytes, allow_mixed_family: bool, normalize_v4_mapped: bool
-) -> tuple[ProxyHeader, int] | None:
-    """Parse a v1 line at the start of ``data`` (which starts with ``P``)."""
-    match = _TCP4_LINE.match(data)
-    if match is not None:
-        a, b, c, d, e, f, g, h, sport, dport = match.groups()
-        return ProxyHeader(
-            1,
-            _PROXY,
-            _INET,
-            _STREAM,
-            InetAddress(
-                IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d]),
-                int(sport),
-            ),
-            InetAddress(
-                IPv4Address(_OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h]),
-                int(dport),
-            ),
-        ), match.end()
-    match = _TCP6_LINE.match(data)
-    if match is not None:
-        end = match.end()
-        source, destination, sport, dport = match.groups()
-        src = _ipv6_int(source)
-        dst = _ipv6_int(destination)
-        if src is not None and dst is not None and end <= V1_MAX_LENGTH:
-            if normalize_v4_mapped and (src >> 32 == _V4_MAPPED or dst >> 32 == _V4_MAPPED):
-                source_ip, destination_ip = _ip6(src, True), _ip6(dst, True)
-            else:
-                source_ip, destination_ip = IPv6Address(src), IPv6Address(dst)
-            return ProxyHeader(
-                1,
-                _PROXY,
-                _INET6,
-                _STREAM,
-                InetAddress(source_ip, int(sport)),
-                InetAddress(destination_ip, int(dport)),
-            ), end
-    return _parse_slow(data, allow_mixed_family, normalize_v4_mapped)
-
-
-def _ip6(value: int, normalize_v4_mapped: bool) -> IPv4Address | IPv6Address:
-    if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
-        return IPv4Address(value & 0xFFFFFFFF)
-    return IPv6Address(value)
-
-
-def _ipv4_int(text: bytes) -> int | None:
-    """The value of a canonical dotted quad, or None."""
-    parts = text.split(b".")
-    if len(parts) != 4:
-        return None
-    value = 0
-    for part in parts:
-        octet = _OCTETS.get(part)
-        if octet is None:
-            return None
-        value = value << 8 | octet
-    return value
-
-
-def _ipv6_int(text: bytes) -> int | None:
-    """The value of IPv6 text (RFC 4291 forms, no zone id, no brackets), or None.
-
-    ``text`` must already be known to hold only hex digits, colons and dots. Each group is
-    zero-filled to 4 digits and the 32 digits become one int: far cheaper than a loop.
-    """
-    if b"." in text:
-        return _ipv6_embedded_int(text)
-    head, double_colon, tail = text.partition(b"::")
-    if double_colon:
-        groups = head.split(b":") if head else []
-        rest = tail.split(b":") if tail else []
-        fill = 8 - len(groups) - len(rest)
-        if fill < 1 or b"" in groups or b"" in rest:
-            return None
-        digits = (
-            b"".join(map(_zfill, groups, _FOURS))
-            + _ZERO_GROUPS[fill]
-            + b"".join(map(_zfill, rest, _FOURS))
-        )
-    else:
-        groups = text.split(b":")
-        if len(groups) != 8 or b"" in groups:
-            return None
-        digits = b"".join(map(_zfill, groups, _FOURS))
-    # A group of more than 4 digits would make the text longer than 32 digits.
-    return int(digits, 16) if len(digits) == 32 else None
-
-
-def _ipv6_embedded_int(text: bytes) -> int | None:
-    """IPv6 text whose last 32 bits are a dotted quad, e.g. ``::ffff:192.0.2.1``."""
-    colon = text.rfind(b":")
-    v4 = _ipv4_int(text[colon + 1 :]) if colon >= 0 else None
-    if v4 is None:
-        return None
-    return _ipv6_int(text[: colon + 1] + b"%x:%x" % (v4 >> 16, v4 & 0xFFFF))
+# The layouts of the three kinds of v1 line, indexed by normalize_v4_mapped.
+TCP4_LAYOUTS = tuple(header_layout(1, _PROXY, _INET, _STREAM, n) for n in (False, True))
+TCP6_LAYOUTS = tuple(header_layout(1, _PROXY, _INET6, _STREAM, n) for n in (False, True))
+_UNKNOWN_LAYOUTS = tuple(header_layout(1, _PROXY, _UNSPEC, _STREAM, n) for n in (False, True))
 
 
 def _ipv4_prefix_ok(text: bytes) -> bool:
@@ -229,46 +177,39 @@ def _mixed_error(
     )
 
 
-def _address(
-    protocol: bytes,
-    name: str,
-    text: bytes,
-    allow_mixed_family: bool,
-    normalize_v4_mapped: bool,
-) -> IPv4Address | IPv6Address:
-    """Validate a complete address field for its protocol and build the address."""
+def _check_address(protocol: bytes, name: str, text: bytes, allow_mixed_family: bool) -> None:
+    """Validate a complete address field for its protocol (or, when allowed, the other)."""
     v4 = _ipv4_int(text)
     v6 = None
     if len(text) <= _IPV6_MAX_TEXT and _IPV6_TEXT.fullmatch(text) is not None:
         v6 = _ipv6_int(text)
     if protocol == b"TCP4":
         if v4 is not None:
-            return IPv4Address(v4)
+            return
         if v6 is not None:
             if not allow_mixed_family:
                 raise _mixed_error(protocol, name, text, "IPv6")
-            return _ip6(v6, normalize_v4_mapped)
+            return
         raise InvalidAddressError(
             f"v1 TCP4 {name} {show(text)} is not a dotted-quad IPv4 address "
             "(octets 0-255, no leading zeros)"
         )
     if v6 is not None:
-        return _ip6(v6, normalize_v4_mapped)
+        return
     if v4 is not None:
         if not allow_mixed_family:
             raise _mixed_error(protocol, name, text, "IPv4")
-        return IPv4Address(v4)
+        return
     raise InvalidAddressError(
         f"v1 TCP6 {name} {show(text)} is not an IPv6 address (hex groups, no zone id, no brackets)"
     )
 
 
-def _port(name: str, text: bytes) -> int:
+def _check_port(name: str, text: bytes) -> None:
     if _PORT_TEXT.fullmatch(text) is None:
         raise InvalidPortError(
             f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
         )
-    return int(text)
 
 
 def _check_partial_field(
@@ -298,10 +239,14 @@ def _check_partial_field(
     raise InvalidAddressError(f"v1 {protocol.decode()} {name} {show(text)} is not {family} address")
 
 
-def _parse_slow(
+def parse_v1(
     data: bytes, allow_mixed_family: bool, normalize_v4_mapped: bool
 ) -> tuple[ProxyHeader, int] | None:
-    """Validate field by field; name the first thing that is wrong, or wait for more."""
+    """Parse a v1 line at the start of ``data`` (which starts with ``P``), field by field.
+
+    It accepts every valid line, FAST_LINE's included, and names the first thing that is
+    wrong, or waits for more.
+    """
     head = data[:V1_MAX_LENGTH]
     if not head.startswith(V1_PREFIX):
         if V1_PREFIX.startswith(head):
@@ -334,7 +279,7 @@ def _parse_slow(
         raise V1SyntaxError(f"v1 protocol {show(protocol)} is not TCP4, TCP6 or UNKNOWN")
     if protocol == b"UNKNOWN":
         if complete:
-            return _UNKNOWN_HEADER, end + 2
+            return make_header(data[: end + 2], _UNKNOWN_LAYOUTS[normalize_v4_mapped]), end + 2
         _check_room(head)
         return None
     values = fields[1:]
@@ -356,27 +301,17 @@ def _parse_slow(
             f"v1 {protocol.decode()} line has {len(values)} fields after the protocol, "
             "expected 4 (source address, destination address, source port, destination port)"
         )
-    ips = [
-        _address(protocol, _FIELD_NAMES[index], text, allow_mixed_family, normalize_v4_mapped)
-        for index, text in enumerate(finished[:2])
-    ]
-    ports = [_port(_FIELD_NAMES[index], text) for index, text in enumerate(finished[2:], 2)]
+    for index, text in enumerate(finished[:2]):
+        _check_address(protocol, _FIELD_NAMES[index], text, allow_mixed_family)
+    for index, text in enumerate(finished[2:4], 2):
+        _check_port(_FIELD_NAMES[index], text)
     if not complete:
         if values:
             _check_partial_field(protocol, len(values) - 1, values[-1], allow_mixed_family)
         _check_room(head)
         return None
-    return ProxyHeader(
-        1,
-        _PROXY,
-        _INET if protocol == b"TCP4" else _INET6,
-        _STREAM,
-        InetAddress(ips[0], ports[0]),
-        InetAddress(ips[1], ports[1]),
-        (),
-        None,
-        False,
-    ), end + 2
+    layouts = TCP4_LAYOUTS if protocol == b"TCP4" else TCP6_LAYOUTS
+    return make_header(data[: end + 2], layouts[normalize_v4_mapped]), end + 2
 
 
 def _check_room(head: bytes) -> None:

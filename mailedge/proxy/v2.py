@@ -1,9 +1,13 @@
-"""PROXY protocol v2: the binary header (signature, fixed part, address block, TLVs)."""
+"""PROXY protocol v2: the binary header (signature, fixed part, address block, TLVs).
+
+The parser validates the fixed part and the TLVs and builds nothing else: the header keeps
+its bytes, and its addresses, TLVs and SSL details are read from them when first asked for.
+Every address block of the right length is valid, so there is nothing to check there.
+"""
 
 from __future__ import annotations
 
 import struct
-from ipaddress import IPv4Address, IPv6Address
 
 from mailedge.proxy.errors import (
     AddressBlockTooShortError,
@@ -15,19 +19,25 @@ from mailedge.proxy.errors import (
     NotProxyHeaderError,
 )
 from mailedge.proxy.header import (
-    Address,
     Command,
     Family,
-    InetAddress,
     ProxyHeader,
     Transport,
-    UnixAddress,
+    header_layout,
+    make_header,
 )
-from mailedge.proxy.tlv import check_partial_tlvs, parse_tlvs, show
+from mailedge.proxy.tlv import check_partial_tlvs, check_tlvs, show
 
 __all__ = [
     "ADDRESS_BLOCK_LENGTHS",
     "DEFAULT_MAX_V2_LENGTH",
+    "FIXED",
+    "INET4_END",
+    "INET6_END",
+    "PROXY_TCP4",
+    "PROXY_TCP6",
+    "TCP4_LAYOUTS",
+    "TCP6_LAYOUTS",
     "UNIX_PATH_LENGTH",
     "V2_FIXED_LENGTH",
     "V2_SIGNATURE",
@@ -60,16 +70,16 @@ _INET6 = Family.INET6
 _UNIX = Family.UNIX
 _STREAM = Transport.STREAM
 _DGRAM = Transport.DGRAM
-_FIXED = struct.Struct("!12sHH")  # signature, bytes 12-13 together, length
-_INET4_BLOCK = struct.Struct("!IIHH")
-_INET6_BLOCK = struct.Struct("!QQQQHH")  # each address as two 64-bit halves
-_INET4_BLOCK_LENGTH = _INET4_BLOCK.size
-_INET6_BLOCK_LENGTH = _INET6_BLOCK.size
-_INET4_END = V2_FIXED_LENGTH + _INET4_BLOCK_LENGTH
-_INET6_END = V2_FIXED_LENGTH + _INET6_BLOCK_LENGTH
-_PROXY_TCP4 = 0x2111  # bytes 12-13: v2 PROXY, INET STREAM
-_PROXY_TCP6 = 0x2121  # bytes 12-13: v2 PROXY, INET6 STREAM
-_V4_MAPPED = 0xFFFF  # the top 96 bits of ::ffff:a.b.c.d
+
+# --- what parse_header's fast path (a complete PROXY over TCP/IPv4 or TCP/IPv6) uses ---------
+FIXED = struct.Struct("!12sHH")  # signature, bytes 12-13 together, length
+INET4_END = V2_FIXED_LENGTH + ADDRESS_BLOCK_LENGTHS[Family.INET]  # where the TLVs start
+INET6_END = V2_FIXED_LENGTH + ADDRESS_BLOCK_LENGTHS[Family.INET6]
+PROXY_TCP4 = 0x2111  # bytes 12-13: v2 PROXY, INET STREAM
+PROXY_TCP6 = 0x2121  # bytes 12-13: v2 PROXY, INET6 STREAM
+# Their layouts, indexed by normalize_v4_mapped.
+TCP4_LAYOUTS = tuple(header_layout(2, _PROXY, _INET, _STREAM, n) for n in (False, True))
+TCP6_LAYOUTS = tuple(header_layout(2, _PROXY, _INET6, _STREAM, n) for n in (False, True))
 
 
 def _family_table() -> tuple[tuple[Family, Transport, int] | None, ...]:
@@ -145,50 +155,11 @@ def parse_v2(
     allow_dgram: bool,
     normalize_v4_mapped: bool,
 ) -> tuple[ProxyHeader, int] | None:
-    """Parse a v2 header at the start of ``data`` (which starts with CR)."""
-    available = len(data)
-    if available >= _INET4_END:
-        # The fast path: a complete PROXY over TCP/IPv4 or TCP/IPv6, in one unpack each.
-        signature, kind, length = _FIXED.unpack_from(data)
-        total = V2_FIXED_LENGTH + length
-        if signature == V2_SIGNATURE and total <= max_length and available >= total:
-            if kind == _PROXY_TCP4 and length >= _INET4_BLOCK_LENGTH:
-                src, dst, sport, dport = _INET4_BLOCK.unpack_from(data, V2_FIXED_LENGTH)
-                source = InetAddress(IPv4Address(src), sport)
-                destination = InetAddress(IPv4Address(dst), dport)
-                if total == _INET4_END:
-                    return ProxyHeader(2, _PROXY, _INET, _STREAM, source, destination), total
-                tlvs, ssl, crc_ok = parse_tlvs(data, _INET4_END, total)
-                return ProxyHeader(
-                    2, _PROXY, _INET, _STREAM, source, destination, tlvs, ssl, crc_ok
-                ), total
-            if kind == _PROXY_TCP6 and length >= _INET6_BLOCK_LENGTH:
-                s_hi, s_lo, d_hi, d_lo, sport, dport = _INET6_BLOCK.unpack_from(
-                    data, V2_FIXED_LENGTH
-                )
-                if normalize_v4_mapped and (s_hi == 0 or d_hi == 0):
-                    source = InetAddress(_ip6(s_hi, s_lo, True), sport)
-                    destination = InetAddress(_ip6(d_hi, d_lo, True), dport)
-                else:  # no ::ffff:a.b.c.d possible: skip the check
-                    source = InetAddress(IPv6Address(s_hi << 64 | s_lo), sport)
-                    destination = InetAddress(IPv6Address(d_hi << 64 | d_lo), dport)
-                if total == _INET6_END:
-                    return ProxyHeader(2, _PROXY, _INET6, _STREAM, source, destination), total
-                tlvs, ssl, crc_ok = parse_tlvs(data, _INET6_END, total)
-                return ProxyHeader(
-                    2, _PROXY, _INET6, _STREAM, source, destination, tlvs, ssl, crc_ok
-                ), total
-    return _parse_general(data, max_length, allow_unix, allow_dgram, normalize_v4_mapped)
+    """Parse a v2 header at the start of ``data`` (which starts with CR).
 
-
-def _parse_general(
-    data: bytes,
-    max_length: int,
-    allow_unix: bool,
-    allow_dgram: bool,
-    normalize_v4_mapped: bool,
-) -> tuple[ProxyHeader, int] | None:
-    """Every case, checked in wire order, raising at the first byte that rules it out."""
+    Every case, checked in wire order, raising at the first byte that rules it out
+    (``parse_header`` handles a complete PROXY over TCP before calling this).
+    """
     if len(data) < V2_FIXED_LENGTH or not data.startswith(V2_SIGNATURE):
         _check_prefix(data, allow_unix, allow_dgram)
         return None
@@ -198,36 +169,10 @@ def _parse_general(
     if len(data) < total:
         check_partial_tlvs(data, V2_FIXED_LENGTH + block, total)
         return None
-    source: Address | None
-    destination: Address | None
-    if command is _LOCAL or family is Family.UNSPEC:
-        source = destination = None
-    elif family is _INET:
-        src, dst, sport, dport = _INET4_BLOCK.unpack_from(data, V2_FIXED_LENGTH)
-        source = InetAddress(IPv4Address(src), sport)
-        destination = InetAddress(IPv4Address(dst), dport)
-    elif family is _INET6:
-        s_hi, s_lo, d_hi, d_lo, sport, dport = _INET6_BLOCK.unpack_from(data, V2_FIXED_LENGTH)
-        source = InetAddress(_ip6(s_hi, s_lo, normalize_v4_mapped), sport)
-        destination = InetAddress(_ip6(d_hi, d_lo, normalize_v4_mapped), dport)
-    else:
-        source = UnixAddress(_unix_path(data, V2_FIXED_LENGTH))
-        destination = UnixAddress(_unix_path(data, V2_FIXED_LENGTH + UNIX_PATH_LENGTH))
-    position = V2_FIXED_LENGTH + block
-    tlvs, ssl, crc_ok = parse_tlvs(data, position, total)
-    return ProxyHeader(2, command, family, transport, source, destination, tlvs, ssl, crc_ok), total
-
-
-def _ip6(high: int, low: int, normalize_v4_mapped: bool) -> IPv4Address | IPv6Address:
-    if normalize_v4_mapped and high == 0 and low >> 32 == _V4_MAPPED:
-        return IPv4Address(low & 0xFFFFFFFF)
-    return IPv6Address(high << 64 | low)
-
-
-def _unix_path(data: bytes, start: int) -> bytes:
-    path = data[start : start + UNIX_PATH_LENGTH]
-    nul = path.find(b"\0")
-    return path if nul < 0 else path[:nul]
+    check_tlvs(data, V2_FIXED_LENGTH + block, total)
+    layout = header_layout(2, command, family, transport, normalize_v4_mapped)
+    header = make_header(data[:total], layout)
+    return header, total
 
 
 def _check_prefix(data: bytes, allow_unix: bool, allow_dgram: bool) -> None:

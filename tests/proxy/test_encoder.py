@@ -19,7 +19,6 @@ from mailedge.proxy import (
     Command,
     Family,
     InetAddress,
-    ProxyHeader,
     SSLInfo,
     SSLSubType,
     TLVType,
@@ -116,15 +115,26 @@ def test_v1_round_trip(pair: tuple[InetAddress | None, InetAddress | None]) -> N
         if source is None
         else (Family.INET if source.ip.version == 4 else Family.INET6)
     )
-    expected = ProxyHeader(1, Command.PROXY, family, Transport.STREAM, source, destination)
-    assert parse_header(data, normalize_v4_mapped=False) == (expected, len(data))
+    result = parse_header(data, normalize_v4_mapped=False)
+    assert result is not None
+    header, consumed = result
+    assert consumed == len(data)
+    assert header.raw == data
+    assert (header.version, header.command, header.family, header.transport) == (
+        1,
+        Command.PROXY,
+        family,
+        Transport.STREAM,
+    )
+    assert (header.source, header.destination) == (source, destination)
+    assert (header.tlvs, header.ssl, header.crc32c_verified) == ((), None, False)
     for size in range(len(data)):
         assert parse_header(data[:size]) is None
-    header, _ = parse_header(data + b"EHLO x\r\n") or (None, 0)
-    assert header is not None
+    normalised, _ = parse_header(data + b"EHLO x\r\n") or (None, 0)
+    assert normalised is not None
     if isinstance(source, InetAddress) and isinstance(source.ip, IPv6Address):
         mapped = source.ip.ipv4_mapped
-        assert header.source == InetAddress(mapped or source.ip, source.port)
+        assert normalised.source == InetAddress(mapped or source.ip, source.port)
 
 
 # --- v2 ---------------------------------------------------------------------------------------

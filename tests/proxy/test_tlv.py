@@ -6,6 +6,8 @@ import struct
 
 import google_crc32c
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from mailedge.proxy import (
     TLV,
@@ -21,7 +23,7 @@ from mailedge.proxy import (
     TLVType,
     parse_header,
 )
-from mailedge.proxy.tlv import crc32c_of
+from mailedge.proxy.tlv import check_tlvs, crc32c_of, first_problem
 
 # What follows a header on a real connection: an SMTP command, and the start of a TLS
 # ClientHello. (Each test module keeps its own copy: test modules import nothing from
@@ -369,3 +371,44 @@ def test_bad_values_are_found_while_the_rest_arrives() -> None:
     data = header(tlv(0x02, b"\xff") + tlv(0xE0, b"y" * 100))
     with pytest.raises(InvalidTLVError, match="AUTHORITY"):
         parse_header(data[: 16 + 12 + 4 + 3])
+
+
+# --- the fast walk and the explaining walk agree ------------------------------------------------
+
+tlv_piece = st.one_of(
+    st.builds(
+        tlv,
+        st.sampled_from([0x01, 0x02, 0x03, 0x04, 0x05, 0x20, 0x30, 0xEA]),
+        st.one_of(
+            st.sampled_from([b"", b"h2", b"mail.example", "bücher".encode(), b"\xff", bytes(4)]),
+            st.binary(max_size=12),
+        ),
+    ),
+    st.builds(
+        lambda client, subs: tlv(0x20, ssl_value(client, 0, subs)),
+        st.sampled_from([0x00, 0x01, 0x07]),
+        st.lists(
+            st.builds(
+                tlv,
+                st.sampled_from([0x21, 0x22, 0x28, 0x29]),
+                st.sampled_from([b"TLSv1.3", b"\xc3\x28", b"", b"\x30\x82"]),
+            ),
+            max_size=3,
+        ).map(b"".join),
+    ),
+    st.binary(max_size=4),  # stray bytes: cut-short or overrunning TLVs
+)
+
+
+@given(st.lists(tlv_piece, max_size=5).map(b"".join), st.booleans())
+def test_check_tlvs_raises_exactly_what_first_problem_names(area: bytes, trailing: bool) -> None:
+    data = header(area) + (b"EHLO x\r\n" if trailing else b"")
+    end = 16 + 12 + len(area)
+    expected = first_problem(data, 16 + 12, end)
+    if expected is None:
+        check_tlvs(data, 16 + 12, end)
+    else:
+        with pytest.raises(type(expected)) as caught:
+            check_tlvs(data, 16 + 12, end)
+        assert type(caught.value) is type(expected)
+        assert caught.value.message == expected.message

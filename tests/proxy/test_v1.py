@@ -25,7 +25,8 @@ from mailedge.proxy import (
     V1SyntaxError,
     parse_header,
 )
-from mailedge.proxy.v1 import _ipv6_int
+from mailedge.proxy.header import _ipv6_int
+from mailedge.proxy.v1 import FAST_LINE, parse_v1
 
 # What follows a header on a real connection: an SMTP command, and the start of a TLS
 # ClientHello. (Each test module keeps its own copy: test modules import nothing from
@@ -58,18 +59,46 @@ def three_ways(data: bytes, **options: bool) -> ProxyHeader:
     return header
 
 
-def tcp(src: str, dst: str, sport: int, dport: int, family: Family = Family.INET) -> ProxyHeader:
-    return ProxyHeader(
+# What a header says, every lazily built attribute materialised. Tests compare these,
+# never headers: two headers are equal only when their bytes are (and one of these lines
+# can be written in many ways).
+Values = tuple[object, ...]
+
+
+def values(header: ProxyHeader) -> Values:
+    return (
+        header.version,
+        header.command,
+        header.family,
+        header.transport,
+        header.source,
+        header.destination,
+        header.tlvs,
+        header.ssl,
+        header.crc32c_verified,
+    )
+
+
+def parsed_values(data: bytes, **options: bool) -> tuple[Values, int] | None:
+    result = parse_header(data, **options)
+    return None if result is None else (values(result[0]), result[1])
+
+
+def tcp(src: str, dst: str, sport: int, dport: int, family: Family = Family.INET) -> Values:
+    return (
         1,
         Command.PROXY,
         family,
         Transport.STREAM,
         InetAddress(ipaddress.ip_address(src), sport),
         InetAddress(ipaddress.ip_address(dst), dport),
+        (),
+        None,
+        False,
     )
 
 
-UNKNOWN = ProxyHeader(1, Command.PROXY, Family.UNSPEC, Transport.STREAM, None, None)
+UNKNOWN = (1, Command.PROXY, Family.UNSPEC, Transport.STREAM, None, None, (), None, False)
 
 VALID = [
     (
@@ -118,9 +147,10 @@ VALID = [
 
 
 @pytest.mark.parametrize(("data", "expected"), VALID)
-def test_valid_headers_parse_three_ways(data: bytes, expected: ProxyHeader) -> None:
+def test_valid_headers_parse_three_ways(data: bytes, expected: Values) -> None:
     header = three_ways(data)
-    assert header == expected
+    assert values(header) == expected
+    assert header.raw == data
     assert header.version == 1
     assert header.command is Command.PROXY
     assert header.transport is Transport.STREAM
@@ -133,13 +163,13 @@ def test_worst_case_tcp6_line_fits() -> None:
     group = "ffff:" * 7 + "ffff"
     data = f"PROXY TCP6 {group} {group} 65535 65535\r\n".encode()
     assert len(data) == 104
-    assert parse_header(data) == (tcp(group, group, 65535, 65535, Family.INET6), 104)
+    assert parsed_values(data) == (tcp(group, group, 65535, 65535, Family.INET6), 104)
 
 
 def test_unknown_padded_to_exactly_107_bytes_is_valid() -> None:
     data = b"PROXY UNKNOWN " + b"x" * 91 + b"\r\n"
     assert len(data) == V1_MAX_LENGTH
-    assert parse_header(data) == (UNKNOWN, 107)
+    assert parsed_values(data) == (UNKNOWN, 107)
 
 
 def test_unknown_of_108_bytes_is_too_long() -> None:
@@ -390,7 +420,7 @@ def test_mixed_family_with_the_opt_in(
     data: bytes, source: str, destination: str, family: Family
 ) -> None:
     header = three_ways(data, allow_v1_mixed_family=True)
-    assert header == tcp(source, destination, 51234, 25, family)
+    assert values(header) == tcp(source, destination, 51234, 25, family)
 
 
 def test_mixed_family_opt_in_still_rejects_junk() -> None:
@@ -439,14 +469,14 @@ def test_ipv6_text_forms_agree_with_ipaddress(ip: IPv6Address) -> None:
 @given(st.ip_addresses(v=6), st.integers(0, 65535), st.integers(0, 65535))
 def test_any_ipv6_parses(ip: IPv6Address, sport: int, dport: int) -> None:
     data = f"PROXY TCP6 {ip} {ip.exploded} {sport} {dport}\r\n".encode()
-    result = parse_header(data, normalize_v4_mapped=False)
+    result = parsed_values(data, normalize_v4_mapped=False)
     assert result == (tcp(str(ip), str(ip), sport, dport, Family.INET6), len(data))
 
 
 @given(st.ip_addresses(v=4), st.ip_addresses(v=4), st.integers(0, 65535), st.integers(0, 65535))
 def test_any_ipv4_parses(src: IPv4Address, dst: IPv4Address, sport: int, dport: int) -> None:
     data = f"PROXY TCP4 {src} {dst} {sport} {dport}\r\n".encode()
-    assert parse_header(data) == (tcp(str(src), str(dst), sport, dport), len(data))
+    assert parsed_values(data) == (tcp(str(src), str(dst), sport, dport), len(data))
 
 
 @given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=45))
@@ -458,3 +488,123 @@ def test_ipv6_text_never_accepts_what_ipaddress_rejects(text: str) -> None:
         expected = None
     if value is not None:
         assert value == expected, text
+
+
+# --- the fast path: one regular expression, and nothing built until asked for ---------------
+
+
+@given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=46))
+def test_the_fast_ipv6_grammar_is_exactly_what_ipaddress_accepts(text: str) -> None:
+    # ipaddress is the reference here: FAST_LINE takes a TCP6 line without checking its
+    # addresses any further, so its grammar must accept all of RFC 4291's text and nothing
+    # else (zone ids and brackets are outside the alphabet, and outside both).
+    try:
+        IPv6Address(text)
+    except ValueError:
+        valid = False
+    else:
+        valid = True
+    line = f"PROXY TCP6 {text} ::1 1 2\r\n".encode()
+    assert (FAST_LINE.fullmatch(line) is not None) == valid, text
+    line = f"PROXY TCP6 ::1 {text} 1 2\r\n".encode()
+    assert (FAST_LINE.fullmatch(line) is not None) == valid, text
+
+
+@given(st.ip_addresses(v=6))
+def test_the_fast_ipv6_grammar_takes_every_form_of_every_address(ip: IPv6Address) -> None:
+    low = int(ip) & 0xFFFFFFFF
+    groups = ip.exploded.split(":")
+    forms = {
+        str(ip),
+        ip.exploded,
+        ip.exploded.upper(),
+        ":".join(group.lstrip("0") or "0" for group in groups),
+        ":".join(groups[:6]) + f":{IPv4Address(low)}",
+    }
+    for form in forms:
+        line = f"PROXY TCP6 {form} {form} 1 2\r\n".encode()
+        assert FAST_LINE.fullmatch(line) is not None, form
+
+
+@pytest.mark.parametrize(("data", "expected"), VALID)
+def test_the_field_by_field_parser_agrees_on_every_valid_line(
+    data: bytes, expected: Values
+) -> None:
+    # parse_header runs FAST_LINE first; parse_v1 must accept the same lines on its own.
+    for normalize in (False, True):
+        result = parse_v1(data, False, normalize)
+        assert result is not None
+        assert result == parse_header(data, normalize_v4_mapped=normalize)
+    result = parse_v1(data, False, True)
+    assert result is not None
+    assert values(result[0]) == expected
+
+
+v1_field = st.sampled_from(
+    [
+        b"192.0.2.1",
+        b"0.0.0.0",
+        b"255.255.255.255",
+        b"256.1.1.1",
+        b"01.2.3.4",
+        b"::1",
+        b"::",
+        b"2001:db8::1",
+        b"::ffff:1.2.3.4",
+        b"1:2:3:4:5:6:7:8",
+        b"1:2:3:4:5:6:1.2.3.4",
+        b"1::2::3",
+        b"fe80::1%eth0",
+        b"0",
+        b"65535",
+        b"65536",
+        b"025",
+        b"",
+    ]
+)
+
+
+@given(
+    st.sampled_from([b"TCP4", b"TCP6"]),
+    st.lists(v1_field, min_size=3, max_size=5),
+    st.booleans(),
+)
+def test_fast_and_field_by_field_paths_agree(
+    protocol: bytes, fields: list[bytes], mixed: bool
+) -> None:
+    data = b"PROXY " + b" ".join([protocol, *fields]) + b"\r\n"
+    try:
+        fast: object = parse_header(data, allow_v1_mixed_family=mixed)
+    except ProxyProtocolError as error:
+        fast = error.reason
+    try:
+        slow: object = parse_v1(data, mixed, True)
+    except ProxyProtocolError as error:
+        slow = error.reason
+    assert fast == slow, data
+
+
+def test_the_header_keeps_the_line_and_builds_its_addresses_once() -> None:
+    data = b"PROXY TCP6 ::ffff:192.0.2.1 2001:db8::25 51234 25\r\nEHLO x\r\n"
+    result = parse_header(data)
+    assert result is not None
+    header, consumed = result
+    assert header.raw == data[:consumed]
+    assert header.source is header.source  # built on first read, then kept
+    assert header.destination == InetAddress(IPv6Address("2001:db8::25"), 25)
+    assert header.source == InetAddress(IPv4Address("192.0.2.1"), 51234)
+
+
+def test_headers_are_equal_when_bytes_and_normalisation_are() -> None:
+    data = b"PROXY TCP6 ::ffff:192.0.2.1 ::1 1 2\r\n"
+    first = parse_header(data)
+    again = parse_header(data + b"more")
+    other = parse_header(data, normalize_v4_mapped=False)
+    spelled = parse_header(b"PROXY TCP6 ::FFFF:192.0.2.1 ::1 1 2\r\n")
+    assert first is not None and again is not None
+    assert other is not None and spelled is not None
+    assert first[0] == again[0]
+    assert hash(first[0]) == hash(again[0])
+    assert first[0] != other[0]  # read as ::ffff:192.0.2.1, not as 192.0.2.1
+    assert first[0] != spelled[0]  # different bytes, though the same values
+    assert values(first[0]) == values(spelled[0])

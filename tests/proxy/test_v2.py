@@ -81,11 +81,36 @@ def test_signature_constant() -> None:
     assert bytes.fromhex("0D0A0D0A000D0A515549540A") == V2_SIGNATURE
 
 
-def test_tcp4() -> None:
-    header = three_ways(v2(0x21, 0x11, INET4_BLOCK))
-    assert header == ProxyHeader(
-        2, Command.PROXY, Family.INET, Transport.STREAM, SOURCE4, DESTINATION4
+def values(header: ProxyHeader) -> tuple[object, ...]:
+    """What a header says, every lazily built attribute materialised: tests compare these."""
+    return (
+        header.version,
+        header.command,
+        header.family,
+        header.transport,
+        header.source,
+        header.destination,
+        header.tlvs,
+        header.ssl,
+        header.crc32c_verified,
     )
+
+
+def test_tcp4() -> None:
+    data = v2(0x21, 0x11, INET4_BLOCK)
+    header = three_ways(data)
+    assert values(header) == (
+        2,
+        Command.PROXY,
+        Family.INET,
+        Transport.STREAM,
+        SOURCE4,
+        DESTINATION4,
+        (),
+        None,
+        False,
+    )
+    assert header.raw == data
 
 
 def test_tcp6() -> None:
@@ -139,7 +164,17 @@ def test_dgram_with_opt_in() -> None:
 
 def test_proxy_unspec_is_accepted_without_addresses() -> None:
     header = three_ways(v2(0x21, 0x00))
-    assert header == ProxyHeader(2, Command.PROXY, Family.UNSPEC, Transport.UNSPEC, None, None)
+    assert values(header) == (
+        2,
+        Command.PROXY,
+        Family.UNSPEC,
+        Transport.UNSPEC,
+        None,
+        None,
+        (),
+        None,
+        False,
+    )
 
 
 def test_proxy_unspec_skips_any_bytes_as_tlvs() -> None:
@@ -149,10 +184,20 @@ def test_proxy_unspec_skips_any_bytes_as_tlvs() -> None:
 
 
 def test_local_ignores_the_addresses_and_is_consumed_exactly() -> None:
-    header = three_ways(v2(0x20, 0x11, INET4_BLOCK + b"\xe0\x00\x01x"))
-    assert header == ProxyHeader(
-        2, Command.LOCAL, Family.INET, Transport.STREAM, None, None, (TLV(0xE0, b"x"),)
+    data = v2(0x20, 0x11, INET4_BLOCK + b"\xe0\x00\x01x")
+    header = three_ways(data)
+    assert values(header) == (
+        2,
+        Command.LOCAL,
+        Family.INET,
+        Transport.STREAM,
+        None,
+        None,
+        (TLV(0xE0, b"x"),),
+        None,
+        False,
     )
+    assert header.raw == data  # the ignored addresses included
 
 
 @pytest.mark.parametrize("command_byte", [0x20, 0x21])
