@@ -250,17 +250,12 @@ class _Session:
 
     def log(self, level: int, message: str, *args: object) -> None:
         context = self.context
-        client = (
-            f"[{context.client_ip}]:{context.client_port}"
-            if context.client_ip.version == 6
-            else f"{context.client_ip}:{context.client_port}"
-        )
         logger.log(
             level,
             "#%d %s client=%s: " + message,
             context.connection_id,
             context.listener,
-            client,
+            context.client_endpoint,
             *args,
         )
 

@@ -36,6 +36,7 @@ from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
 from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore
+from mailedge.networks import format_endpoint
 from mailedge.server import Handler, Server, handle_signals, serve
 from mailedge.settings import NetworkListener, Protocol
 from mailedge.tls import server_ssl_context
@@ -192,13 +193,9 @@ def demo_certificate(state_dir: pathlib.Path, hostname: str) -> tuple[pathlib.Pa
     return cert, key
 
 
-def endpoint(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
     """A ready-to-paste command that exercises one listener."""
-    target = endpoint(host, port)
+    target = format_endpoint(host, port)
     if trusted:
         return f"mailedge probe {conf.protocol} {target} --client 203.0.113.7:40000"
     if conf.protocol is Protocol.SMTP:
@@ -215,7 +212,10 @@ def announce(server: Server, out: Any = sys.stdout) -> None:
         networks = conf.effective_proxy_trusted_networks(settings.system)
         kind = f"PROXY from {', '.join(map(str, networks))}" if networks else "direct"
         for host, port in server.addresses[conf.name]:
-            print(f"{conf.name:<11} {conf.protocol:<4} {endpoint(host, port):<16} {kind}", file=out)
+            print(
+                f"{conf.name:<11} {conf.protocol:<4} {format_endpoint(host, port):<16} {kind}",
+                file=out,
+            )
         host, port = server.addresses[conf.name][0]
         print(f"  try: {try_it(conf, host, port, bool(networks))}", file=out)
     print("ready", file=out, flush=True)

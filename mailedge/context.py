@@ -13,6 +13,7 @@ import ipaddress
 
 import attrs
 
+from mailedge.networks import format_endpoint
 from mailedge.proxy import ProxyHeader
 from mailedge.settings import Protocol
 
@@ -88,6 +89,11 @@ class ConnectionContext:
         return self.address_source in (AddressSource.HEADER, AddressSource.SOCKET)
 
     @property
+    def client_endpoint(self) -> str:
+        """``client_ip:client_port`` for logs, IPv6 in brackets."""
+        return format_endpoint(self.client_ip, self.client_port)
+
+    @property
     def unique_id(self) -> bytes | None:
         """The proxy's UNIQUE_ID for this connection, for correlating logs with the proxy's."""
         return None if self.header is None else self.header.unique_id
@@ -118,15 +124,10 @@ class ConnectionContext:
         )
 
     def __repr__(self) -> str:
-        client = _endpoint(self.client_ip, self.client_port)
-        parts = [f"#{self.connection_id}", self.listener, f"client={client}"]
+        parts = [f"#{self.connection_id}", self.listener, f"client={self.client_endpoint}"]
         if self.proxied:
-            parts.append(f"via={_endpoint(self.peer_ip, self.peer_port)}")
+            parts.append(f"via={format_endpoint(self.peer_ip, self.peer_port)}")
         parts.append(str(self.address_source))
         if self.tls:
             parts.append(f"tls={self.tls_terminated_by}")
         return f"<ConnectionContext {' '.join(parts)}>"
-
-
-def _endpoint(ip: IPAddress, port: int) -> str:
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"

@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterator
 
 import attrs
 
+from mailedge.networks import format_endpoint
+
 __all__ = ["EventCounters", "EventName", "GateEvent", "escape_bytes", "logger"]
 
 logger = logging.getLogger("mailedge.gate")
@@ -61,9 +63,7 @@ def escape_bytes(data: bytes | bytearray | memoryview, limit: int = FIRST_BYTES_
 
 
 def _endpoint(ip: IPAddress | None, port: int | None) -> str | None:
-    if ip is None:
-        return None
-    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+    return None if ip is None or port is None else format_endpoint(ip, port)
 
 
 @attrs.frozen(kw_only=True)

@@ -30,6 +30,7 @@ __all__ = [
     "InvalidNetworkError",
     "NetworkEntry",
     "TrustedNetworks",
+    "format_endpoint",
     "normalize_ip",
     "parse_network",
 ]
@@ -37,6 +38,13 @@ __all__ = [
 IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 NetworkEntry = str | IPv4Network | IPv6Network | IPv4Address | IPv6Address
+
+
+def format_endpoint(host: IPAddress | str, port: int) -> str:
+    """``host:port``, with an IPv6 host in brackets: ``[2001:db8::1]:25``."""
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
 
 # The v4-mapped IPv6 block, ::ffff:0:0/96: its low 32 bits are an IPv4 address.
 _MAPPED_PREFIX = 0xFFFF << 32

@@ -34,7 +34,7 @@ import attrs
 import trio
 
 from mailedge.cli import JSONObject, address_to_json, escape_bytes, header_to_json
-from mailedge.networks import normalize_ip
+from mailedge.networks import format_endpoint, normalize_ip
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -135,11 +135,6 @@ class Outcome(enum.StrEnum):
     BAD_REPLY = "bad_reply"
 
 
-def _endpoint(host: str | IPAddress, port: int) -> str:
-    text = str(host)
-    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
-
-
 def _split_host_port(text: str, what: str) -> tuple[str, str]:
     """``host`` and ``port`` text of ``HOST:PORT`` or ``[IPv6]:PORT``."""
     example = "such as 127.0.0.1:25 or [::1]:25"
@@ -190,7 +185,7 @@ class Target:
         return InetAddress(normalize_ip(ipaddress.ip_address(str(ip).partition("%")[0])), self.port)
 
     def __str__(self) -> str:
-        return _endpoint(self.host, self.port)
+        return format_endpoint(self.host, self.port)
 
 
 def parse_target(text: str) -> Target:
@@ -682,7 +677,7 @@ async def probe(options: ProbeOptions) -> ProbeResult:
         failed = f"cannot connect to {target}: {_connect_error(error)}"
         return ProbeResult(options, Outcome.CONNECT_FAILED, header, detail=failed)
     async with stream:
-        local = _endpoint(*stream.socket.getsockname()[:2])
+        local = format_endpoint(*stream.socket.getsockname()[:2])
         if options.mode is not HeaderMode.NONE and not header:
             # A host name: the header's default server is the address it resolved to.
             host, port = stream.socket.getpeername()[:2]
@@ -862,8 +857,8 @@ def _describe_header(data: bytes) -> str:
     text = f"v2 {header.command.name} {header.family.name}"
     if isinstance(header.source, InetAddress) and isinstance(header.destination, InetAddress):
         source, destination = header.source, header.destination
-        text += f" {_endpoint(source.ip, source.port)} -> "
-        text += _endpoint(destination.ip, destination.port)
+        text += f" {format_endpoint(source.ip, source.port)} -> "
+        text += format_endpoint(destination.ip, destination.port)
     names: list[str] = []
     for tlv in header.tlvs:
         try:

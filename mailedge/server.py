@@ -25,6 +25,7 @@ from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.hooks.base import Action, BaseHooks, Hooks, Verdict
 from mailedge.limits import ConnectionLimits
+from mailedge.networks import format_endpoint
 from mailedge.settings import NetworkListener, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
 from mailedge.tls import starttls
@@ -320,8 +321,7 @@ def _peer(stream: trio.SocketStream) -> Endpoint:
 
 
 def _show(endpoint: Endpoint) -> str:
-    host, port = endpoint
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return format_endpoint(*endpoint)
 
 
 async def _refuse(

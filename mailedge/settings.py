@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from mailedge.networks import IPAddress, TrustedNetworks
+from mailedge.networks import IPAddress, TrustedNetworks, format_endpoint
 
 __all__ = [
     "AutoBanSettings",
@@ -330,9 +330,7 @@ class BindAddress:
         return cls(host, int(port_text))
 
     def __str__(self) -> str:
-        if isinstance(self.host, IPv6Address):
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
+        return format_endpoint(self.host, self.port)
 
     def __repr__(self) -> str:
         return f"BindAddress({str(self)!r})"
