@@ -149,6 +149,15 @@ class ProxyGate:
                 return await self._admit_trusted(stream, conn, buffer)
         except trio.TooSlowError:
             raise self._reject_timeout(conn, buffer) from None
+        except trio.BrokenResourceError as exc:
+            # A reset (RST) mid-header is a decision like any other: one event, counted.
+            cause = exc.__cause__ or exc
+            raise self._reject(
+                conn,
+                "reset",
+                f"the peer reset the connection after {len(buffer)} bytes: {cause}",
+                buffer,
+            ) from None
 
     # -- untrusted peers ------------------------------------------------------------------
 
