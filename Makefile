@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # Reinstall when the project's metadata changes; the stamp records the last install.
 STAMP := $(VENV)/.mailedge-installed
 
-.PHONY: venv lint test serve bench clean
+.PHONY: venv lint test serve bench fuzz clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,9 +37,22 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/parse.py
+	$(BENCH_VENV)/bin/python benchmarks/gate_overhead.py
+	$(BENCH_VENV)/bin/python benchmarks/half_headers.py
+
+# Fuzz the PROXY codec: atheris for FUZZ_TIME seconds over the checked-in seeds (new inputs
+# and crashes go to .fuzz-corpus/, never into fuzz/corpus), then the Hypothesis properties
+# at the fuzz profile's example count.
+FUZZ_TIME ?= 60
+fuzz: venv
+	$(BIN)/python -m pip install --quiet -e '.[fuzz]'
+	mkdir -p .fuzz-corpus
+	$(BIN)/python fuzz/fuzz_parse.py -max_total_time=$(FUZZ_TIME) -timeout=10 \
+		-rss_limit_mb=2048 -artifact_prefix=.fuzz-corpus/ .fuzz-corpus fuzz/corpus
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/pytest tests/proxy -q -p no:cacheprovider
 
 clean:
-	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis .fuzz-corpus
 
 # The example mail server on its embedded default (loopback only); Ctrl-C drains and stops.
 serve: venv
