@@ -9,6 +9,7 @@ reserved (0xF8-0xFF) types are kept and otherwise skipped.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import NoReturn
 
 import google_crc32c
@@ -75,6 +76,25 @@ _SSL_TEXT = frozenset(
 )
 _SSL_VERSION = int(SSLSubType.VERSION)
 _CLIENT_SSL = int(ClientFlags.SSL)
+
+# check_tlvs's tables, indexed by type byte: a tuple index is cheaper than a set lookup
+# followed by comparisons. Each TLV type with a rule gets its own code; 0 is "no rule".
+_RULE_SSL = 1
+_RULE_UNIQUE_ID = 2
+_RULE_CRC32C = 3
+_RULE_AUTHORITY = 4
+_RULE_NETNS = 5
+_RULES = tuple(
+    {
+        _SSL: _RULE_SSL,
+        _UNIQUE_ID: _RULE_UNIQUE_ID,
+        _CRC32C: _RULE_CRC32C,
+        _AUTHORITY: _RULE_AUTHORITY,
+        _NETNS: _RULE_NETNS,
+    }.get(type_, 0)
+    for type_ in range(256)
+)
+_SSL_TEXT_TYPES = tuple(type_ in _SSL_TEXT for type_ in range(256))
 
 
 def show(value: bytes | bytearray | memoryview) -> str:
@@ -156,7 +176,15 @@ def _second(name: str, pos: int) -> InvalidTLVError:
     return cls(f"v2 {name} TLV at offset {pos} is a second {name} TLV; a header has one")
 
 
-def check_tlvs(data: bytes, pos: int, end: int) -> None:
+def check_tlvs(
+    data: bytes,
+    pos: int,
+    end: int,
+    # Bound as defaults: these are read for every TLV, and locals are the cheapest reads.
+    _type_length: Callable[[bytes, int], tuple[int, int]] = _TYPE_LENGTH.unpack_from,
+    _rules: tuple[int, ...] = _RULES,
+    _ssl_text: tuple[bool, ...] = _SSL_TEXT_TYPES,
+) -> None:
     """Validate the TLVs in ``data[pos:end]``, where ``data[:end]`` is the header.
 
     Every rule is checked and the CRC32C, when present, verified; nothing is built. This
@@ -174,61 +202,67 @@ def check_tlvs(data: bytes, pos: int, end: int) -> None:
     crc_at = 0  # where the CRC32C value starts; 0 = none (a value never starts there)
     # No bounds check per TLV: one that overruns ``end`` leaves ``pos`` past it and fails
     # the check after the loop, before anything is accepted; reading past the end of
-    # ``data`` on the way raises IndexError, which means the same.
+    # ``data`` on the way raises struct.error or IndexError, which means the same.
     try:
         while pos < end:
-            type_ = data[pos]
-            start = pos + TLV_HEADER_LENGTH
-            pos = start + (data[pos + 1] << 8 | data[pos + 2])
-            if type_ in _CHECKED:
-                if type_ == _SSL:
-                    if seen_ssl or pos - start < SSL_FIXED_LENGTH:
-                        _raise_first_problem(data, first, end)
-                    seen_ssl = True
-                    # The sub-TLVs: the same walk, one level down.
-                    has_version = False
-                    sub = start + SSL_FIXED_LENGTH
-                    while sub < pos:
-                        sub_type = data[sub]
-                        sub_start = sub + TLV_HEADER_LENGTH
-                        sub = sub_start + (data[sub + 1] << 8 | data[sub + 2])
-                        if sub_type in _SSL_TEXT:
-                            if sub_type == _SSL_VERSION:
-                                has_version = True
-                            if area_is_ascii is None:
-                                area_is_ascii = data[first:end].isascii()
-                            if not area_is_ascii:
-                                try:
-                                    data[sub_start:sub].decode()
-                                except UnicodeDecodeError:
-                                    _raise_first_problem(data, first, end)
-                    if sub != pos or (data[start] & _CLIENT_SSL and not has_version):
-                        _raise_first_problem(data, first, end)
-                elif type_ == _UNIQUE_ID:
-                    if pos - start > UNIQUE_ID_MAX_LENGTH:
-                        _raise_first_problem(data, first, end)
-                elif type_ == _CRC32C:
-                    if crc_at or pos - start != CRC32C_LENGTH:
-                        _raise_first_problem(data, first, end)
-                    crc_at = start
-                else:  # AUTHORITY (UTF-8) or NETNS (ASCII)
-                    if area_is_ascii is None:
-                        area_is_ascii = data[first:end].isascii()
-                    if not area_is_ascii:
-                        value = data[start:pos]
-                        if type_ == _AUTHORITY:
-                            try:
-                                value.decode()
-                            except UnicodeDecodeError:
-                                _raise_first_problem(data, first, end)
-                        elif not value.isascii():
+            type_, length = _type_length(data, pos)
+            start = pos + 3
+            pos = start + length
+            rule = _rules[type_]
+            if not rule:
+                continue
+            if rule == _RULE_SSL:
+                if seen_ssl or length < 5:
+                    _raise_first_problem(data, first, end)
+                seen_ssl = True
+                if area_is_ascii is None:
+                    area_is_ascii = data[first:end].isascii()
+                # The sub-TLVs: the same walk, one level down.
+                has_version = False
+                sub = start + 5
+                while sub < pos:
+                    sub_type, sub_length = _type_length(data, sub)
+                    sub += 3 + sub_length
+                    if sub_type == _SSL_VERSION:
+                        has_version = True
+                    if not area_is_ascii and _ssl_text[sub_type]:
+                        try:
+                            data[sub - sub_length : sub].decode()
+                        except UnicodeDecodeError:
                             _raise_first_problem(data, first, end)
-    except IndexError:
+                if sub != pos or (data[start] & _CLIENT_SSL and not has_version):
+                    _raise_first_problem(data, first, end)
+            elif rule == _RULE_UNIQUE_ID:
+                if length > 128:
+                    _raise_first_problem(data, first, end)
+            elif rule == _RULE_CRC32C:
+                if crc_at or length != 4:
+                    _raise_first_problem(data, first, end)
+                crc_at = start
+            else:  # AUTHORITY (UTF-8) or NETNS (ASCII)
+                if area_is_ascii is None:
+                    area_is_ascii = data[first:end].isascii()
+                if not area_is_ascii:
+                    value = data[start:pos]
+                    if rule == _RULE_AUTHORITY:
+                        try:
+                            value.decode()
+                        except UnicodeDecodeError:
+                            _raise_first_problem(data, first, end)
+                    elif not value.isascii():
+                        _raise_first_problem(data, first, end)
+    except (struct.error, IndexError):
         _raise_first_problem(data, first, end)
     if pos != end:
         _raise_first_problem(data, first, end)
     if crc_at:
-        _check_crc(data, crc_at, end)
+        # _check_crc's computation, inlined (the slices and the call are most of its cost).
+        stop = crc_at + 4
+        zeroed = data[:crc_at] + _ZERO_CRC
+        if stop != end:
+            zeroed += data[stop:end]
+        if _crc_value(zeroed) != _CRC_VALUE.unpack_from(data, crc_at)[0]:
+            _check_crc(data, crc_at, end)
 
 
 def _check_crc(data: bytes, crc_at: int, end: int) -> None:

@@ -608,3 +608,21 @@ def test_headers_are_equal_when_bytes_and_normalisation_are() -> None:
     assert first[0] != other[0]  # read as ::ffff:192.0.2.1, not as 192.0.2.1
     assert first[0] != spelled[0]  # different bytes, though the same values
     assert values(first[0]) == values(spelled[0])
+
+
+def test_the_fast_port_grammar_is_exactly_0_to_65535_without_leading_zeros() -> None:
+    for number in range(100_000):
+        for text in (str(number), f"0{number}", f"00{number}"):
+            valid = text == str(int(text)) and int(text) <= 65535
+            line = f"PROXY TCP4 1.2.3.4 5.6.7.8 {text} 25\r\n".encode()
+            assert (FAST_LINE.fullmatch(line) is not None) == valid, text
+
+
+def test_the_fast_octet_grammar_is_exactly_0_to_255_without_leading_zeros() -> None:
+    for number in range(1000):
+        for text in (str(number), f"0{number}"):
+            valid = text == str(int(text)) and int(text) <= 255
+            line = f"PROXY TCP4 1.2.3.{text} 5.6.7.8 1 25\r\n".encode()
+            assert (FAST_LINE.fullmatch(line) is not None) == valid, text
+            line = f"PROXY TCP6 ::ffff:1.2.3.{text} ::1 1 25\r\n".encode()
+            assert (FAST_LINE.fullmatch(line) is not None) == valid, text
