@@ -1,0 +1,296 @@
+"""Adapters that drive each Python peer's own PROXY protocol parser on a bytes object.
+
+Each adapter calls the peer's real parsing code, as cheaply as the peer allows, on the
+complete header as one ``bytes`` value, and does the same version detection that the
+peer's own entry point does. Nothing is cached between calls. docs/performance.md says
+exactly what is called for each peer.
+
+The peers live only in ``.venv-bench`` (``make bench``). Imported anywhere else, a peer
+that is missing is reported as unavailable, with the reason, rather than failing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from collections.abc import Callable
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+__all__ = [
+    "Endpoint",
+    "Peer",
+    "TLVReading",
+    "Unavailable",
+    "load_peers",
+]
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+# (ip, port) of the header's source, as the verification step compares it.
+Endpoint = tuple[IPAddress, int]
+# What "parse plus reading the TLVs" yields: ALPN, AUTHORITY, SSL version, SSL CN, UNIQUE_ID.
+TLVReading = tuple[bytes | None, str | None, str | None, str | None, bytes | None]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One peer library, ready to be timed."""
+
+    name: str
+    distribution: str
+    version: str
+    # What each timed call does, in words, for the results and the docs.
+    call: str
+    # bytes -> the peer's own result object; raises (or returns an invalid result) on failure.
+    parse: Callable[[bytes], object]
+    # The peer's result -> the source endpoint, raising if the result is not a valid header.
+    source: Callable[[object], Endpoint]
+    # bytes -> parse, then read ALPN, AUTHORITY, SSL version and CN, UNIQUE_ID; None if the
+    # peer exposes no TLVs.
+    parse_and_read_tlvs: Callable[[bytes], TLVReading] | None
+    tlv_call: str
+    # What the peer's parse leaves undone on a header with TLVs (empty if nothing): the
+    # note the table puts on the plain-parse TLV row.
+    tlv_note: str
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A peer that could not be loaded here, and why."""
+
+    name: str
+    distribution: str
+    reason: str
+
+
+def _version(distribution: str) -> str:
+    return metadata.version(distribution)
+
+
+def _ip(value: object) -> IPAddress:
+    if isinstance(value, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        return value
+    if isinstance(value, bytes | bytearray):
+        value = bytes(value).decode("ascii")
+    return ipaddress.ip_address(str(value))
+
+
+# --- proxy-protocol (module proxyprotocol) -------------------------------------------------
+
+
+def _load_proxy_protocol() -> Peer:
+    from proxyprotocol.detect import ProxyProtocolDetect
+
+    # Stateless; proxy-protocol's own server code builds one and reuses it for every
+    # connection, so the benchmark does the same.
+    detect: Any = ProxyProtocolDetect()
+    unpack: Callable[[bytes], object] = detect.unpack
+
+    def source(result: object) -> Endpoint:
+        ip, port = getattr(result, "source")  # noqa: B009 - the peer's result is untyped
+        return _ip(ip), int(port)
+
+    def parse_and_read_tlvs(data: bytes) -> TLVReading:
+        result: Any = unpack(data)
+        tlv = result.tlv
+        # .ssl builds a new SSL TLV object on every access, so read it once.
+        ssl = tlv.ssl
+        return tlv.alpn, tlv.authority, ssl.version, ssl.cn, tlv.unique_id
+
+    return Peer(
+        name="proxy-protocol",
+        distribution="proxy-protocol",
+        version=_version("proxy-protocol"),
+        call="ProxyProtocolDetect().unpack(data), one detector reused (v1 and v2)",
+        parse=unpack,
+        source=source,
+        parse_and_read_tlvs=parse_and_read_tlvs,
+        tlv_call="unpack(data), then result.tlv.alpn, .authority, .ssl (once) .version "
+        "and .cn, .unique_id",
+        tlv_note="SSL TLV decoded only when .ssl is read",
+    )
+
+
+# --- Twisted (twisted.protocols.haproxy) ---------------------------------------------------
+
+
+def _load_twisted() -> Peer:
+    from twisted.protocols.haproxy._v1parser import V1Parser
+    from twisted.protocols.haproxy._v2parser import V2Parser
+
+    v2_prefix: bytes = V2Parser.PREFIX
+    v1_prefix: bytes = V1Parser.PROXYSTR
+    v1_parse: Callable[[bytes], object] = V1Parser.parse
+    v2_parse: Callable[[bytes], object] = V2Parser.parse
+
+    def parse(data: bytes) -> object:
+        # The same detection HAProxyProtocolWrapper.dataReceived does, then the same
+        # framing its parsers' feed() does (split at CRLF for v1; the v2 header is
+        # already exactly 16 + length bytes), then the parse classmethod feed() calls.
+        if len(data) >= 16 and data[:12] == v2_prefix and data[12] & 0xF0 == 0x20:
+            return v2_parse(data)
+        if len(data) >= 8 and data[:5] == v1_prefix:
+            return v1_parse(data.split(b"\r\n", 1)[0])
+        raise ValueError("Twisted's wrapper would drop this connection")
+
+    def source(result: object) -> Endpoint:
+        address: Any = getattr(result, "source")  # noqa: B009
+        return _ip(address.host), int(address.port)
+
+    return Peer(
+        name="twisted",
+        distribution="twisted",
+        version=_version("twisted"),
+        call="HAProxyProtocolWrapper's version check, then V2Parser.parse(data), or "
+        "V1Parser.parse(line) on the line before CRLF (as V1Parser.feed splits it)",
+        parse=parse,
+        source=source,
+        parse_and_read_tlvs=None,
+        tlv_call="n/a: Twisted does not parse TLVs",
+        tlv_note="TLVs skipped, never parsed",
+    )
+
+
+# --- aiosmtpd (aiosmtpd.proxy_protocol) ----------------------------------------------------
+
+
+class _BytesReader:
+    """aiosmtpd's AsyncReader protocol over bytes already in memory; it never suspends."""
+
+    __slots__ = ("_data", "_pos")
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self._pos = 0
+
+    async def read(self, n: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._data) if n < 0 else min(len(self._data), start + n)
+        self._pos = end
+        return self._data[start:end]
+
+    async def readexactly(self, n: int) -> bytes:
+        start = self._pos
+        chunk = self._data[start : start + n]
+        if len(chunk) < n:
+            raise asyncio.IncompleteReadError(chunk, n)
+        self._pos = start + n
+        return chunk
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        start = self._pos
+        index = self._data.find(separator, start)
+        if index < 0:
+            raise asyncio.IncompleteReadError(self._data[start:], None)
+        self._pos = index + len(separator)
+        return self._data[start : self._pos]
+
+
+def _load_aiosmtpd() -> Peer:
+    from aiosmtpd.proxy_protocol import get_proxy
+
+    def parse(data: bytes) -> object:
+        # get_proxy is a coroutine, but over an in-memory reader it finishes on its first
+        # step, so it is driven by hand instead of through an event loop.
+        coroutine = get_proxy(_BytesReader(data))
+        try:
+            coroutine.send(None)
+        except StopIteration as done:
+            result: object = done.value
+            return result
+        coroutine.close()
+        raise RuntimeError("aiosmtpd's get_proxy suspended on an in-memory reader")
+
+    def source(result: object) -> Endpoint:
+        proxy_data: Any = result
+        if not proxy_data.valid:
+            raise ValueError(f"aiosmtpd rejected the header: {proxy_data.error!r}")
+        return _ip(proxy_data.src_addr), int(proxy_data.src_port)
+
+    def parse_and_read_tlvs(data: bytes) -> TLVReading:
+        proxy_data: Any = parse(data)
+        tlv = proxy_data.tlv
+        # aiosmtpd keeps the raw bytes; decode the text ones to match what the others return.
+        return (
+            bytes(tlv.ALPN),
+            bytes(tlv.AUTHORITY).decode("utf-8"),
+            bytes(tlv.SSL_VERSION).decode("ascii"),
+            bytes(tlv.SSL_CN).decode("utf-8"),
+            bytes(tlv.UNIQUE_ID),
+        )
+
+    return Peer(
+        name="aiosmtpd",
+        distribution="aiosmtpd",
+        version=_version("aiosmtpd"),
+        call="get_proxy(reader) over an in-memory AsyncReader, driven with "
+        "coroutine.send(None) (no event loop)",
+        parse=parse,
+        source=source,
+        parse_and_read_tlvs=parse_and_read_tlvs,
+        tlv_call="get_proxy as above, then proxy_data.tlv (ProxyTLV.from_raw) and its ALPN, "
+        "AUTHORITY, SSL_VERSION, SSL_CN, UNIQUE_ID, text ones decoded",
+        tlv_note="TLVs kept raw until .tlv is read",
+    )
+
+
+# --- gunicorn (gunicorn.http.message) ------------------------------------------------------
+
+
+def _load_gunicorn() -> Peer:
+    from gunicorn.http.message import PP_V2_SIGNATURE, Request
+
+    def parse(data: bytes) -> object:
+        # A bare Request (no __init__, which would go on to parse an HTTP request) whose
+        # buffer already holds the whole header, which is what Request.parse has after its
+        # first read: the unreader is then never touched. The dispatch is
+        # _handle_proxy_protocol's in "auto" mode, without its trusted-proxy check
+        # (mailedge's gate is separate and not measured here either).
+        request: Any = object.__new__(Request)
+        if data[:12] == PP_V2_SIGNATURE:
+            request._parse_proxy_protocol_v2(None, data)
+        elif data[:6] == b"PROXY ":
+            request._parse_proxy_protocol_v1(None, data)
+        else:
+            raise ValueError("not a PROXY header for gunicorn")
+        info: object = request.proxy_protocol_info
+        return info
+
+    def source(result: object) -> Endpoint:
+        info: Any = result
+        return _ip(info["client_addr"]), int(info["client_port"])
+
+    return Peer(
+        name="gunicorn",
+        distribution="gunicorn",
+        version=_version("gunicorn"),
+        call="Request._parse_proxy_protocol_v1/_v2(None, data) on object.__new__(Request), "
+        "after _handle_proxy_protocol's signature dispatch",
+        parse=parse,
+        source=source,
+        parse_and_read_tlvs=None,
+        tlv_call="n/a: gunicorn skips TLVs",
+        tlv_note="TLVs skipped, never parsed",
+    )
+
+
+_LOADERS: tuple[tuple[str, str, Callable[[], Peer]], ...] = (
+    ("proxy-protocol", "proxy-protocol", _load_proxy_protocol),
+    ("twisted", "twisted", _load_twisted),
+    ("aiosmtpd", "aiosmtpd", _load_aiosmtpd),
+    ("gunicorn", "gunicorn", _load_gunicorn),
+)
+
+
+def load_peers() -> list[Peer | Unavailable]:
+    """Every peer, in table order: loaded, or the reason it could not be."""
+    loaded: list[Peer | Unavailable] = []
+    for name, distribution, loader in _LOADERS:
+        try:
+            loaded.append(loader())
+        except ImportError as error:
+            loaded.append(
+                Unavailable(name, distribution, f"not installed ({error}); run `make bench`")
+            )
+    return loaded
