@@ -6,6 +6,7 @@ import struct
 
 import google_crc32c
 import pytest
+from codec_support import three_ways
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -15,7 +16,6 @@ from mailedge.proxy import (
     ChecksumError,
     ClientFlags,
     InvalidTLVError,
-    ProxyHeader,
     ProxyProtocolError,
     SSLInfo,
     SSLSubType,
@@ -24,37 +24,6 @@ from mailedge.proxy import (
     parse_header,
 )
 from mailedge.proxy.tlv import check_tlvs, crc32c_of, first_problem
-
-# What follows a header on a real connection: an SMTP command, and the start of a TLS
-# ClientHello. (Each test module keeps its own copy: test modules import nothing from
-# each other.)
-TRAILERS = (
-    b"EHLO client.example.org\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),
-)
-
-
-def three_ways(data: bytes, **options: bool) -> ProxyHeader:
-    """Parse one whole header whole, a byte at a time, and with bytes after it.
-
-    Every way must give the same header and consume exactly ``len(data)``; the bytes after
-    the header come back untouched; bytearray and memoryview input agree.
-    """
-    result = parse_header(data, **options)
-    assert result is not None, data
-    header, consumed = result
-    assert consumed == len(data)
-    for size in range(len(data)):
-        assert parse_header(data[:size], **options) is None, (size, data[:size])
-    for trailer in TRAILERS:
-        stream = data + trailer
-        result = parse_header(stream, **options)
-        assert result == (header, len(data))
-        assert stream[result[1] :] == trailer
-    assert parse_header(bytearray(data), **options) == (header, len(data))
-    assert parse_header(memoryview(data + TRAILERS[1]), **options) == (header, len(data))
-    return header
-
 
 INET4_BLOCK = bytes([192, 0, 2, 10, 198, 51, 100, 25]) + struct.pack("!HH", 51234, 25)
 CHECKED_TYPES = {0x02, 0x03, 0x05, 0x20, 0x30}

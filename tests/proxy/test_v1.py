@@ -6,6 +6,7 @@ import ipaddress
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
+from codec_support import three_ways
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -27,37 +28,6 @@ from mailedge.proxy import (
 )
 from mailedge.proxy.header import _ipv6_int
 from mailedge.proxy.v1 import FAST_LINE, parse_v1
-
-# What follows a header on a real connection: an SMTP command, and the start of a TLS
-# ClientHello. (Each test module keeps its own copy: test modules import nothing from
-# each other.)
-TRAILERS = (
-    b"EHLO client.example.org\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),
-)
-
-
-def three_ways(data: bytes, **options: bool) -> ProxyHeader:
-    """Parse one whole header whole, a byte at a time, and with bytes after it.
-
-    Every way must give the same header and consume exactly ``len(data)``; the bytes after
-    the header come back untouched; bytearray and memoryview input agree.
-    """
-    result = parse_header(data, **options)
-    assert result is not None, data
-    header, consumed = result
-    assert consumed == len(data)
-    for size in range(len(data)):
-        assert parse_header(data[:size], **options) is None, (size, data[:size])
-    for trailer in TRAILERS:
-        stream = data + trailer
-        result = parse_header(stream, **options)
-        assert result == (header, len(data))
-        assert stream[result[1] :] == trailer
-    assert parse_header(bytearray(data), **options) == (header, len(data))
-    assert parse_header(memoryview(data + TRAILERS[1]), **options) == (header, len(data))
-    return header
-
 
 # What a header says, every lazily built attribute materialised. Tests compare these,
 # never headers: two headers are equal only when their bytes are (and one of these lines

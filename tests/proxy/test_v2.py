@@ -7,6 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import google_crc32c
 import pytest
+from codec_support import three_ways
 
 from mailedge.proxy import (
     DEFAULT_MAX_V2_LENGTH,
@@ -28,37 +29,6 @@ from mailedge.proxy import (
     UnixAddress,
     parse_header,
 )
-
-# What follows a header on a real connection: an SMTP command, and the start of a TLS
-# ClientHello. (Each test module keeps its own copy: test modules import nothing from
-# each other.)
-TRAILERS = (
-    b"EHLO client.example.org\r\n",
-    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + bytes(range(32)),
-)
-
-
-def three_ways(data: bytes, **options: bool) -> ProxyHeader:
-    """Parse one whole header whole, a byte at a time, and with bytes after it.
-
-    Every way must give the same header and consume exactly ``len(data)``; the bytes after
-    the header come back untouched; bytearray and memoryview input agree.
-    """
-    result = parse_header(data, **options)
-    assert result is not None, data
-    header, consumed = result
-    assert consumed == len(data)
-    for size in range(len(data)):
-        assert parse_header(data[:size], **options) is None, (size, data[:size])
-    for trailer in TRAILERS:
-        stream = data + trailer
-        result = parse_header(stream, **options)
-        assert result == (header, len(data))
-        assert stream[result[1] :] == trailer
-    assert parse_header(bytearray(data), **options) == (header, len(data))
-    assert parse_header(memoryview(data + TRAILERS[1]), **options) == (header, len(data))
-    return header
-
 
 BLOCK = {0x0: 0, 0x1: 12, 0x2: 36, 0x3: 216}
 VALID_FAMILY_BYTES = {0x00, 0x11, 0x12, 0x21, 0x22, 0x31, 0x32}
