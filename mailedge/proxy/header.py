@@ -179,7 +179,12 @@ _FOURS = (4,) * 8
 # The zero digits that "::" stands for, by the number of groups it replaces.
 _ZERO_GROUPS = tuple(b"0000" * count for count in range(9))
 _V4_MAPPED = 0xFFFF  # the top 96 bits of ::ffff:a.b.c.d, shifted down by 32
+# Single bytes as ints: ``b":" in text`` first tries (and fails, with an exception it then
+# clears) to read b":" as an int, and costs three times as much as ``_COLON in text``.
+_COLON = ord(":")
+_DOT = ord(".")
 
+_TYPE_LENGTH = struct.Struct("!BH").unpack_from
 _V2_INET4 = struct.Struct("!IIHH")
 _V2_INET6 = struct.Struct("!QQQQHH")  # each address as two 64-bit halves
 _V2_FIXED_LENGTH = 16
@@ -233,7 +238,7 @@ def _ipv6_int(text: bytes) -> int | None:
     ``text`` must already be known to hold only hex digits, colons and dots. Each group is
     zero-filled to 4 digits and the 32 digits become one int: far cheaper than a loop.
     """
-    if b"." in text:
+    if _DOT in text:
         return _ipv6_embedded_int(text)
     head, double_colon, tail = text.partition(b"::")
     if double_colon:
@@ -274,7 +279,7 @@ def _ip6(value: int, normalize_v4_mapped: bool) -> IPAddress:
 
 def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
     """The address of a validated v1 address field, of either family (nginx mixes them)."""
-    if b":" in text:
+    if _COLON in text:
         value = _ipv6_int(text)
         assert value is not None  # validated by the parser
         return _ip6(value, normalize_v4_mapped)
@@ -287,8 +292,8 @@ def _v1_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None
         return None, None
     source, destination, sport, dport = raw[11:-2].split(b" ")
     return (
-        InetAddress(_v1_ip(source, normalize_v4_mapped), int(sport)),
-        InetAddress(_v1_ip(destination, normalize_v4_mapped), int(dport)),
+        _inet(_v1_ip(source, normalize_v4_mapped), int(sport)),
+        _inet(_v1_ip(destination, normalize_v4_mapped), int(dport)),
     )
 
 
@@ -304,12 +309,12 @@ def _v2_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None
         return None, None
     if family == Family.INET:
         src, dst, sport, dport = _V2_INET4.unpack_from(raw, _V2_FIXED_LENGTH)
-        return InetAddress(IPv4Address(src), sport), InetAddress(IPv4Address(dst), dport)
+        return _inet(IPv4Address(src), sport), _inet(IPv4Address(dst), dport)
     if family == Family.INET6:
         s_hi, s_lo, d_hi, d_lo, sport, dport = _V2_INET6.unpack_from(raw, _V2_FIXED_LENGTH)
         return (
-            InetAddress(_ip6(s_hi << 64 | s_lo, normalize_v4_mapped), sport),
-            InetAddress(_ip6(d_hi << 64 | d_lo, normalize_v4_mapped), dport),
+            _inet(_ip6(s_hi << 64 | s_lo, normalize_v4_mapped), sport),
+            _inet(_ip6(d_hi << 64 | d_lo, normalize_v4_mapped), dport),
         )
     return (
         UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH)),
@@ -317,13 +322,15 @@ def _v2_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None
     )
 
 
-def _tlv_spans(data: bytes, pos: int, end: int) -> Iterable[tuple[int, int, int]]:
+def _tlv_spans(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
     """(type, value start, value end) of each TLV in validated ``data[pos:end]``."""
+    spans = []
     while pos < end:
-        start = pos + 3
-        stop = start + (data[pos + 1] << 8 | data[pos + 2])
-        yield data[pos], start, stop
-        pos = stop
+        type_, length = _TYPE_LENGTH(data, pos)
+        pos += 3
+        spans.append((type_, pos, pos + length))
+        pos += length
+    return spans
 
 
 def _decode_ssl(value: bytes) -> SSLInfo:
@@ -340,7 +347,7 @@ def _decode_ssl(value: bytes) -> SSLInfo:
                 text[slot] = sub.decode()
         elif type_ == _SSL_CLIENT_CERT and client_cert is None:
             client_cert = sub
-        subs.append(TLV(type_, sub))
+        subs.append(_tlv(type_, sub))
     return SSLInfo(
         _CLIENT_FLAGS[client],
         verify,
@@ -547,8 +554,10 @@ class ProxyHeader:
             return ()
         raw = self.raw
         return tuple(
-            TLV(type_, raw[start:stop])
-            for type_, start, stop in _tlv_spans(raw, _TLV_STARTS[raw[13] >> 4], len(raw))
+            [
+                _tlv(type_, raw[start:stop])
+                for type_, start, stop in _tlv_spans(raw, _TLV_STARTS[raw[13] >> 4], len(raw))
+            ]
         )
 
     @_lazy
@@ -598,6 +607,28 @@ class ProxyHeader:
 
 
 _new_header = object.__new__
+
+# InetAddress and TLV built without their attrs __init__, whose generic attribute
+# assignment costs more than these slot setters: the materialising code above makes many.
+# The instances are the same in every respect (the classes have no validators).
+_set_ip = InetAddress.__dict__["ip"].__set__
+_set_port = InetAddress.__dict__["port"].__set__
+_set_type = TLV.__dict__["type"].__set__
+_set_value = TLV.__dict__["value"].__set__
+
+
+def _inet(ip: IPAddress, port: int) -> InetAddress:
+    address = _new_header(InetAddress)
+    _set_ip(address, ip)
+    _set_port(address, port)
+    return address
+
+
+def _tlv(type_: int, value: bytes) -> TLV:
+    tlv = _new_header(TLV)
+    _set_type(tlv, type_)
+    _set_value(tlv, value)
+    return tlv
 
 
 def make_header(raw: bytes, layout: HeaderLayout) -> ProxyHeader:
