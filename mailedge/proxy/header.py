@@ -397,6 +397,36 @@ class _lazy(Generic[_T]):  # lower case: used as a decorator, like property
         return value
 
 
+class _Endpoint:
+    """``source`` or ``destination``: a first read of either builds and keeps both.
+
+    A non-data descriptor like :class:`_lazy`, with the building inline: the gate reads
+    both on every connection, and each Python call saved here is a tenth of the cost.
+    """
+
+    def __init__(self, index: int, doc: str) -> None:
+        self._index = index
+        self.__doc__ = doc
+
+    @overload
+    def __get__(self, instance: None, owner: type | None = None) -> _Endpoint: ...
+
+    @overload
+    def __get__(self, instance: object, owner: type | None = None) -> Address | None: ...
+
+    def __get__(self, instance: object, owner: type | None = None) -> Address | _Endpoint | None:
+        if instance is None:
+            return self
+        fields = instance.__dict__
+        layout = fields["_layout"]
+        if layout.version == 1:
+            addresses = _v1_addresses(fields["raw"], layout.normalize_v4_mapped)
+        else:
+            addresses = _v2_addresses(fields["raw"], layout.normalize_v4_mapped)
+        fields["source"], fields["destination"] = addresses
+        return addresses[self._index]
+
+
 class HeaderLayout(NamedTuple):
     """What a header is, apart from its bytes: shared by every header of that kind."""
 
@@ -526,26 +556,8 @@ class ProxyHeader:
             f"crc32c_verified={self.crc32c_verified!r})"
         )
 
-    @_lazy
-    def source(self) -> Address | None:
-        """The client's endpoint; None for LOCAL, v1 UNKNOWN and v2 UNSPEC."""
-        return self._addresses()[0]
-
-    @_lazy
-    def destination(self) -> Address | None:
-        """The endpoint the client connected to; None when ``source`` is."""
-        return self._addresses()[1]
-
-    def _addresses(self) -> tuple[Address | None, Address | None]:
-        layout = self._layout
-        if layout.version == 1:
-            addresses = _v1_addresses(self.raw, layout.normalize_v4_mapped)
-        else:
-            addresses = _v2_addresses(self.raw, layout.normalize_v4_mapped)
-        # Both are built at once; keep both, so the other is a plain lookup too.
-        fields = self.__dict__
-        fields["source"], fields["destination"] = addresses
-        return addresses
+    source = _Endpoint(0, "The client's endpoint; None for LOCAL, v1 UNKNOWN and v2 UNSPEC.")
+    destination = _Endpoint(1, "The endpoint the client connected to; None when source is.")
 
     @_lazy
     def tlvs(self) -> tuple[TLV, ...]:
