@@ -21,6 +21,7 @@ from typing import Any
 __all__ = [
     "Endpoint",
     "Peer",
+    "RawEndpoint",
     "TLVReading",
     "Unavailable",
     "load_peers",
@@ -29,6 +30,9 @@ __all__ = [
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 # (ip, port) of the header's source, as the verification step compares it.
 Endpoint = tuple[IPAddress, int]
+# The source as the peer's own result holds it: its address (an ipaddress object or a str,
+# whatever the peer returns) and port. Reading it converts nothing.
+RawEndpoint = tuple[object, object]
 # What "parse plus reading the TLVs" yields: ALPN, AUTHORITY, SSL version, SSL CN, UNIQUE_ID.
 TLVReading = tuple[bytes | None, str | None, str | None, str | None, bytes | None]
 
@@ -45,7 +49,14 @@ class Peer:
     # bytes -> the peer's own result object; raises (or returns an invalid result) on failure.
     parse: Callable[[bytes], object]
     # The peer's result -> the source endpoint, raising if the result is not a valid header.
+    # For verification only: it converts the address to an ipaddress object.
     source: Callable[[object], Endpoint]
+    # The peer's result -> its source address and port as the result holds them, read the
+    # way the peer's users read them: timed, in the "parse and read the source" kinds.
+    read_source: Callable[[object], RawEndpoint]
+    source_call: str
+    # What the address read is, when it is not an ipaddress object (empty if it is).
+    source_note: str
     # bytes -> parse, then read ALPN, AUTHORITY, SSL version and CN, UNIQUE_ID; None if the
     # peer exposes no TLVs.
     parse_and_read_tlvs: Callable[[bytes], TLVReading] | None
@@ -91,6 +102,10 @@ def _load_proxy_protocol() -> Peer:
         ip, port = getattr(result, "source")  # noqa: B009 - the peer's result is untyped
         return _ip(ip), int(port)
 
+    def read_source(result: object) -> RawEndpoint:
+        ip, port = getattr(result, "source")  # noqa: B009
+        return ip, port
+
     def parse_and_read_tlvs(data: bytes) -> TLVReading:
         result: Any = unpack(data)
         tlv = result.tlv
@@ -105,6 +120,9 @@ def _load_proxy_protocol() -> Peer:
         call="ProxyProtocolDetect().unpack(data), one detector reused (v1 and v2)",
         parse=unpack,
         source=source,
+        read_source=read_source,
+        source_call="result.source, a tuple (IPv4Address or IPv6Address, port)",
+        source_note="",
         parse_and_read_tlvs=parse_and_read_tlvs,
         tlv_call="unpack(data), then result.tlv.alpn, .authority, .ssl (once) .version "
         "and .cn, .unique_id",
@@ -138,6 +156,10 @@ def _load_twisted() -> Peer:
         address: Any = getattr(result, "source")  # noqa: B009
         return _ip(address.host), int(address.port)
 
+    def read_source(result: object) -> RawEndpoint:
+        address: Any = getattr(result, "source")  # noqa: B009
+        return address.host, address.port
+
     return Peer(
         name="twisted",
         distribution="twisted",
@@ -146,6 +168,9 @@ def _load_twisted() -> Peer:
         "V1Parser.parse(line) on the line before CRLF (as V1Parser.feed splits it)",
         parse=parse,
         source=source,
+        read_source=read_source,
+        source_call="result.source.host (a str) and .port",
+        source_note="source address read as a str",
         parse_and_read_tlvs=None,
         tlv_call="n/a: Twisted does not parse TLVs",
         tlv_note="TLVs skipped, never parsed",
@@ -208,6 +233,10 @@ def _load_aiosmtpd() -> Peer:
             raise ValueError(f"aiosmtpd rejected the header: {proxy_data.error!r}")
         return _ip(proxy_data.src_addr), int(proxy_data.src_port)
 
+    def read_source(result: object) -> RawEndpoint:
+        proxy_data: Any = result
+        return proxy_data.src_addr, proxy_data.src_port
+
     def parse_and_read_tlvs(data: bytes) -> TLVReading:
         proxy_data: Any = parse(data)
         tlv = proxy_data.tlv
@@ -228,6 +257,9 @@ def _load_aiosmtpd() -> Peer:
         "coroutine.send(None) (no event loop)",
         parse=parse,
         source=source,
+        read_source=read_source,
+        source_call="proxy_data.src_addr (an IPv4Address or IPv6Address) and .src_port",
+        source_note="",
         parse_and_read_tlvs=parse_and_read_tlvs,
         tlv_call="get_proxy as above, then proxy_data.tlv (ProxyTLV.from_raw) and its ALPN, "
         "AUTHORITY, SSL_VERSION, SSL_CN, UNIQUE_ID, text ones decoded",
@@ -261,6 +293,10 @@ def _load_gunicorn() -> Peer:
         info: Any = result
         return _ip(info["client_addr"]), int(info["client_port"])
 
+    def read_source(result: object) -> RawEndpoint:
+        info: Any = result
+        return info["client_addr"], info["client_port"]
+
     return Peer(
         name="gunicorn",
         distribution="gunicorn",
@@ -269,6 +305,9 @@ def _load_gunicorn() -> Peer:
         "after _handle_proxy_protocol's signature dispatch",
         parse=parse,
         source=source,
+        read_source=read_source,
+        source_call='info["client_addr"] (a str) and info["client_port"]',
+        source_note="source address read as a str",
         parse_and_read_tlvs=None,
         tlv_call="n/a: gunicorn skips TLVs",
         tlv_note="TLVs skipped, never parsed",
