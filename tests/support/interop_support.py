@@ -970,6 +970,65 @@ class Setup:
     # The rendered proxy config, for failure messages.
     config: str
 
+    # The clients, through the proxy's frontend, each in a worker thread of the test's trio
+    # task. ``host`` is the frontend address the client dials.
+
+    async def smtp(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        source: str | None = None,
+        implicit_tls: ssl.SSLContext | None = None,
+        send: bool = False,
+    ) -> SMTPResult:
+        """:func:`smtp_session` against the frontend."""
+        return await trio.to_thread.run_sync(
+            partial(
+                smtp_session,
+                host,
+                self.frontend,
+                source=source,
+                implicit_tls=implicit_tls,
+                send=send,
+            )
+        )
+
+    async def imap(
+        self,
+        *,
+        implicit_tls: ssl.SSLContext | None = None,
+        starttls: ssl.SSLContext | None = None,
+    ) -> IMAPResult:
+        """:func:`imap_session` against the frontend."""
+        return await trio.to_thread.run_sync(
+            partial(
+                imap_session,
+                "127.0.0.1",
+                self.frontend,
+                implicit_tls=implicit_tls,
+                starttls=starttls,
+            )
+        )
+
+    async def http(
+        self,
+        *,
+        source: str | None = None,
+        tls: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
+    ) -> HTTPResult:
+        """:func:`http_get_json` of ``/whoami`` against the frontend."""
+        return await trio.to_thread.run_sync(
+            partial(
+                http_get_json,
+                "127.0.0.1",
+                self.frontend,
+                source=source,
+                tls=tls,
+                server_hostname=server_hostname,
+            )
+        )
+
 
 def _proxy_values(
     me: Mailedge, certs: Certs, frontend: int, values: Mapping[str, object]
