@@ -7,27 +7,20 @@ returns the connection context the gate built, as JSON.
 from __future__ import annotations
 
 import json
-from functools import partial
 from pathlib import Path
 
 import pytest
-import trio
+from interop_checks import assert_quiet
 from interop_support import (
     HOSTNAME,
-    Setup,
     behind_caddy,
     client_source_ip,
     client_sources,
     curl_bin,
-    http_get_json,
     run_client,
 )
 
 from mailedge.events import EventName
-
-
-def assert_quiet(setup: Setup) -> None:
-    assert setup.mailedge.warnings() == [], setup.mailedge.warnings()
 
 
 @pytest.mark.parametrize(("name", "version"), [("caddy-http-v1", 1), ("caddy-http-v2", 2)])
@@ -37,9 +30,7 @@ async def test_whoami_shows_the_client_caddy_saw(tmp_path: Path, name: str, vers
         # One connection per source, alternating: a pooled upstream connection reused for
         # another client would show the previous client's address.
         for source in [*sources, *sources]:
-            result = await trio.to_thread.run_sync(
-                partial(http_get_json, "127.0.0.1", setup.frontend, source=source)
-            )
+            result = await setup.http(source=source)
             whoami = result.body
             assert whoami["client_ip"] == source
             assert whoami["peer_ip"] == "127.0.0.1"  # Caddy's own connection
@@ -82,15 +73,8 @@ async def test_https_terminated_by_caddy_is_not_reported_as_tls(tmp_path: Path) 
     """Caddy's v2 header has no SSL TLV: mailedge cannot know that the client used HTTPS."""
     source = client_source_ip()
     async with behind_caddy(tmp_path, "caddy-https-v2") as setup:
-        result = await trio.to_thread.run_sync(
-            partial(
-                http_get_json,
-                "127.0.0.1",
-                setup.frontend,
-                source=source,
-                tls=setup.certs.client_context(),
-                server_hostname=HOSTNAME,
-            )
+        result = await setup.http(
+            source=source, tls=setup.certs.client_context(), server_hostname=HOSTNAME
         )
         assert result.tls_version is not None  # the client did speak TLS, to Caddy
         whoami = result.body

@@ -13,50 +13,30 @@ from __future__ import annotations
 import http.client
 import ipaddress
 import json
-import re
 import ssl
-from functools import partial
 from pathlib import Path
 
+import interop_checks
 import pytest
-import trio
+from interop_checks import LOOPBACK, assert_quiet, received_header
 from interop_support import (
     CLIENT_CN,
     HAPROXY_DOC,
     HOSTNAME,
-    Setup,
     behind_haproxy,
     client_source_ip,
     curl_bin,
-    http_get_json,
-    imap_session,
     ipv6_available,
     make_certs,
     missing,
     render_mailedge,
     run_client,
     running_mailedge,
-    smtp_session,
 )
 
 from mailedge.context import AddressSource, TLSTerminator
 from mailedge.events import EventName
 from mailedge.proxy import ClientFlags, Command, Family
-
-LOOPBACK = ipaddress.ip_address("127.0.0.1")
-
-
-def assert_quiet(setup: Setup) -> None:
-    """No gate decision worth a warning happened."""
-    assert setup.mailedge.warnings() == [], setup.mailedge.warnings()
-
-
-def received_header(message: bytes) -> str:
-    """The Received header the example SMTP handler prepended, unfolded."""
-    match = re.search(rb"^Received: .*?(?=^\S)", message, re.MULTILINE | re.DOTALL)
-    assert match is not None, message
-    return re.sub(r"\s+", " ", match[0].decode()).strip()
-
 
 # -- SMTP ---------------------------------------------------------------------------------------
 
@@ -67,32 +47,14 @@ async def test_smtp_client_address_reaches_ehlo_and_received(
 ) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, name) as setup:
-        me = setup.mailedge
-        result = await trio.to_thread.run_sync(
-            partial(smtp_session, "127.0.0.1", setup.frontend, source=source, send=True)
-        )
-        assert result.ehlo[0] == f"{HOSTNAME} Hello client.mailedge.test [{source}]"
-        assert "STARTTLS" in result.ehlo  # a plaintext session: STARTTLS is offered
-
-        context = me.context_for_client_port("smtp", result.local[1])
-        assert str(context.client_ip) == source
+        context, received = await interop_checks.smtp_from_header(setup, source, version=version)
         assert context.proxied
-        assert context.address_source is AddressSource.HEADER
-        assert context.peer_ip == LOOPBACK  # HAProxy's own connection
-        assert context.peer_port != result.local[1]
-        # The header's destination is HAProxy's frontend, which the client connected to.
-        assert (str(context.server_ip), context.server_port) == ("127.0.0.1", setup.frontend)
         assert context.header is not None
-        assert context.header.version == version
         assert context.header.tlvs == ()
-        assert not context.tls
-
-        [message] = me.messages()
-        assert received_header(message).startswith(
+        assert received.startswith(
             f"Received: from client.mailedge.test ([{source}]) by {HOSTNAME} (mailedge example)"
             " with ESMTP id "
         )
-        assert me.count("smtp", EventName.ACCEPTED, "header") == 1
         assert_quiet(setup)
 
 
@@ -100,9 +62,7 @@ async def test_smtp_v2_crc32c_and_unique_id(tmp_path: Path) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, "haproxy-smtp-v2-crc32c-unique-id") as setup:
         me = setup.mailedge
-        result = await trio.to_thread.run_sync(
-            partial(smtp_session, "127.0.0.1", setup.frontend, source=source)
-        )
+        result = await setup.smtp(source=source)
         context = me.context_for_client_port("smtp", result.local[1])
         assert context.header is not None
         assert context.header.crc32c_verified
@@ -128,9 +88,7 @@ async def test_health_checks_send_local_and_stay_quiet(tmp_path: Path) -> None:
         )
         # A client still gets through while the checks run.
         source = client_source_ip()
-        result = await trio.to_thread.run_sync(
-            partial(smtp_session, "127.0.0.1", setup.frontend, source=source)
-        )
+        result = await setup.smtp(source=source)
         assert result.ehlo[0].endswith(f"[{source}]")
 
         checks = [c for c in me.contexts_of("smtp") if c.client_port != result.local[1]]
@@ -154,7 +112,7 @@ async def test_ipv6_frontend(tmp_path: Path) -> None:
         missing("IPv6 loopback (::1) is not available on this machine")
     async with behind_haproxy(tmp_path, "haproxy-smtp-ipv6", frontend_host="::1") as setup:
         me = setup.mailedge
-        result = await trio.to_thread.run_sync(partial(smtp_session, "::1", setup.frontend))
+        result = await setup.smtp(host="::1")
         assert result.ehlo[0] == f"{HOSTNAME} Hello client.mailedge.test [::1]"
         context = me.context_for_client_port("smtp", result.local[1])
         assert context.client_ip == ipaddress.ip_address("::1")
@@ -168,36 +126,16 @@ async def test_ipv6_frontend(tmp_path: Path) -> None:
 async def test_smtp_tls_terminated_by_haproxy(tmp_path: Path) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, "haproxy-smtp-tls") as setup:
-        me = setup.mailedge
-        client_tls = setup.certs.client_context()
-        result = await trio.to_thread.run_sync(
-            partial(
-                smtp_session,
-                "127.0.0.1",
-                setup.frontend,
-                source=source,
-                implicit_tls=client_tls,
-                send=True,
-            )
-        )
-        # The session is TLS already: RFC 3207 forbids offering STARTTLS again.
-        assert "STARTTLS" not in result.ehlo
-        assert result.ehlo[0].endswith(f"[{source}]")
-
-        context = me.context_for_client_port("smtp", result.local[1])
-        assert context.tls
-        assert context.tls_terminated_by is TLSTerminator.PROXY
+        context, received = await interop_checks.smtp_tls_from_proxy(setup, source, "smtp")
         assert context.tls_version == "TLSv1.3"
         assert context.tls_cipher
         assert context.client_cert_cn is None
         assert not context.client_cert_verified
         assert context.header is not None
         assert context.header.crc32c_verified
-
-        [message] = me.messages()
         assert (
             f"with ESMTPS (version=TLSv1.3 cipher={context.tls_cipher} terminated-by=proxy)"
-            in received_header(message)
+            in received
         )
         assert_quiet(setup)
 
@@ -206,15 +144,8 @@ async def test_tcp_passthrough_to_implicit_tls_listener(tmp_path: Path) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, "haproxy-smtps-passthrough") as setup:
         me = setup.mailedge
-        result = await trio.to_thread.run_sync(
-            partial(
-                smtp_session,
-                "127.0.0.1",
-                setup.frontend,
-                source=source,
-                implicit_tls=setup.certs.client_context(),
-                send=True,
-            )
+        result = await setup.smtp(
+            source=source, implicit_tls=setup.certs.client_context(), send=True
         )
         assert "STARTTLS" not in result.ehlo
         # The header came first, then mailedge's own handshake: both the client and TLS are known.
@@ -237,24 +168,12 @@ async def test_tcp_passthrough_to_implicit_tls_listener(tmp_path: Path) -> None:
 
 async def test_imap_plaintext_needs_starttls(tmp_path: Path) -> None:
     async with behind_haproxy(tmp_path, "haproxy-imap-v2") as setup:
-        me = setup.mailedge
-        client_tls = setup.certs.client_context()
-        plain = await trio.to_thread.run_sync(partial(imap_session, "127.0.0.1", setup.frontend))
-        assert "LOGINDISABLED" in plain.welcome
+        plain, upgraded, contexts = await interop_checks.imap_with_starttls(setup)
         assert "STARTTLS" in plain.welcome
-        assert not plain.logged_in
         assert "PRIVACYREQUIRED" in plain.login
-
-        upgraded = await trio.to_thread.run_sync(
-            partial(imap_session, "127.0.0.1", setup.frontend, starttls=client_tls)
-        )
-        assert upgraded.logged_in, upgraded.login
         assert "LOGINDISABLED" not in upgraded.capabilities
-
-        for result in (plain, upgraded):
-            context = me.context_for_client_port("imap", result.local[1])
+        for context in contexts:
             assert context.proxied
-            assert context.peer_port != result.local[1]
             assert not context.tls  # as the gate admitted it; STARTTLS came later
         assert_quiet(setup)
 
@@ -262,14 +181,7 @@ async def test_imap_plaintext_needs_starttls(tmp_path: Path) -> None:
 async def test_imap_tls_terminated_by_haproxy_allows_login(tmp_path: Path) -> None:
     async with behind_haproxy(tmp_path, "haproxy-imap-tls") as setup:
         me = setup.mailedge
-        result = await trio.to_thread.run_sync(
-            partial(
-                imap_session,
-                "127.0.0.1",
-                setup.frontend,
-                implicit_tls=setup.certs.client_context(),
-            )
-        )
+        result = await setup.imap(implicit_tls=setup.certs.client_context())
         assert "LOGINDISABLED" not in result.welcome
         assert "STARTTLS" not in result.welcome
         assert result.logged_in, result.login
@@ -286,19 +198,12 @@ async def test_imap_tls_terminated_by_haproxy_allows_login(tmp_path: Path) -> No
 async def test_http_plaintext_frontend_with_send_proxy_v2_ssl(tmp_path: Path) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, "haproxy-http-v2-ssl") as setup:
-        me = setup.mailedge
-        result = await trio.to_thread.run_sync(
-            partial(http_get_json, "127.0.0.1", setup.frontend, source=source)
-        )
+        result = await interop_checks.whoami_from_header(setup, source, version=2)
         whoami = result.body
-        assert whoami["client_ip"] == source
-        assert whoami["client_port"] == result.local[1]
         assert whoami["proxied"] is True
-        assert whoami["proxy_version"] == 2
-        assert whoami["tls"] is False
         assert whoami["tls_terminated_by"] is None
         # HAProxy did send an SSL TLV, saying "not TLS" (client 0x00).
-        context = me.context_for_client_port("http", result.local[1])
+        context = setup.mailedge.context_for_client_port("http", result.local[1])
         assert context.header is not None
         assert context.header.ssl is not None
         assert context.header.ssl.client == ClientFlags(0)
@@ -309,15 +214,10 @@ async def test_http_plaintext_frontend_with_send_proxy_v2_ssl(tmp_path: Path) ->
 async def test_https_terminated_by_haproxy(tmp_path: Path, with_cert: bool) -> None:
     source = client_source_ip()
     async with behind_haproxy(tmp_path, "haproxy-http-tls") as setup:
-        result = await trio.to_thread.run_sync(
-            partial(
-                http_get_json,
-                "127.0.0.1",
-                setup.frontend,
-                source=source,
-                tls=setup.certs.client_context(with_cert=with_cert),
-                server_hostname=HOSTNAME,
-            )
+        result = await setup.http(
+            source=source,
+            tls=setup.certs.client_context(with_cert=with_cert),
+            server_hostname=HOSTNAME,
         )
         whoami = result.body
         assert whoami["client_ip"] == source
@@ -351,14 +251,8 @@ async def test_https_with_an_untrusted_client_certificate_never_reaches_mailedge
     """``verify optional``: a certificate that fails verification ends the handshake at HAProxy."""
     async with behind_haproxy(tmp_path, "haproxy-http-tls") as setup:
         try:
-            await trio.to_thread.run_sync(
-                partial(
-                    http_get_json,
-                    "127.0.0.1",
-                    setup.frontend,
-                    tls=setup.certs.client_context(foreign_cert=True),
-                    server_hostname=HOSTNAME,
-                )
+            await setup.http(
+                tls=setup.certs.client_context(foreign_cert=True), server_hostname=HOSTNAME
             )
         except (ssl.SSLError, ConnectionResetError, http.client.HTTPException):
             pass
@@ -379,15 +273,7 @@ async def test_tls_frontend_with_plain_send_proxy_v2_says_nothing_about_tls(
     async with behind_haproxy(
         tmp_path, "haproxy-http-tls", proxy_edits=[(tlv_options, " send-proxy-v2")]
     ) as setup:
-        result = await trio.to_thread.run_sync(
-            partial(
-                http_get_json,
-                "127.0.0.1",
-                setup.frontend,
-                tls=setup.certs.client_context(),
-                server_hostname=HOSTNAME,
-            )
-        )
+        result = await setup.http(tls=setup.certs.client_context(), server_hostname=HOSTNAME)
         assert result.tls_version == "TLSv1.3"  # the client did use TLS, with HAProxy
         assert result.body["proxied"] is True
         assert result.body["tls"] is False
