@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import email
-import email.message
 import mailbox
 import pathlib
 import smtplib
-from collections.abc import Iterator
 
 import authres
+import policy_support
 import pytest
 import trio
 from dns_support import (
     FORBIDDEN_IP,
     PERMITTED_IP,
-    PROXY_LISTENER,
     ZoneServer,
-    deliver,
     dkim_key,
     make_context,
     message,
-    running_smtp,
-    serve_zone,
     sign_message,
-    standard_zone,
 )
+from policy_support import RECEIVER as AUTHSERV_ID
+from policy_support import mx, receiving, stored, unfolded
 from smtp_handler import QUARANTINE_FOLDER, SMTPHandler
 
 from mailedge.context import AddressSource
-from mailedge.hooks.base import Action, Envelope, HookChain, Verdict
+from mailedge.hooks.base import Action, Envelope, Verdict
 from mailedge.hooks.dmarc import DMARCHook
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.spf import SPFHook
 
-AUTHSERV_ID = "mx.example"
-
-
-@pytest.fixture
-def server() -> Iterator[ZoneServer]:
-    with serve_zone(standard_zone(dkim_key())) as running:
-        yield running
+server = policy_support.zone_server
 
 
 @pytest.fixture
@@ -265,43 +254,21 @@ def test_settings_are_validated_and_the_repr_is_short() -> None:
 # -- through the PROXY path ----------------------------------------------------------------------
 
 
-def stored(maildir: pathlib.Path) -> list[email.message.Message]:
-    box = mailbox.Maildir(maildir, create=False)
-    return [email.message_from_bytes(box.get_bytes(key)) for key in box.iterkeys()]
-
-
-def unfolded(message_: email.message.Message, name: str) -> str:
-    value = message_[name]
-    assert isinstance(value, str), name
-    return " ".join(value.split())
-
-
 @pytest.fixture
 def handler(server: ZoneServer, tmp_path: pathlib.Path) -> SMTPHandler:
     limiter = trio.CapacityLimiter(4)
-    return SMTPHandler(
-        hostname=AUTHSERV_ID,
-        maildir=tmp_path / "Maildir",
-        hooks=HookChain(
-            [
-                SPFHook(AUTHSERV_ID, server.settings(), limiter=limiter),
-                DMARCHook(AUTHSERV_ID, server.settings(), limiter=limiter),
-            ]
-        ),
+    return mx(
+        tmp_path / "Maildir",
+        SPFHook(AUTHSERV_ID, server.settings(), limiter=limiter),
+        DMARCHook(AUTHSERV_ID, server.settings(), limiter=limiter),
     )
 
 
 async def test_a_signed_aligned_message_through_the_proxy_is_delivered_with_dmarc_pass(
     handler: SMTPHandler,
 ) -> None:
-    with trio.fail_after(30):
-        async with running_smtp(handler) as addresses:
-            await deliver(
-                addresses[PROXY_LISTENER],
-                signed(),
-                mail_from="alice@example.test",
-                client_ip=FORBIDDEN_IP,
-            )
+    async with receiving(handler) as smtp:
+        await smtp.send(signed(), client_ip=FORBIDDEN_IP)
     (delivered,) = stored(handler.maildir)
     assert unfolded(delivered, "Received-SPF").startswith("fail (mx.example: ")
     results = unfolded(delivered, "Authentication-Results")
@@ -319,22 +286,11 @@ async def test_a_signed_aligned_message_through_the_proxy_is_delivered_with_dmar
 async def test_an_unsigned_forgery_through_the_proxy_is_refused_under_p_reject(
     handler: SMTPHandler,
 ) -> None:
-    with trio.fail_after(30):
-        async with running_smtp(handler) as addresses:
-            with pytest.raises(smtplib.SMTPDataError) as refused:
-                await deliver(
-                    addresses[PROXY_LISTENER],
-                    message(),
-                    mail_from="alice@example.test",
-                    client_ip=FORBIDDEN_IP,
-                )
-            # The permitted client's unsigned message passes by SPF alignment.
-            await deliver(
-                addresses[PROXY_LISTENER],
-                message(subject="legit"),
-                mail_from="alice@example.test",
-                client_ip=PERMITTED_IP,
-            )
+    async with receiving(handler) as smtp:
+        with pytest.raises(smtplib.SMTPDataError) as refused:
+            await smtp.send(message(), client_ip=FORBIDDEN_IP)
+        # The permitted client's unsigned message passes by SPF alignment.
+        await smtp.send(message(subject="legit"), client_ip=PERMITTED_IP)
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error == b"5.7.1 DMARC policy of example.test rejects this message"
     (delivered,) = stored(handler.maildir)
@@ -347,14 +303,8 @@ async def test_a_failure_under_p_quarantine_through_the_proxy_goes_to_junk(
     handler: SMTPHandler,
 ) -> None:
     sender = "alice@quarantine.test"
-    with trio.fail_after(30):
-        async with running_smtp(handler) as addresses:
-            await deliver(
-                addresses[PROXY_LISTENER],
-                message(sender),
-                mail_from=sender,
-                client_ip=FORBIDDEN_IP,
-            )
+    async with receiving(handler) as smtp:
+        await smtp.send(message(sender), mail_from=sender, client_ip=FORBIDDEN_IP)
     assert stored(handler.maildir) == []
     (junk,) = stored(handler.maildir / f".{QUARANTINE_FOLDER}")
     assert (handler.maildir / f".{QUARANTINE_FOLDER}" / "maildirfolder").exists()

@@ -2,45 +2,22 @@
 
 from __future__ import annotations
 
-import email
-import email.message
-import mailbox
 import pathlib
 import re
 import smtplib
-from collections.abc import Iterator
 
+import policy_support
 import pytest
 import trio
-from dns_support import (
-    DIRECT_LISTENER,
-    FORBIDDEN_IP,
-    PERMITTED_IP,
-    PROXY_IP,
-    PROXY_LISTENER,
-    ZoneServer,
-    deliver,
-    dkim_key,
-    make_context,
-    message,
-    running_smtp,
-    serve_zone,
-    standard_zone,
-)
-from smtp_handler import SMTPHandler
+from dns_support import FORBIDDEN_IP, PERMITTED_IP, PROXY_IP, ZoneServer, make_context, message
+from policy_support import RECEIVER, mx, receiving, stored, unfolded
 
 from mailedge.context import AddressSource
-from mailedge.hooks.base import Action, HookChain, Verdict
+from mailedge.hooks.base import Action, Verdict
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.spf import SPFHook, SPFResult, received_spf
 
-RECEIVER = "mx.example"
-
-
-@pytest.fixture
-def server() -> Iterator[ZoneServer]:
-    with serve_zone(standard_zone(dkim_key())) as running:
-        yield running
+server = policy_support.zone_server
 
 
 @pytest.fixture
@@ -302,49 +279,23 @@ def test_settings_are_validated_and_the_repr_is_short() -> None:
 # -- through the PROXY path --------------------------------------------------------------------
 
 
-def stored(maildir: pathlib.Path) -> list[email.message.Message]:
-    box = mailbox.Maildir(maildir, create=False)
-    return [email.message_from_bytes(box.get_bytes(key)) for key in box.iterkeys()]
-
-
-def received_spf_of(message_: email.message.Message) -> str:
-    value = message_["Received-SPF"]
-    assert isinstance(value, str)
-    return " ".join(value.split())
-
-
 async def test_a_proxied_client_is_judged_by_its_own_address_not_the_proxys(
     server: ZoneServer, tmp_path: pathlib.Path
 ) -> None:
-    handler = SMTPHandler(
-        hostname=RECEIVER,
-        maildir=tmp_path / "Maildir",
-        hooks=HookChain([SPFHook(RECEIVER, server.settings())]),
-    )
-    with trio.fail_after(30):
-        async with running_smtp(handler) as addresses:
-            # The trusted proxy (127.0.0.1) says the client is 198.51.100.7: pass.
-            await deliver(
-                addresses[PROXY_LISTENER],
-                message(subject="proxied"),
-                mail_from="alice@example.test",
-                client_ip=PERMITTED_IP,
-            )
-            # The same message straight from 127.0.0.1: the socket peer is the client, and
-            # example.test does not permit it. Without the header, this is what the proxied
-            # client would have been judged as.
-            await deliver(
-                addresses[DIRECT_LISTENER],
-                message(subject="direct"),
-                mail_from="alice@example.test",
-                client_ip=None,
-            )
-    by_subject = {m["Subject"]: m for m in stored(tmp_path / "Maildir")}
-    proxied = received_spf_of(by_subject["proxied"])
+    handler = mx(tmp_path / "Maildir", SPFHook(RECEIVER, server.settings()))
+    async with receiving(handler) as smtp:
+        # The trusted proxy (127.0.0.1) says the client is 198.51.100.7: pass.
+        await smtp.send(message(subject="proxied"), client_ip=PERMITTED_IP)
+        # The same message straight from 127.0.0.1: the socket peer is the client, and
+        # example.test does not permit it. Without the header, this is what the proxied
+        # client would have been judged as.
+        await smtp.send(message(subject="direct"), client_ip=None)
+    by_subject = {m["Subject"]: m for m in stored(handler.maildir)}
+    proxied = unfolded(by_subject["proxied"], "Received-SPF")
     assert proxied.startswith("pass (mx.example: domain of alice@example.test designates")
     assert "client-ip=198.51.100.7;" in proxied
     assert "127.0.0.1" not in proxied
-    direct = received_spf_of(by_subject["direct"])
+    direct = unfolded(by_subject["direct"], "Received-SPF")
     assert direct.startswith("fail (mx.example: domain of alice@example.test does not designate")
     assert "client-ip=127.0.0.1;" in direct
 
@@ -352,29 +303,14 @@ async def test_a_proxied_client_is_judged_by_its_own_address_not_the_proxys(
 async def test_a_forbidden_proxied_client_is_refused_at_mail_from(
     server: ZoneServer, tmp_path: pathlib.Path
 ) -> None:
-    handler = SMTPHandler(
-        hostname=RECEIVER,
-        maildir=tmp_path / "Maildir",
-        hooks=HookChain([SPFHook(RECEIVER, server.settings(), reject_fail=True)]),
-    )
-    with trio.fail_after(30):
-        async with running_smtp(handler) as addresses:
-            with pytest.raises(smtplib.SMTPSenderRefused) as refused:
-                await deliver(
-                    addresses[PROXY_LISTENER],
-                    message(),
-                    mail_from="alice@example.test",
-                    client_ip=FORBIDDEN_IP,
-                )
-            await deliver(
-                addresses[PROXY_LISTENER],
-                message(),
-                mail_from="alice@example.test",
-                client_ip=PERMITTED_IP,
-            )
+    handler = mx(tmp_path / "Maildir", SPFHook(RECEIVER, server.settings(), reject_fail=True))
+    async with receiving(handler) as smtp:
+        with pytest.raises(smtplib.SMTPSenderRefused) as refused:
+            await smtp.send(message(), client_ip=FORBIDDEN_IP)
+        await smtp.send(message(), client_ip=PERMITTED_IP)
     assert refused.value.smtp_code == 550
     assert refused.value.smtp_error == (
         b"5.7.23 SPF fail: 203.0.113.9 is not allowed to send mail for example.test"
     )
-    (delivered,) = stored(tmp_path / "Maildir")
-    assert received_spf_of(delivered).startswith("pass ")
+    (delivered,) = stored(handler.maildir)
+    assert unfolded(delivered, "Received-SPF").startswith("pass ")
