@@ -163,6 +163,74 @@ class SSLInfo:
 IPv4Address = ipaddress.IPv4Address
 IPv6Address = ipaddress.IPv6Address
 
+# --- building values without their __init__ ----------------------------------------------------
+#
+# A server reads every header's two endpoints, so building them is most of what it pays per
+# connection. An ``attrs`` or ``ipaddress`` __init__ checks its arguments and then stores
+# them; the values below come from validated bytes, so the checks can never fail, and these
+# functions store the same attributes directly, into a blank instance. The objects are the
+# same in every respect (the classes have no validators, and ipaddress keeps nothing else).
+
+_new = object.__new__
+_set_ip = InetAddress.__dict__["ip"].__set__
+_set_port = InetAddress.__dict__["port"].__set__
+_set_type = TLV.__dict__["type"].__set__
+_set_value = TLV.__dict__["value"].__set__
+
+
+# Fills one attribute of a blank instance: (instance, value).
+Setter = Callable[[Any, Any], None]
+
+
+def _keep(address: object, value: object) -> None:
+    """The fallback's ``_set_scope``: ``IPv6Address.__init__`` has already set the scope."""
+
+
+def _builds_as_public(set_v4: Setter, set_v6: Setter, set_scope: Setter) -> bool:
+    """True when blank addresses filled by these setters equal the public constructors'."""
+    for v4, v6 in ((0xC000020A, 0x20010DB8 << 96 | 0x25), (0, 2**128 - 1)):
+        ip4 = _new(IPv4Address)
+        set_v4(ip4, v4)
+        ip6 = _new(IPv6Address)
+        set_v6(ip6, v6)
+        set_scope(ip6, None)
+        for built, public in ((ip4, IPv4Address(v4)), (ip6, IPv6Address(v6))):
+            if (
+                built != public
+                or str(built) != str(public)
+                or hash(built) != hash(public)
+                or built.packed != public.packed
+                or built.__reduce__() != public.__reduce__()
+            ):
+                return False
+        if ip6.scope_id is not None:
+            return False
+    return True
+
+
+def _ip_setters() -> tuple[Setter, Setter, Setter]:
+    """Setters that fill a blank IPv4Address, IPv6Address and an IPv6 scope id.
+
+    ``IPv4Address(n)`` checks that ``n`` is in range and stores it in the ``_ip`` slot;
+    ``IPv6Address(n)`` also stores None in ``_scope_id``. Those slots are private, so they
+    are checked here, once, against the public constructors: on a Python that lays the
+    classes out otherwise, the setters are the public ``__init__`` methods instead (and
+    the values are built as before, only slower).
+    """
+    public: tuple[Setter, Setter, Setter] = (IPv4Address.__init__, IPv6Address.__init__, _keep)
+    try:
+        slots: tuple[Setter, Setter, Setter] = (
+            vars(IPv4Address)["_ip"].__set__,
+            vars(IPv6Address)["_ip"].__set__,
+            vars(IPv6Address)["_scope_id"].__set__,
+        )
+        return slots if _builds_as_public(*slots) else public
+    except (KeyError, AttributeError, TypeError):
+        return public
+
+
+_set_v4, _set_v6, _set_scope = _ip_setters()
+
 # --- turning validated bytes into values ------------------------------------------------------
 #
 # Everything below reads bytes the parser has already validated in full, so none of it checks
@@ -185,8 +253,8 @@ _COLON = ord(":")
 _DOT = ord(".")
 
 _TYPE_LENGTH = struct.Struct("!BH").unpack_from
-_V2_INET4 = struct.Struct("!IIHH")
-_V2_INET6 = struct.Struct("!QQQQHH")  # each address as two 64-bit halves
+_unpack_inet4 = struct.Struct("!IIHH").unpack_from
+_unpack_inet6 = struct.Struct("!QQQQHH").unpack_from  # each address as two 64-bit halves
 _V2_FIXED_LENGTH = 16
 _UNIX_PATH_LENGTH = 108
 # Byte 13's high nibble (the family) -> where the TLVs start.
@@ -270,31 +338,160 @@ def _ipv6_embedded_int(text: bytes) -> int | None:
     return _ipv6_int(text[: colon + 1] + b"%x:%x" % (v4 >> 16, v4 & 0xFFFF))
 
 
+def _v4(value: int) -> IPv4Address:
+    """``IPv4Address(value)`` for a value known to fit in 32 bits."""
+    ip = _new(IPv4Address)
+    _set_v4(ip, value)
+    return ip
+
+
 def _ip6(value: int, normalize_v4_mapped: bool) -> IPAddress:
     """An IPv6 address from its value, or the IPv4 one a v4-mapped value stands for."""
     if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
-        return IPv4Address(value & 0xFFFFFFFF)
-    return IPv6Address(value)
+        ip: IPAddress = _new(IPv4Address)
+        _set_v4(ip, value & 0xFFFFFFFF)
+        return ip
+    ip = _new(IPv6Address)
+    _set_v6(ip, value)
+    _set_scope(ip, None)
+    return ip
+
+
+def _inet(ip: IPAddress, port: int) -> InetAddress:
+    address = _new(InetAddress)
+    _set_ip(address, ip)
+    _set_port(address, port)
+    return address
+
+
+def _tlv(type_: int, value: bytes) -> TLV:
+    tlv = _new(TLV)
+    _set_type(tlv, type_)
+    _set_value(tlv, value)
+    return tlv
+
+
+def _group_format(count: int, gap: int) -> bytes:
+    """The %-format that turns ``count`` IPv6 text groups into 32 hex digits (spaces for 0s).
+
+    ``gap`` is the index of the first empty group, where "::" stands (8: none). That group
+    takes "%s" and adds nothing; the zero groups "::" replaces follow it. An empty group
+    next to it (from a "::" at either end) takes "%4s" like the others and so counts as one
+    of the zero groups: 9 - count of them are written out, whatever the position.
+    """
+    if gap >= count:
+        return b"%4s" * count
+    return b"%4s" * gap + b"%s" + b"0000" * (9 - count) + b"%4s" * (count - gap - 1)
+
+
+# [number of groups after split(b":")][index of the first empty one, or 8]: with every
+# group padded to 4 characters by one %-format, and the spaces then made zeros by one
+# replace(), the text becomes 32 hex digits for one int() call. A Python step per group
+# would cost more than all of that. Valid text has 3 to 9 groups when compressed, 8 when not.
+_GROUP_FORMATS = tuple(
+    tuple(_group_format(count, gap) if count >= 3 or gap >= count else b"" for gap in range(9))
+    for count in range(10)
+)
 
 
 def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
-    """The address of a validated v1 address field, of either family (nginx mixes them)."""
-    if _COLON in text:
-        value = _ipv6_int(text)
-        assert value is not None  # validated by the parser
-        return _ip6(value, normalize_v4_mapped)
-    a, b, c, d = text.split(b".")
-    return IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+    """The address of a validated v1 address field, of either family (nginx mixes them).
+
+    No check, and as few steps as can be: one call per address, with the IPv6 text read
+    in place (one split, one %-format, one int()).
+    """
+    if _COLON not in text:
+        a, b, c, d = text.split(b".")
+        return _v4(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+    if _DOT in text:  # a dotted quad in the last 32 bits
+        embedded = _ipv6_int(text)
+        assert embedded is not None  # validated by the parser
+        value = embedded
+    else:
+        groups = text.split(b":")
+        format_ = _GROUP_FORMATS[len(groups)][groups.index(b"") if b"" in groups else 8]
+        value = int((format_ % tuple(groups)).replace(b" ", b"0"), 16)
+    if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
+        return _v4(value & 0xFFFFFFFF)
+    ip = _new(IPv6Address)
+    _set_v6(ip, value)
+    _set_scope(ip, None)
+    return ip
 
 
-def _v1_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None, Address | None]:
-    if raw[6] == 0x55:  # "PROXY UNKNOWN ...": no usable address
-        return None, None
-    source, destination, sport, dport = raw[11:-2].split(b" ")
-    return (
-        _inet(_v1_ip(source, normalize_v4_mapped), int(sport)),
-        _inet(_v1_ip(destination, normalize_v4_mapped), int(dport)),
-    )
+# What a layout's ``endpoints`` returns: (source, destination), both None or both set.
+Endpoints = tuple[Address | None, Address | None]
+
+
+def _no_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+    """LOCAL, v1 UNKNOWN and v2 UNSPEC: no usable address."""
+    return None, None
+
+
+def _v1_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+    """A v1 TCP4 or TCP6 line: ``PROXY TCPn src dst sport dport`` and CRLF."""
+    if _COLON not in raw:
+        # IPv4 addresses only (TCP4, or nginx's TCP6 with two IPv4 addresses): one split
+        # yields the eight octets and the two ports.
+        a, b, c, d, e, f, g, h, sport, dport = raw[11:-2].replace(b".", b" ").split(b" ")
+        ip = _new(IPv4Address)
+        _set_v4(ip, _OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+        source = _new(InetAddress)
+        _set_ip(source, ip)
+        _set_port(source, int(sport))
+        ip = _new(IPv4Address)
+        _set_v4(ip, _OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h])
+        destination = _new(InetAddress)
+        _set_ip(destination, ip)
+        _set_port(destination, int(dport))
+        return source, destination
+    src, dst, sport, dport = raw[11:-2].split(b" ")
+    source = _new(InetAddress)
+    _set_ip(source, _v1_ip(src, normalize_v4_mapped))
+    _set_port(source, int(sport))
+    destination = _new(InetAddress)
+    _set_ip(destination, _v1_ip(dst, normalize_v4_mapped))
+    _set_port(destination, int(dport))
+    return source, destination
+
+
+def _v2_inet_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+    """v2 PROXY over INET: two 4-byte addresses, then the two ports."""
+    src, dst, sport, dport = _unpack_inet4(raw, _V2_FIXED_LENGTH)
+    ip = _new(IPv4Address)
+    _set_v4(ip, src)
+    source = _new(InetAddress)
+    _set_ip(source, ip)
+    _set_port(source, sport)
+    ip = _new(IPv4Address)
+    _set_v4(ip, dst)
+    destination = _new(InetAddress)
+    _set_ip(destination, ip)
+    _set_port(destination, dport)
+    return source, destination
+
+
+def _v2_inet6_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+    """v2 PROXY over INET6: two 16-byte addresses (read as 64-bit halves), then the ports."""
+    s_hi, s_lo, d_hi, d_lo, sport, dport = _unpack_inet6(raw, _V2_FIXED_LENGTH)
+    if normalize_v4_mapped and not (s_hi and d_hi):  # one may be ::ffff:a.b.c.d
+        return (
+            _inet(_ip6(s_hi << 64 | s_lo, True), sport),
+            _inet(_ip6(d_hi << 64 | d_lo, True), dport),
+        )
+    ip = _new(IPv6Address)
+    _set_v6(ip, s_hi << 64 | s_lo)
+    _set_scope(ip, None)
+    source = _new(InetAddress)
+    _set_ip(source, ip)
+    _set_port(source, sport)
+    ip = _new(IPv6Address)
+    _set_v6(ip, d_hi << 64 | d_lo)
+    _set_scope(ip, None)
+    destination = _new(InetAddress)
+    _set_ip(destination, ip)
+    _set_port(destination, dport)
+    return source, destination
 
 
 def _unix_path(raw: bytes, start: int) -> bytes:
@@ -303,19 +500,8 @@ def _unix_path(raw: bytes, start: int) -> bytes:
     return path if nul < 0 else path[:nul]
 
 
-def _v2_addresses(raw: bytes, normalize_v4_mapped: bool) -> tuple[Address | None, Address | None]:
-    family = raw[13] >> 4
-    if raw[12] & 0xF == Command.LOCAL or family == Family.UNSPEC:
-        return None, None
-    if family == Family.INET:
-        src, dst, sport, dport = _V2_INET4.unpack_from(raw, _V2_FIXED_LENGTH)
-        return _inet(IPv4Address(src), sport), _inet(IPv4Address(dst), dport)
-    if family == Family.INET6:
-        s_hi, s_lo, d_hi, d_lo, sport, dport = _V2_INET6.unpack_from(raw, _V2_FIXED_LENGTH)
-        return (
-            _inet(_ip6(s_hi << 64 | s_lo, normalize_v4_mapped), sport),
-            _inet(_ip6(d_hi << 64 | d_lo, normalize_v4_mapped), dport),
-        )
+def _v2_unix_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+    """v2 PROXY over UNIX: two NUL-padded 108-byte paths."""
     return (
         UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH)),
         UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH + _UNIX_PATH_LENGTH)),
@@ -400,8 +586,9 @@ class _lazy(Generic[_T]):  # lower case: used as a decorator, like property
 class _Endpoint:
     """``source`` or ``destination``: a first read of either builds and keeps both.
 
-    A non-data descriptor like :class:`_lazy`, with the building inline: the gate reads
-    both on every connection, and each Python call saved here is a tenth of the cost.
+    A non-data descriptor like :class:`_lazy`. The gate reads both on every connection, so
+    one read builds both, with the builder the header's layout names: no test of version
+    or family is left for this first read to make.
     """
 
     def __init__(self, index: int, doc: str) -> None:
@@ -418,13 +605,11 @@ class _Endpoint:
         if instance is None:
             return self
         fields = instance.__dict__
-        layout = fields["_layout"]
-        if layout.version == 1:
-            addresses = _v1_addresses(fields["raw"], layout.normalize_v4_mapped)
-        else:
-            addresses = _v2_addresses(fields["raw"], layout.normalize_v4_mapped)
-        fields["source"], fields["destination"] = addresses
-        return addresses[self._index]
+        layout: HeaderLayout = fields["_layout"]
+        endpoints = fields["source"], fields["destination"] = layout.endpoints(
+            fields["raw"], layout.normalize_v4_mapped
+        )
+        return endpoints[self._index]
 
 
 class HeaderLayout(NamedTuple):
@@ -436,23 +621,40 @@ class HeaderLayout(NamedTuple):
     transport: Transport
     # The parse option that shapes the addresses: ::ffff:a.b.c.d read as IPv4.
     normalize_v4_mapped: bool
+    # Builds (source, destination) from the header's bytes: set by version, command and
+    # family, so that the first read of an endpoint goes straight to the right code.
+    endpoints: Callable[[bytes, bool], Endpoints]
 
 
-def _all_layouts() -> dict[HeaderLayout, HeaderLayout]:
-    layouts = [
-        HeaderLayout(1, Command.PROXY, family, Transport.STREAM, normalize)
+def _endpoints_builder(
+    version: int, command: Command, family: Family
+) -> Callable[[bytes, bool], Endpoints]:
+    if command is Command.LOCAL or family is Family.UNSPEC:
+        return _no_endpoints
+    if version == 1:
+        return _v1_endpoints
+    if family is Family.INET:
+        return _v2_inet_endpoints
+    if family is Family.INET6:
+        return _v2_inet6_endpoints
+    return _v2_unix_endpoints
+
+
+def _all_layouts() -> dict[tuple[int, Command, Family, Transport, bool], HeaderLayout]:
+    keys = [
+        (1, Command.PROXY, family, Transport.STREAM, normalize)
         for family in (Family.UNSPEC, Family.INET, Family.INET6)
         for normalize in (False, True)
     ]
-    layouts += [
-        HeaderLayout(2, command, family, transport, normalize)
+    keys += [
+        (2, command, family, transport, normalize)
         for command in Command
         for family in Family
         for transport in Transport
         if (family is Family.UNSPEC) == (transport is Transport.UNSPEC)
         for normalize in (False, True)
     ]
-    return {layout: layout for layout in layouts}
+    return {key: HeaderLayout(*key, _endpoints_builder(key[0], key[1], key[2])) for key in keys}
 
 
 # Every valid layout, built once: a parsed header points at one of these.
@@ -467,7 +669,7 @@ def header_layout(
     normalize_v4_mapped: bool,
 ) -> HeaderLayout:
     """The shared layout for these values (which the parser has validated)."""
-    return _LAYOUTS[HeaderLayout(version, command, family, transport, normalize_v4_mapped)]
+    return _LAYOUTS[version, command, family, transport, normalize_v4_mapped]
 
 
 @attrs.frozen(slots=False, init=False, repr=False, match_args=False)
@@ -618,31 +820,6 @@ class ProxyHeader:
         return None if value is None else value.decode("ascii")
 
 
-_new_header = object.__new__
-
-# InetAddress and TLV built without their attrs __init__, whose generic attribute
-# assignment costs more than these slot setters: the materialising code above makes many.
-# The instances are the same in every respect (the classes have no validators).
-_set_ip = InetAddress.__dict__["ip"].__set__
-_set_port = InetAddress.__dict__["port"].__set__
-_set_type = TLV.__dict__["type"].__set__
-_set_value = TLV.__dict__["value"].__set__
-
-
-def _inet(ip: IPAddress, port: int) -> InetAddress:
-    address = _new_header(InetAddress)
-    _set_ip(address, ip)
-    _set_port(address, port)
-    return address
-
-
-def _tlv(type_: int, value: bytes) -> TLV:
-    tlv = _new_header(TLV)
-    _set_type(tlv, type_)
-    _set_value(tlv, value)
-    return tlv
-
-
 def make_header(raw: bytes, layout: HeaderLayout) -> ProxyHeader:
     """The parser's constructor: ``raw`` must be a header it has validated in full.
 
@@ -650,7 +827,7 @@ def make_header(raw: bytes, layout: HeaderLayout) -> ProxyHeader:
     class allows (only attribute assignment is blocked): a fraction of an ``attrs``
     ``__init__``'s cost. The hot paths in v1.py and v2.py inline these same lines.
     """
-    header = _new_header(ProxyHeader)
+    header = _new(ProxyHeader)
     fields = header.__dict__
     fields["raw"] = raw
     fields["_layout"] = layout

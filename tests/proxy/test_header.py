@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import mailedge.proxy.header as header_module
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -138,6 +139,75 @@ def test_pickles() -> None:
     header.ssl  # noqa: B018
     again = pickle.loads(pickle.dumps(header))
     assert values(again) == values(header)
+
+
+# --- the addresses, built without their __init__ ------------------------------------------
+
+
+def _same_object(built: object, public: object) -> None:
+    assert type(built) is type(public)
+    assert built == public
+    assert hash(built) == hash(public)
+    assert repr(built) == repr(public)
+    assert pickle.loads(pickle.dumps(built)) == public
+
+
+@given(
+    st.ip_addresses(),
+    st.ip_addresses(),
+    st.integers(0, 65535),
+    st.integers(0, 65535),
+    st.booleans(),
+)
+def test_endpoints_are_the_objects_the_public_constructors_make(
+    src: IPv4Address | IPv6Address,
+    dst: IPv4Address | IPv6Address,
+    sport: int,
+    dport: int,
+    normalize: bool,
+) -> None:
+    # Both versions, and both families in v1 (mixed ones too: nginx), read back as the
+    # values InetAddress(ipaddress.ip_address(...), port) makes.
+    source, destination = InetAddress(src, sport), InetAddress(dst, dport)
+    # (bytes, whether IPv4 addresses are written v4-mapped)
+    datas = [(encode_v2(Command.PROXY, source, destination, family=Family.INET6), True)]
+    if src.version == dst.version:
+        datas.append((encode_v2(Command.PROXY, source, destination), False))
+    v1_line = f"PROXY TCP{src.version} {src} {dst} {sport} {dport}\r\n".encode()
+    if len(v1_line) <= 107:
+        datas.append((v1_line, False))
+    for data, mapped in datas:
+        header = parse(data, normalize_v4_mapped=normalize, **PERMISSIVE)
+        for endpoint, ip, port in ((header.source, src, sport), (header.destination, dst, dport)):
+            assert isinstance(endpoint, InetAddress)
+            if ip.version == 6 and normalize and ip.ipv4_mapped is not None:
+                expected: IPv4Address | IPv6Address = ip.ipv4_mapped
+            elif ip.version == 4 and mapped and not normalize:
+                expected = IPv6Address(int(ip) | 0xFFFF << 32)
+            else:
+                expected = ip
+            _same_object(endpoint.ip, expected)
+            _same_object(endpoint, InetAddress(expected, port))
+            assert endpoint.ip.version == expected.version
+            if isinstance(expected, IPv6Address):
+                assert isinstance(endpoint.ip, IPv6Address)
+                assert endpoint.ip.scope_id is None
+
+
+def test_the_address_setters_are_checked_against_the_public_constructors() -> None:
+    # The private-slot setters are used only when they build what the constructors build;
+    # the public __init__ methods always qualify, and a setter that stores something else
+    # does not.
+    public = (IPv4Address.__init__, IPv6Address.__init__, header_module._keep)
+    assert header_module._builds_as_public(*public)
+    assert header_module._builds_as_public(
+        header_module._set_v4, header_module._set_v6, header_module._set_scope
+    )
+
+    def wrong(address: object, value: int) -> None:
+        IPv4Address.__init__(address, value ^ 1)  # type: ignore[arg-type]
+
+    assert not header_module._builds_as_public(wrong, IPv6Address.__init__, header_module._keep)
 
 
 # --- building one from values ---------------------------------------------------------------

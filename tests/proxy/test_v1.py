@@ -449,6 +449,60 @@ def test_any_ipv4_parses(src: IPv4Address, dst: IPv4Address, sport: int, dport: 
     assert parsed_values(data) == (tcp(str(src), str(dst), sport, dport), len(data))
 
 
+def _every_text_form(ip: IPv6Address) -> set[str]:
+    """Every RFC 4291 text of ``ip``: "::" in place of each run of zero groups (or none),
+    groups with and without leading zeros, lower and upper case, and the dotted-quad tail."""
+    groups = [f"{int(ip) >> (112 - 16 * index) & 0xFFFF:x}" for index in range(8)]
+    layouts = [groups]
+    for start in range(8):
+        for stop in range(start + 1, 9):
+            if all(group == "0" for group in groups[start:stop]):
+                layouts.append([*groups[:start], "", *groups[stop:]])
+    forms = set()
+    for layout in layouts:
+        text = ":".join(layout)
+        if layout[0] == "":
+            text = ":" + text
+        if layout[-1] == "":
+            text += ":"
+        padded = ":".join(group.zfill(4) if group else "" for group in text.split(":"))
+        forms |= {text, text.upper(), padded}
+    low = int(ip) & 0xFFFFFFFF
+    forms.add(f"{ip.exploded[:30]}{IPv4Address(low)}")
+    return forms
+
+
+@given(st.ip_addresses(v=6))
+def test_every_ipv6_text_form_reads_back_as_its_address(ip: IPv6Address) -> None:
+    # Reading a v1 source turns the text into a value with no check (the parser has
+    # checked it): every form the parser accepts must give the very same address.
+    for form in _every_text_form(ip):
+        for data, side in ((f"{form} ::1", 0), (f"::1 {form}", 1)):
+            result = parse_header(f"PROXY TCP6 {data} 1 2\r\n".encode(), normalize_v4_mapped=False)
+            assert result is not None, data
+            endpoint = (result[0].source, result[0].destination)[side]
+            assert isinstance(endpoint, InetAddress)
+            assert type(endpoint.ip) is IPv6Address, data
+            assert endpoint.ip == ip, data
+            assert str(endpoint.ip) == str(ip), data
+
+
+def test_every_compressed_position_reads_back() -> None:
+    # "::" standing for 1 to 8 zero groups, at every position, next to groups of 1 to 4 digits.
+    for start in range(8):
+        for stop in range(start + 1, 9):
+            value = 0
+            for index in range(8):
+                group = 0 if start <= index < stop else 0xF00D >> (4 * (index % 4))
+                value = value << 16 | group
+            ip = IPv6Address(value)
+            for form in _every_text_form(ip):
+                header = parse_header(f"PROXY TCP6 {form} ::1 1 2\r\n".encode())
+                assert header is not None, form
+                assert isinstance(header[0].source, InetAddress)
+                assert header[0].source.ip == ip, form
+
+
 @given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=45))
 def test_ipv6_text_never_accepts_what_ipaddress_rejects(text: str) -> None:
     value = _ipv6_int(text.encode())
