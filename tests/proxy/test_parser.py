@@ -15,6 +15,7 @@ import mailedge.proxy
 from mailedge.proxy import (
     V1_MAX_LENGTH,
     V2_SIGNATURE,
+    AddressBlockTooShortError,
     Command,
     InetAddress,
     NotProxyHeaderError,
@@ -36,6 +37,39 @@ def test_constants() -> None:
     assert V2_SIGNATURE == b"\r\n\r\n\x00\r\nQUIT\n"
     assert V1_MAX_LENGTH == 107
     assert mailedge.proxy.DEFAULT_MAX_V2_LENGTH == 4096
+
+
+def test_the_literals_in_parse_header_are_the_named_constants() -> None:
+    # parse_header spells these as literals, for speed; they must stay what the names say.
+    from mailedge.proxy import v1, v2
+
+    assert v2.V2_FIXED_LENGTH == 16
+    assert v2.INET4_END == 28
+    assert v2.INET6_END == 52
+    assert v2.PROXY_TCP4 == 0x2111
+    assert v2.PROXY_TCP6 == 0x2121
+    assert v2.V2_SIGNATURE[0] == 0x0D
+    assert v1.V1_PREFIX[0] == 0x50
+    assert v1.V1_MAX_LENGTH == 107
+    assert b"PROXY TCP4 "[9] == 0x34
+
+
+@pytest.mark.parametrize(
+    ("kind", "length"),
+    # PROXY over TCP4 (a 12-byte block) and TCP6 (36): too short, exact, and one empty TLV.
+    [(0x2111, n) for n in (0, 1, 11, 12, 15)] + [(0x2121, n) for n in (0, 12, 35, 36, 39)],
+)
+def test_a_fast_path_header_too_short_for_its_block_is_refused(kind: int, length: int) -> None:
+    data = V2_SIGNATURE + kind.to_bytes(2, "big") + length.to_bytes(2, "big") + bytes(length)
+    data += b"\0" * 64  # what follows, so that the header is complete whatever its length
+    block = 12 if kind == 0x2111 else 36
+    if length < block:
+        with pytest.raises(AddressBlockTooShortError):
+            parse_header(data)
+    else:
+        result = parse_header(data)
+        assert result is not None
+        assert result[1] == 16 + length
 
 
 def test_public_api_is_exported() -> None:
