@@ -52,6 +52,8 @@ from mailedge.proxy import (
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 MAILEDGE = "mailedge"
+# The note on a "read the source" cell whose parser returns the address as text.
+STR_SOURCE_NOTE = "source address read as a str"
 
 FULL_ITERATIONS = 5_000
 FULL_REPEATS = 13
@@ -263,11 +265,13 @@ def _verify(
     if endpoint != expected:
         return Cell(status="n/a", reason=f"wrong source {endpoint!r}, expected {expected!r}")
     timed = parse
+    text_address = False  # the source address read back as a str, not an ipaddress object
     if kind.read_source:
         timed = _parse_and_read_source(parse, read_source)
         try:
             ip, port = timed(kind.data)
             read = (_as_ip(ip), port)
+            text_address = isinstance(ip, str)
         except Exception as error:
             return Cell(status="n/a", reason=f"could not read the source: {_describe(error)}")
         if read != expected:
@@ -280,6 +284,8 @@ def _verify(
         else:
             cell.crc_checked = False
             cell.notes.append("no CRC check")
+    if text_address:
+        cell.notes.append(STR_SOURCE_NOTE)
     cell.call = timed
     return cell
 
@@ -405,16 +411,16 @@ def render_table(rows: list[Row], columns: list[str], iterations: int) -> str:
 
 def _peer_json(peer: Peer | Unavailable) -> dict[str, object]:
     if isinstance(peer, Unavailable):
-        return {"name": peer.name, "distribution": peer.distribution, "unavailable": peer.reason}
+        return {"name": peer.name, "distribution": peer.name, "unavailable": peer.reason}
+    adapter = peer.adapter
     return {
         "name": peer.name,
-        "distribution": peer.distribution,
+        "distribution": peer.name,
         "version": peer.version,
-        "call": peer.call,
-        "source_call": peer.source_call,
-        "source_note": peer.source_note,
-        "tlv_call": peer.tlv_call,
-        "tlv_note": peer.tlv_note,
+        "call": adapter.call,
+        "source_call": adapter.source_call,
+        "tlv_call": adapter.tlv_call,
+        "tlv_note": adapter.tlv_note,
     }
 
 
@@ -515,13 +521,17 @@ def run(iterations: int, repeats: int, quick: bool, json_path: Path | None) -> i
             if isinstance(peer, Unavailable):
                 cells[peer.name] = Cell(status="n/a", reason=peer.reason)
             else:
+                adapter = peer.adapter
                 cells[peer.name] = _verify(
-                    kind, peer.parse, peer.source, peer.parse_and_read_tlvs, peer.read_source
+                    kind,
+                    adapter.parse,
+                    peer.source,
+                    adapter.parse_and_read_tlvs,
+                    adapter.read_source,
                 )
-                if kind.has_tlvs and not kind.read_tlvs and peer.tlv_note:
-                    cells[peer.name].notes.append(peer.tlv_note)
-                if kind.read_source and peer.source_note:
-                    cells[peer.name].notes.append(peer.source_note)
+                if kind.has_tlvs and not kind.read_tlvs and adapter.tlv_note:
+                    # Before the source note, as the table has always listed them.
+                    cells[peer.name].notes.insert(0, adapter.tlv_note)
         timed = [name for name in columns if cells[name].call is not None]
         for repeat in range(repeats):
             # Rotate the order so that no parser always runs first (or last) in a round.

@@ -19,6 +19,7 @@ from importlib import metadata
 from typing import Any
 
 __all__ = [
+    "Adapter",
     "Endpoint",
     "Peer",
     "RawEndpoint",
@@ -37,33 +38,57 @@ RawEndpoint = tuple[object, object]
 TLVReading = tuple[bytes | None, str | None, str | None, str | None, bytes | None]
 
 
-@dataclass(frozen=True)
-class Peer:
-    """One peer library, ready to be timed."""
+def _valid(result: object) -> None:
+    """Adapter.check for peers whose parse raises on a header it rejects."""
 
-    name: str
-    distribution: str
-    version: str
-    # What each timed call does, in words, for the results and the docs.
+
+@dataclass(frozen=True)
+class Adapter:
+    """What a loader builds for its peer: the calls that are timed, and what they do in words.
+
+    Only what differs from peer to peer is here. What follows from it (the version, the
+    endpoint used to verify a peer, the notes on a row) is worked out once, in one place.
+    """
+
+    # What each timed parse does, in words, for the results and the docs.
     call: str
     # bytes -> the peer's own result object; raises (or returns an invalid result) on failure.
     parse: Callable[[bytes], object]
-    # The peer's result -> the source endpoint, raising if the result is not a valid header.
-    # For verification only: it converts the address to an ipaddress object.
-    source: Callable[[object], Endpoint]
     # The peer's result -> its source address and port as the result holds them, read the
     # way the peer's users read them: timed, in the "parse and read the source" kinds.
     read_source: Callable[[object], RawEndpoint]
     source_call: str
-    # What the address read is, when it is not an ipaddress object (empty if it is).
-    source_note: str
     # bytes -> parse, then read ALPN, AUTHORITY, SSL version and CN, UNIQUE_ID; None if the
-    # peer exposes no TLVs.
-    parse_and_read_tlvs: Callable[[bytes], TLVReading] | None
-    tlv_call: str
+    # peer exposes no TLVs (then its parse skips them, which the default note says).
+    parse_and_read_tlvs: Callable[[bytes], TLVReading] | None = None
+    tlv_call: str = "n/a: exposes no TLVs"
     # What the peer's parse leaves undone on a header with TLVs (empty if nothing): the
     # note the table puts on the plain-parse TLV row.
-    tlv_note: str
+    tlv_note: str = "TLVs skipped, never parsed"
+    # Raises if a result is not a valid header. For the check before timing only: most
+    # peers raise from parse instead.
+    check: Callable[[object], None] = _valid
+
+
+@dataclass(frozen=True)
+class Peer:
+    """One peer library, ready to be timed."""
+
+    # The distribution's name, as pip knows it; also the peer's column in the table.
+    name: str
+    version: str
+    adapter: Adapter
+
+    def source(self, result: object) -> Endpoint:
+        """The source endpoint of the peer's result, for verification only.
+
+        It converts the address to an ipaddress object and the port to an int, and raises
+        if the result is not a valid header.
+        """
+        self.adapter.check(result)
+        ip, port = self.adapter.read_source(result)
+        number: Any = port  # an int, or text for some peers: whatever int() takes
+        return _ip(ip), int(number)
 
 
 @dataclass(frozen=True)
@@ -71,12 +96,7 @@ class Unavailable:
     """A peer that could not be loaded here, and why."""
 
     name: str
-    distribution: str
     reason: str
-
-
-def _version(distribution: str) -> str:
-    return metadata.version(distribution)
 
 
 def _ip(value: object) -> IPAddress:
@@ -90,7 +110,7 @@ def _ip(value: object) -> IPAddress:
 # --- proxy-protocol (module proxyprotocol) -------------------------------------------------
 
 
-def _load_proxy_protocol() -> Peer:
+def _load_proxy_protocol() -> Adapter:
     from proxyprotocol.detect import ProxyProtocolDetect
 
     # Stateless; proxy-protocol's own server code builds one and reuses it for every
@@ -98,12 +118,8 @@ def _load_proxy_protocol() -> Peer:
     detect: Any = ProxyProtocolDetect()
     unpack: Callable[[bytes], object] = detect.unpack
 
-    def source(result: object) -> Endpoint:
-        ip, port = getattr(result, "source")  # noqa: B009 - the peer's result is untyped
-        return _ip(ip), int(port)
-
     def read_source(result: object) -> RawEndpoint:
-        ip, port = getattr(result, "source")  # noqa: B009
+        ip, port = getattr(result, "source")  # noqa: B009 - the peer's result is untyped
         return ip, port
 
     def parse_and_read_tlvs(data: bytes) -> TLVReading:
@@ -113,19 +129,13 @@ def _load_proxy_protocol() -> Peer:
         ssl = tlv.ssl
         return tlv.alpn, tlv.authority, ssl.version, ssl.cn, tlv.unique_id
 
-    return Peer(
-        name="proxy-protocol",
-        distribution="proxy-protocol",
-        version=_version("proxy-protocol"),
-        call="ProxyProtocolDetect().unpack(data), one detector reused (v1 and v2)",
-        parse=unpack,
-        source=source,
-        read_source=read_source,
-        source_call="result.source, a tuple (IPv4Address or IPv6Address, port)",
-        source_note="",
-        parse_and_read_tlvs=parse_and_read_tlvs,
-        tlv_call="unpack(data), then result.tlv.alpn, .authority, .ssl (once) .version "
-        "and .cn, .unique_id",
+    return Adapter(
+        "ProxyProtocolDetect().unpack(data), one detector reused (v1 and v2)",
+        unpack,
+        read_source,
+        "result.source, a tuple (IPv4Address or IPv6Address, port)",
+        parse_and_read_tlvs,
+        "unpack(data), then result.tlv.alpn, .authority, .ssl (once) .version and .cn, .unique_id",
         tlv_note="SSL TLV decoded only when .ssl is read",
     )
 
@@ -133,7 +143,7 @@ def _load_proxy_protocol() -> Peer:
 # --- Twisted (twisted.protocols.haproxy) ---------------------------------------------------
 
 
-def _load_twisted() -> Peer:
+def _load_twisted() -> Adapter:
     from twisted.protocols.haproxy._v1parser import V1Parser
     from twisted.protocols.haproxy._v2parser import V2Parser
 
@@ -152,28 +162,16 @@ def _load_twisted() -> Peer:
             return v1_parse(data.split(b"\r\n", 1)[0])
         raise ValueError("Twisted's wrapper would drop this connection")
 
-    def source(result: object) -> Endpoint:
-        address: Any = getattr(result, "source")  # noqa: B009
-        return _ip(address.host), int(address.port)
-
     def read_source(result: object) -> RawEndpoint:
         address: Any = getattr(result, "source")  # noqa: B009
         return address.host, address.port
 
-    return Peer(
-        name="twisted",
-        distribution="twisted",
-        version=_version("twisted"),
-        call="HAProxyProtocolWrapper's version check, then V2Parser.parse(data), or "
+    return Adapter(
+        "HAProxyProtocolWrapper's version check, then V2Parser.parse(data), or "
         "V1Parser.parse(line) on the line before CRLF (as V1Parser.feed splits it)",
-        parse=parse,
-        source=source,
-        read_source=read_source,
-        source_call="result.source.host (a str) and .port",
-        source_note="source address read as a str",
-        parse_and_read_tlvs=None,
-        tlv_call="n/a: Twisted does not parse TLVs",
-        tlv_note="TLVs skipped, never parsed",
+        parse,
+        read_source,
+        "result.source.host (a str) and .port",
     )
 
 
@@ -212,7 +210,7 @@ class _BytesReader:
         return self._data[start : self._pos]
 
 
-def _load_aiosmtpd() -> Peer:
+def _load_aiosmtpd() -> Adapter:
     from aiosmtpd.proxy_protocol import get_proxy
 
     def parse(data: bytes) -> object:
@@ -227,11 +225,11 @@ def _load_aiosmtpd() -> Peer:
         coroutine.close()
         raise RuntimeError("aiosmtpd's get_proxy suspended on an in-memory reader")
 
-    def source(result: object) -> Endpoint:
+    def check(result: object) -> None:
+        # get_proxy returns a ProxyData whatever the header; .valid says if it parsed.
         proxy_data: Any = result
         if not proxy_data.valid:
             raise ValueError(f"aiosmtpd rejected the header: {proxy_data.error!r}")
-        return _ip(proxy_data.src_addr), int(proxy_data.src_port)
 
     def read_source(result: object) -> RawEndpoint:
         proxy_data: Any = result
@@ -249,28 +247,24 @@ def _load_aiosmtpd() -> Peer:
             bytes(tlv.UNIQUE_ID),
         )
 
-    return Peer(
-        name="aiosmtpd",
-        distribution="aiosmtpd",
-        version=_version("aiosmtpd"),
-        call="get_proxy(reader) over an in-memory AsyncReader, driven with "
-        "coroutine.send(None) (no event loop)",
-        parse=parse,
-        source=source,
-        read_source=read_source,
-        source_call="proxy_data.src_addr (an IPv4Address or IPv6Address) and .src_port",
-        source_note="",
-        parse_and_read_tlvs=parse_and_read_tlvs,
-        tlv_call="get_proxy as above, then proxy_data.tlv (ProxyTLV.from_raw) and its ALPN, "
+    return Adapter(
+        "get_proxy(reader) over an in-memory AsyncReader, driven with coroutine.send(None) "
+        "(no event loop)",
+        parse,
+        read_source,
+        "proxy_data.src_addr (an IPv4Address or IPv6Address) and .src_port",
+        parse_and_read_tlvs,
+        "get_proxy as above, then proxy_data.tlv (ProxyTLV.from_raw) and its ALPN, "
         "AUTHORITY, SSL_VERSION, SSL_CN, UNIQUE_ID, text ones decoded",
         tlv_note="TLVs kept raw until .tlv is read",
+        check=check,
     )
 
 
 # --- gunicorn (gunicorn.http.message) ------------------------------------------------------
 
 
-def _load_gunicorn() -> Peer:
+def _load_gunicorn() -> Adapter:
     from gunicorn.http.message import PP_V2_SIGNATURE, Request
 
     def parse(data: bytes) -> object:
@@ -289,47 +283,37 @@ def _load_gunicorn() -> Peer:
         info: object = request.proxy_protocol_info
         return info
 
-    def source(result: object) -> Endpoint:
-        info: Any = result
-        return _ip(info["client_addr"]), int(info["client_port"])
-
     def read_source(result: object) -> RawEndpoint:
         info: Any = result
         return info["client_addr"], info["client_port"]
 
-    return Peer(
-        name="gunicorn",
-        distribution="gunicorn",
-        version=_version("gunicorn"),
-        call="Request._parse_proxy_protocol_v1/_v2(None, data) on object.__new__(Request), "
+    return Adapter(
+        "Request._parse_proxy_protocol_v1/_v2(None, data) on object.__new__(Request), "
         "after _handle_proxy_protocol's signature dispatch",
-        parse=parse,
-        source=source,
-        read_source=read_source,
-        source_call='info["client_addr"] (a str) and info["client_port"]',
-        source_note="source address read as a str",
-        parse_and_read_tlvs=None,
-        tlv_call="n/a: gunicorn skips TLVs",
-        tlv_note="TLVs skipped, never parsed",
+        parse,
+        read_source,
+        'info["client_addr"] (a str) and info["client_port"]',
     )
 
 
-_LOADERS: tuple[tuple[str, str, Callable[[], Peer]], ...] = (
-    ("proxy-protocol", "proxy-protocol", _load_proxy_protocol),
-    ("twisted", "twisted", _load_twisted),
-    ("aiosmtpd", "aiosmtpd", _load_aiosmtpd),
-    ("gunicorn", "gunicorn", _load_gunicorn),
+# In table order: each peer's distribution name, and the function that imports it and builds
+# its adapter (raising ImportError when it is not installed).
+_LOADERS: tuple[tuple[str, Callable[[], Adapter]], ...] = (
+    ("proxy-protocol", _load_proxy_protocol),
+    ("twisted", _load_twisted),
+    ("aiosmtpd", _load_aiosmtpd),
+    ("gunicorn", _load_gunicorn),
 )
 
 
 def load_peers() -> list[Peer | Unavailable]:
     """Every peer, in table order: loaded, or the reason it could not be."""
     loaded: list[Peer | Unavailable] = []
-    for name, distribution, loader in _LOADERS:
+    for name, loader in _LOADERS:
         try:
-            loaded.append(loader())
+            adapter = loader()
         except ImportError as error:
-            loaded.append(
-                Unavailable(name, distribution, f"not installed ({error}); run `make bench`")
-            )
+            loaded.append(Unavailable(name, f"not installed ({error}); run `make bench`"))
+        else:
+            loaded.append(Peer(name, metadata.version(name), adapter))
     return loaded
