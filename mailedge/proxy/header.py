@@ -525,15 +525,23 @@ def _decode_ssl(value: bytes) -> SSLInfo:
     text: list[str | None] = [None, None, None, None, None, None, None]
     client_cert: bytes | None = None
     subs: list[TLV] = []
-    for type_, start, stop in _tlv_spans(value, _SSL_FIXED.size, len(value)):
-        sub = value[start:stop]
+    pos = _SSL_FIXED.size
+    end = len(value)
+    while pos < end:
+        type_, length = _TYPE_LENGTH(value, pos)
+        pos += 3
+        sub = value[pos : pos + length]
+        pos += length
         slot = _SSL_TEXT_SLOTS.get(type_)
         if slot is not None:
             if text[slot] is None:
                 text[slot] = sub.decode()
         elif type_ == _SSL_CLIENT_CERT and client_cert is None:
             client_cert = sub
-        subs.append(_tlv(type_, sub))
+        tlv = _new(TLV)
+        _set_type(tlv, type_)
+        _set_value(tlv, sub)
+        subs.append(tlv)
     return SSLInfo(
         _CLIENT_FLAGS[client],
         verify,
@@ -781,9 +789,14 @@ class ProxyHeader:
         if self._layout.version == 1:
             return values
         raw = self.raw
-        for type_, start, stop in _tlv_spans(raw, _TLV_STARTS[raw[13] >> 4], len(raw)):
+        pos = _TLV_STARTS[raw[13] >> 4]
+        end = len(raw)
+        while pos < end:
+            type_, length = _TYPE_LENGTH(raw, pos)
+            pos += 3
             if type_ not in values:
-                values[type_] = raw[start:stop]
+                values[type_] = raw[pos : pos + length]
+            pos += length
         return values
 
     @_lazy
