@@ -254,7 +254,8 @@ _DOT = ord(".")
 
 _TYPE_LENGTH = struct.Struct("!BH").unpack_from
 _unpack_inet4 = struct.Struct("!IIHH").unpack_from
-_unpack_inet6 = struct.Struct("!QQQQHH").unpack_from  # each address as two 64-bit halves
+_unpack_inet6 = struct.Struct("!16s16sHH").unpack_from
+_from_bytes = int.from_bytes  # big-endian by default
 _V2_FIXED_LENGTH = 16
 _UNIX_PATH_LENGTH = 108
 # Byte 13's high nibble (the family) -> where the TLVs start.
@@ -419,17 +420,20 @@ def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
     return ip
 
 
-# What a layout's ``endpoints`` returns: (source, destination), both None or both set.
-Endpoints = tuple[Address | None, Address | None]
+# A header's instance __dict__: raw, _layout, and what has been built. An endpoint builder
+# reads raw (and the layout's normalize_v4_mapped) and stores "source" and "destination":
+# storing them itself, rather than returning a pair to be stored, saves a step per read.
+Fields = dict[str, Any]
 
 
-def _no_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+def _no_endpoints(fields: Fields) -> None:
     """LOCAL, v1 UNKNOWN and v2 UNSPEC: no usable address."""
-    return None, None
+    fields["source"] = fields["destination"] = None
 
 
-def _v1_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+def _v1_endpoints(fields: Fields) -> None:
     """A v1 TCP4 or TCP6 line: ``PROXY TCPn src dst sport dport`` and CRLF."""
+    raw = fields["raw"]
     if _COLON not in raw:
         # IPv4 addresses only (TCP4, or nginx's TCP6 with two IPv4 addresses): one split
         # yields the eight octets and the two ports.
@@ -444,20 +448,22 @@ def _v1_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
         destination = _new(InetAddress)
         _set_ip(destination, ip)
         _set_port(destination, int(dport))
-        return source, destination
-    src, dst, sport, dport = raw[11:-2].split(b" ")
-    source = _new(InetAddress)
-    _set_ip(source, _v1_ip(src, normalize_v4_mapped))
-    _set_port(source, int(sport))
-    destination = _new(InetAddress)
-    _set_ip(destination, _v1_ip(dst, normalize_v4_mapped))
-    _set_port(destination, int(dport))
-    return source, destination
+    else:
+        normalize_v4_mapped = fields["_layout"].normalize_v4_mapped
+        src, dst, sport, dport = raw[11:-2].split(b" ")
+        source = _new(InetAddress)
+        _set_ip(source, _v1_ip(src, normalize_v4_mapped))
+        _set_port(source, int(sport))
+        destination = _new(InetAddress)
+        _set_ip(destination, _v1_ip(dst, normalize_v4_mapped))
+        _set_port(destination, int(dport))
+    fields["source"] = source
+    fields["destination"] = destination
 
 
-def _v2_inet_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+def _v2_inet_endpoints(fields: Fields) -> None:
     """v2 PROXY over INET: two 4-byte addresses, then the two ports."""
-    src, dst, sport, dport = _unpack_inet4(raw, _V2_FIXED_LENGTH)
+    src, dst, sport, dport = _unpack_inet4(fields["raw"], _V2_FIXED_LENGTH)
     ip = _new(IPv4Address)
     _set_v4(ip, src)
     source = _new(InetAddress)
@@ -468,30 +474,35 @@ def _v2_inet_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
     destination = _new(InetAddress)
     _set_ip(destination, ip)
     _set_port(destination, dport)
-    return source, destination
+    fields["source"] = source
+    fields["destination"] = destination
 
 
-def _v2_inet6_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
-    """v2 PROXY over INET6: two 16-byte addresses (read as 64-bit halves), then the ports."""
-    s_hi, s_lo, d_hi, d_lo, sport, dport = _unpack_inet6(raw, _V2_FIXED_LENGTH)
-    if normalize_v4_mapped and not (s_hi and d_hi):  # one may be ::ffff:a.b.c.d
-        return (
-            _inet(_ip6(s_hi << 64 | s_lo, True), sport),
-            _inet(_ip6(d_hi << 64 | d_lo, True), dport),
-        )
+def _v2_inet6_endpoints(fields: Fields) -> None:
+    """v2 PROXY over INET6: two 16-byte addresses, then the two ports."""
+    src_bytes, dst_bytes, sport, dport = _unpack_inet6(fields["raw"], _V2_FIXED_LENGTH)
+    src = _from_bytes(src_bytes)
+    dst = _from_bytes(dst_bytes)
+    if fields["_layout"].normalize_v4_mapped and (
+        src >> 32 == _V4_MAPPED or dst >> 32 == _V4_MAPPED
+    ):
+        fields["source"] = _inet(_ip6(src, True), sport)
+        fields["destination"] = _inet(_ip6(dst, True), dport)
+        return
     ip = _new(IPv6Address)
-    _set_v6(ip, s_hi << 64 | s_lo)
+    _set_v6(ip, src)
     _set_scope(ip, None)
     source = _new(InetAddress)
     _set_ip(source, ip)
     _set_port(source, sport)
     ip = _new(IPv6Address)
-    _set_v6(ip, d_hi << 64 | d_lo)
+    _set_v6(ip, dst)
     _set_scope(ip, None)
     destination = _new(InetAddress)
     _set_ip(destination, ip)
     _set_port(destination, dport)
-    return source, destination
+    fields["source"] = source
+    fields["destination"] = destination
 
 
 def _unix_path(raw: bytes, start: int) -> bytes:
@@ -500,12 +511,11 @@ def _unix_path(raw: bytes, start: int) -> bytes:
     return path if nul < 0 else path[:nul]
 
 
-def _v2_unix_endpoints(raw: bytes, normalize_v4_mapped: bool) -> Endpoints:
+def _v2_unix_endpoints(fields: Fields) -> None:
     """v2 PROXY over UNIX: two NUL-padded 108-byte paths."""
-    return (
-        UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH)),
-        UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH + _UNIX_PATH_LENGTH)),
-    )
+    raw = fields["raw"]
+    fields["source"] = UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH))
+    fields["destination"] = UnixAddress(_unix_path(raw, _V2_FIXED_LENGTH + _UNIX_PATH_LENGTH))
 
 
 def _tlv_spans(data: bytes, pos: int, end: int) -> list[tuple[int, int, int]]:
@@ -599,8 +609,8 @@ class _Endpoint:
     or family is left for this first read to make.
     """
 
-    def __init__(self, index: int, doc: str) -> None:
-        self._index = index
+    def __init__(self, name: str, doc: str) -> None:
+        self._name = name
         self.__doc__ = doc
 
     @overload
@@ -613,11 +623,9 @@ class _Endpoint:
         if instance is None:
             return self
         fields = instance.__dict__
-        layout: HeaderLayout = fields["_layout"]
-        endpoints = fields["source"], fields["destination"] = layout.endpoints(
-            fields["raw"], layout.normalize_v4_mapped
-        )
-        return endpoints[self._index]
+        fields["_layout"].endpoints(fields)
+        address: Address | None = fields[self._name]
+        return address
 
 
 class HeaderLayout(NamedTuple):
@@ -629,14 +637,12 @@ class HeaderLayout(NamedTuple):
     transport: Transport
     # The parse option that shapes the addresses: ::ffff:a.b.c.d read as IPv4.
     normalize_v4_mapped: bool
-    # Builds (source, destination) from the header's bytes: set by version, command and
-    # family, so that the first read of an endpoint goes straight to the right code.
-    endpoints: Callable[[bytes, bool], Endpoints]
+    # Builds source and destination from the header's bytes into its __dict__: set by
+    # version, command and family, so that the first read goes straight to the right code.
+    endpoints: Callable[[Fields], None]
 
 
-def _endpoints_builder(
-    version: int, command: Command, family: Family
-) -> Callable[[bytes, bool], Endpoints]:
+def _endpoints_builder(version: int, command: Command, family: Family) -> Callable[[Fields], None]:
     if command is Command.LOCAL or family is Family.UNSPEC:
         return _no_endpoints
     if version == 1:
@@ -766,8 +772,10 @@ class ProxyHeader:
             f"crc32c_verified={self.crc32c_verified!r})"
         )
 
-    source = _Endpoint(0, "The client's endpoint; None for LOCAL, v1 UNKNOWN and v2 UNSPEC.")
-    destination = _Endpoint(1, "The endpoint the client connected to; None when source is.")
+    source = _Endpoint("source", "The client's endpoint; None for LOCAL, v1 UNKNOWN and v2 UNSPEC.")
+    destination = _Endpoint(
+        "destination", "The endpoint the client connected to; None when source is."
+    )
 
     @_lazy
     def tlvs(self) -> tuple[TLV, ...]:
