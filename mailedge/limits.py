@@ -3,74 +3,84 @@
 The per-IP count is keyed on the client the gate recovered, never on a trusted proxy's
 address: behind a proxy every connection comes from the proxy, and counting on it would let
 one noisy client lock everybody out.
+
+Every connection takes and releases a slot, so the bookkeeping is plain counting on
+integers: no context manager, no hashing of address objects.
 """
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import ipaddress
-from collections.abc import Iterator
+from typing import TypeVar
 
 import attrs
 
 __all__ = ["ConnectionLimits", "client_key"]
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+_Key = TypeVar("_Key")
 
 # One IPv6 host normally owns a whole /64, so counting single addresses would let it open
 # 2**64 times the limit.
 IPV6_CLIENT_PREFIX = 64
+_V6_SHIFT = 128 - IPV6_CLIENT_PREFIX
+# Set on every IPv6 key: it lies above any IPv4 address, so the two families never collide.
+_V6_FLAG = 1 << 128
 
 
-def client_key(ip: IPAddress) -> IPAddress | ipaddress.IPv6Network:
-    """What one "client" is for counting: an IPv4 address, or an IPv6 /64."""
+def client_key(ip: IPAddress) -> int:
+    """What one "client" is for counting, as an integer: an IPv4 address, or an IPv6 /64."""
     if ip.version == 4:
-        return ip
-    return ipaddress.IPv6Network((ip, IPV6_CLIENT_PREFIX), strict=False)
+        return int(ip)
+    return _V6_FLAG | (int(ip) >> _V6_SHIFT)
 
 
 @attrs.define(repr=False)
 class ConnectionLimits:
-    """Counts open connections by listener and by client; both are released on exit."""
+    """Counts open connections by listener and by client.
 
-    _by_listener: collections.Counter[str] = attrs.field(factory=collections.Counter)
-    _by_client: collections.Counter[tuple[str, object]] = attrs.field(factory=collections.Counter)
+    ``take_*`` returns whether a slot was free and, if so, holds it; the caller releases a
+    held slot with the matching ``release_*`` in a ``finally``.
+    """
+
+    _by_listener: dict[str, int] = attrs.field(factory=dict)
+    _by_client: dict[tuple[str, int], int] = attrs.field(factory=dict)
 
     def __repr__(self) -> str:
-        return f"<ConnectionLimits open={self._by_listener.total()}>"
+        return f"<ConnectionLimits open={sum(self._by_listener.values())}>"
 
     def open_on(self, listener: str) -> int:
-        return self._by_listener[listener]
+        return self._by_listener.get(listener, 0)
 
     def open_from(self, listener: str, ip: IPAddress) -> int:
-        return self._by_client[listener, client_key(ip)]
+        return self._by_client.get((listener, client_key(ip)), 0)
 
-    @contextlib.contextmanager
-    def listener_slot(self, listener: str, limit: int) -> Iterator[bool]:
-        """Yields whether a slot was free; a taken slot is held until the block exits."""
-        if self._by_listener[listener] >= limit:
-            yield False
-            return
-        self._by_listener[listener] += 1
-        try:
-            yield True
-        finally:
-            self._by_listener[listener] -= 1
-            if not self._by_listener[listener]:
-                del self._by_listener[listener]
+    def take_listener_slot(self, listener: str, limit: int) -> bool:
+        count = self._by_listener.get(listener, 0)
+        if count >= limit:
+            return False
+        self._by_listener[listener] = count + 1
+        return True
 
-    @contextlib.contextmanager
-    def client_slot(self, listener: str, ip: IPAddress, limit: int) -> Iterator[bool]:
-        """Like ``listener_slot``, counted per client on one listener."""
+    def release_listener_slot(self, listener: str) -> None:
+        _release(self._by_listener, listener)
+
+    def take_client_slot(self, listener: str, ip: IPAddress, limit: int) -> bool:
         key = (listener, client_key(ip))
-        if self._by_client[key] >= limit:
-            yield False
-            return
-        self._by_client[key] += 1
-        try:
-            yield True
-        finally:
-            self._by_client[key] -= 1
-            if not self._by_client[key]:
-                del self._by_client[key]
+        count = self._by_client.get(key, 0)
+        if count >= limit:
+            return False
+        self._by_client[key] = count + 1
+        return True
+
+    def release_client_slot(self, listener: str, ip: IPAddress) -> None:
+        _release(self._by_client, (listener, client_key(ip)))
+
+
+def _release(counts: dict[_Key, int], key: _Key) -> None:
+    count = counts[key] - 1
+    if count:
+        counts[key] = count
+    else:
+        # Drop the key, so a long-running server does not keep one entry per client ever seen.
+        del counts[key]
