@@ -16,7 +16,15 @@ import attrs
 
 from mailedge.networks import format_endpoint
 
-__all__ = ["EventCounters", "EventName", "GateEvent", "escape_bytes", "logger"]
+__all__ = [
+    "EventCounters",
+    "EventName",
+    "GateEvent",
+    "LogLimiter",
+    "escape_bytes",
+    "event_level",
+    "logger",
+]
 
 logger = logging.getLogger("mailedge.gate")
 
@@ -53,6 +61,22 @@ _LEVELS = {
     EventName.UNTRUSTED_HEADER: logging.WARNING,
     EventName.TIMEOUT: logging.WARNING,
 }
+
+
+# A storm of one kind of event (thousands of stalled connections timing out together) would
+# cost the server more in log lines than in connections, and flood the disk. Per listener,
+# event and reason, this many lines are logged in each window; the rest are only counted.
+LOG_BURST = 20
+# Seconds per window: short enough that a new problem shows within seconds of the storm.
+LOG_WINDOW = 10.0
+
+
+def event_level(name: EventName, reason: str) -> int:
+    """The level an event is logged at."""
+    # A connect-and-close is what a TCP health check does; it is not worth a warning.
+    if reason == "closed":
+        return logging.INFO
+    return _LEVELS[name]
 
 
 def escape_bytes(data: bytes | bytearray | memoryview, limit: int = FIRST_BYTES_QUOTED) -> str:
@@ -97,10 +121,7 @@ class GateEvent:
 
     @property
     def level(self) -> int:
-        # A connect-and-close is what a TCP health check does; it is not worth a warning.
-        if self.reason == "closed":
-            return logging.INFO
-        return _LEVELS[self.name]
+        return event_level(self.name, self.reason)
 
     def fields(self) -> dict[str, object]:
         """The event as flat fields, for structured log handlers (``extra``)."""
@@ -118,6 +139,10 @@ class GateEvent:
     def log(self) -> None:
         if not logger.isEnabledFor(self.level):
             return
+        self.write_log()
+
+    def write_log(self) -> None:
+        """Log the event's line, unconditionally (``log`` checks the level first)."""
         text = f"{self.name} listener={self.listener} peer={self.peer}"
         if self.client is not None:
             text += f" client={self.client}"
@@ -125,6 +150,64 @@ class GateEvent:
         if self.first_bytes is not None:
             text += f" (first bytes: '{self.first_bytes}')"
         logger.log(self.level, "%s", text, extra={"mailedge": self.fields()})
+
+
+@attrs.define(repr=False)
+class LogLimiter:
+    """Logs at most ``burst`` events per listener, event and reason in each ``window``.
+
+    DEBUG events are never held back: whoever turns DEBUG on wants every line. When a kind
+    of event starts being held back, one line says so; the first line of the next window
+    says how many were not logged. The counters and the event sink still see every event.
+    """
+
+    burst: int = LOG_BURST
+    window: float = LOG_WINDOW
+    # (listener, event, reason) -> [window start, events in it, events not logged in it]
+    _windows: dict[tuple[str, str, str], list[float]] = attrs.field(factory=dict, init=False)
+
+    def __repr__(self) -> str:
+        return f"<LogLimiter {self.burst} per {self.window:g}s>"
+
+    def log(self, event: GateEvent, now: float) -> None:
+        """Log ``event`` at its level, unless its kind has had its share of this window."""
+        level = event.level
+        if not logger.isEnabledFor(level):
+            return
+        if level <= logging.DEBUG:
+            event.write_log()
+            return
+        key = (event.listener, event.name.value, event.reason)
+        state = self._windows.get(key)
+        if state is None or now - state[0] >= self.window:
+            if state is not None and state[2]:
+                logger.log(
+                    level,
+                    "%s listener=%s reason=%s: %d more such events in %g s were counted, "
+                    "not logged",
+                    event.name,
+                    event.listener,
+                    event.reason,
+                    state[2],
+                    self.window,
+                )
+            state = self._windows[key] = [now, 0, 0]
+        state[1] += 1
+        if state[1] <= self.burst:
+            event.write_log()
+            if state[1] == self.burst:
+                logger.log(
+                    level,
+                    "%s listener=%s reason=%s: %d such events within %g s; further ones "
+                    "are counted, not logged, until the window ends",
+                    event.name,
+                    event.listener,
+                    event.reason,
+                    self.burst,
+                    self.window,
+                )
+        else:
+            state[2] += 1
 
 
 @attrs.define(repr=False)
@@ -137,7 +220,11 @@ class EventCounters:
         return f"<EventCounters total={self._counts.total()}>"
 
     def add(self, event: GateEvent) -> None:
-        self._counts[event.listener, str(event.name), event.reason] += 1
+        self.count(event.listener, event.name, event.reason)
+
+    def count(self, listener: str, name: EventName, reason: str) -> None:
+        """Count one event without building it (the gate's routine, unlogged decisions)."""
+        self._counts[listener, name.value, reason] += 1
 
     def get(self, listener: str, name: EventName | str, reason: str | None = None) -> int:
         """The count for one listener and event, for one reason or summed over all."""

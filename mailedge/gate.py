@@ -23,7 +23,16 @@ import attrs
 import trio
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.events import EventCounters, EventName, EventSink, GateEvent, escape_bytes
+from mailedge.events import (
+    EventCounters,
+    EventName,
+    EventSink,
+    GateEvent,
+    LogLimiter,
+    escape_bytes,
+    event_level,
+    logger,
+)
 from mailedge.networks import normalize_ip
 from mailedge.proxy import (
     Command,
@@ -47,6 +56,10 @@ Endpoint = tuple[IPAddress | str, int]
 # at 107 bytes and a v2 header at the listener's cap, so the buffer never exceeds the cap
 # plus one receive; whatever follows the header is handed on untouched.
 RECEIVE_SIZE = 4096
+
+# Parsed peer and local addresses, by their text: behind a proxy the same few addresses
+# come back on every connection. Emptied when full, so direct clients cannot grow it.
+IP_CACHE_SIZE = 4096
 
 
 class ProxyRejected(Exception):
@@ -100,7 +113,10 @@ class ProxyGate:
     _settings: Settings
     _on_event: EventSink | None = attrs.field(default=None, kw_only=True)
     counters: EventCounters = attrs.field(factory=EventCounters, init=False)
+    # Keeps a storm of one kind of event (a slowloris wave) from becoming a storm of lines.
+    log_limiter: LogLimiter = attrs.field(factory=LogLimiter, kw_only=True)
     _ids: itertools.count[int] = attrs.field(factory=lambda: itertools.count(1), init=False)
+    _ips: dict[str, IPAddress] = attrs.field(factory=dict, init=False)
 
     def __repr__(self) -> str:
         return f"<ProxyGate listeners={len(self._settings.listeners)} {self.counters!r}>"
@@ -133,9 +149,9 @@ class ProxyGate:
         conn = _Connection(
             listener=conf,
             connection_id=next(self._ids),
-            peer_ip=normalize_ip(ipaddress.ip_address(peer[0])),
+            peer_ip=self._ip(peer[0]),
             peer_port=peer[1],
-            local_ip=normalize_ip(ipaddress.ip_address(local[0])),
+            local_ip=self._ip(local[0]),
             local_port=local[1],
             started=trio.current_time(),
         )
@@ -144,20 +160,30 @@ class ProxyGate:
             return self._admit_untrusted(stream, conn)
         # Everything read while looking for the header; quoted if the wait times out.
         buffer = bytearray()
-        try:
-            with trio.fail_after(conf.proxy_header_timeout):
+        # A bare scope, as trio.fail_after would make, minus its context-manager layers.
+        with trio.CancelScope(deadline=conn.started + conf.proxy_header_timeout):
+            try:
                 return await self._admit_trusted(stream, conn, buffer)
-        except trio.TooSlowError:
-            raise self._reject_timeout(conn, buffer) from None
-        except trio.BrokenResourceError as exc:
-            # A reset (RST) mid-header is a decision like any other: one event, counted.
-            cause = exc.__cause__ or exc
-            raise self._reject(
-                conn,
-                "reset",
-                f"the peer reset the connection after {len(buffer)} bytes: {cause}",
-                buffer,
-            ) from None
+            except trio.BrokenResourceError as exc:
+                # A reset (RST) mid-header is a decision like any other: one event, counted.
+                cause = exc.__cause__ or exc
+                raise self._reject(
+                    conn,
+                    "reset",
+                    f"the peer reset the connection after {len(buffer)} bytes: {cause}",
+                    buffer,
+                ) from None
+        raise self._reject_timeout(conn, buffer)
+
+    def _ip(self, address: IPAddress | str) -> IPAddress:
+        if not isinstance(address, str):
+            return normalize_ip(address)
+        ip = self._ips.get(address)
+        if ip is None:
+            if len(self._ips) >= IP_CACHE_SIZE:
+                self._ips.clear()
+            ip = self._ips[address] = normalize_ip(ipaddress.ip_address(address))
+        return ip
 
     # -- untrusted peers ------------------------------------------------------------------
 
@@ -167,7 +193,7 @@ class ProxyGate:
         # Served as is, at once: a server-first protocol greets without waiting. The first
         # bytes the client sends are checked for a PROXY header when they arrive.
         context = self._direct_context(conn)
-        self._emit(
+        self._note(
             conn,
             EventName.DIRECT,
             "untrusted",
@@ -195,7 +221,7 @@ class ProxyGate:
             await self._optional_header_follows(stream, conn, buffer)
         ):
             context = self._direct_context(conn)
-            self._emit(
+            self._note(
                 conn,
                 EventName.DIRECT,
                 "no_header",
@@ -224,9 +250,9 @@ class ProxyGate:
         header, consumed = result
         context = self._header_context(conn, header)
         if context.address_source is AddressSource.PROXY_LOCAL:
-            self._emit(conn, EventName.LOCAL, "local", "LOCAL header (proxy health check)")
+            self._note(conn, EventName.LOCAL, "local", "LOCAL header (proxy health check)")
         else:
-            self._emit(
+            self._note(
                 conn,
                 EventName.ACCEPTED,
                 "header" if context.client_known else "address_unknown",
@@ -234,6 +260,8 @@ class ProxyGate:
                 + ("" if context.client_known else " without a client address"),
                 client=(context.client_ip, context.client_port),
             )
+        if consumed == len(buffer):
+            return stream, context  # nothing read past the header: no wrapper needed
         return PrefixedStream(stream, bytes(buffer[consumed:])), context
 
     async def _optional_header_follows(
@@ -347,6 +375,7 @@ class ProxyGate:
         client: tuple[IPAddress, int] | None = None,
         first_bytes: bytes | bytearray | None = None,
     ) -> GateEvent:
+        now = trio.current_time()
         event = GateEvent(
             name=name,
             listener=conn.listener.name,
@@ -355,16 +384,31 @@ class ProxyGate:
             peer_port=conn.peer_port,
             reason=reason,
             message=message,
-            elapsed=trio.current_time() - conn.started,
+            elapsed=now - conn.started,
             client_ip=client[0] if client else None,
             client_port=client[1] if client else None,
             first_bytes=None if first_bytes is None else escape_bytes(first_bytes),
         )
         self.counters.add(event)
-        event.log()
+        self.log_limiter.log(event, now)
         if self._on_event is not None:
             self._on_event(event)
         return event
+
+    def _note(
+        self,
+        conn: _Connection,
+        name: EventName,
+        reason: str,
+        message: str,
+        *,
+        client: tuple[IPAddress, int] | None = None,
+    ) -> None:
+        """A routine decision: counted always, built into an event only if someone looks."""
+        if self._on_event is None and not logger.isEnabledFor(event_level(name, reason)):
+            self.counters.count(conn.listener.name, name, reason)
+        else:
+            self._emit(conn, name, reason, message, client=client)
 
     def _reject(
         self, conn: _Connection, reason: str, message: str, data: bytes | bytearray

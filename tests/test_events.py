@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from mailedge.events import EventCounters, EventName, GateEvent, escape_bytes
+from mailedge.events import EventCounters, EventName, GateEvent, LogLimiter, escape_bytes
 
 
 def event(name: EventName = EventName.REJECTED, **kw: object) -> GateEvent:
@@ -68,3 +68,52 @@ def test_counters() -> None:
     assert counters.get("imap", "proxy.rejected") == 1
     assert next(iter(counters)) == (("imap", "proxy.rejected", "v1_syntax"), 1)
     assert repr(counters) == "<EventCounters total=4>"
+
+
+def limited_messages(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "mailedge.gate"]
+
+
+def test_a_storm_of_one_kind_is_logged_in_part_and_then_summed_up(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge")
+    limiter = LogLimiter(burst=3, window=10.0)
+    for i in range(10):
+        limiter.log(event(EventName.TIMEOUT, reason="timeout", connection_id=i), now=float(i) / 10)
+    lines = limited_messages(caplog)
+    assert len(lines) == 4  # three events, then the notice
+    assert all(line.startswith("proxy.timeout listener=smtp peer=") for line in lines[:3])
+    assert "3 such events within 10 s; further ones are counted, not logged" in lines[3]
+    assert all(r.levelno == logging.WARNING for r in caplog.records)
+    caplog.clear()
+    # The next window opens with the count of what was held back, then logs again.
+    limiter.log(event(EventName.TIMEOUT, reason="timeout"), now=10.5)
+    summary, line = limited_messages(caplog)
+    assert "proxy.timeout listener=smtp reason=timeout: 7 more such events" in summary
+    assert line.startswith("proxy.timeout listener=smtp peer=")
+
+
+def test_kinds_are_limited_separately(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge")
+    limiter = LogLimiter(burst=1, window=10.0)
+    for reason in ("timeout", "v1_syntax"):
+        limiter.log(event(reason=reason), now=0.0)
+    limiter.log(event(reason="timeout", listener="imap"), now=0.0)
+    assert sum("peer=" in line for line in limited_messages(caplog)) == 3
+
+
+def test_debug_events_are_never_held_back(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="mailedge")
+    limiter = LogLimiter(burst=1, window=10.0)
+    for _ in range(5):
+        limiter.log(event(EventName.ACCEPTED, reason="header"), now=0.0)
+    assert len(limited_messages(caplog)) == 5
+
+
+def test_nothing_is_logged_below_the_loggers_level(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.ERROR, logger="mailedge")
+    limiter = LogLimiter(burst=1, window=10.0)
+    for _ in range(3):
+        limiter.log(event(), now=0.0)
+    assert limited_messages(caplog) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 from collections.abc import Sequence
@@ -11,8 +12,9 @@ import pytest
 import trio
 import trio.testing
 
+from mailedge import gate as gate_module
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.events import EventName, GateEvent
+from mailedge.events import EventName, GateEvent, LogLimiter
 from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import (
@@ -33,6 +35,7 @@ from mailedge.settings import (
     Settings,
     SystemSettings,
 )
+from mailedge.streams import PrefixedStream
 
 PROXY_PEER = ("127.0.0.1", 51000)
 STRANGER = ("203.0.113.9", 52000)
@@ -695,3 +698,53 @@ async def test_unknown_listener_is_a_clear_error() -> None:
     _, server = trio.testing.memory_stream_pair()
     with pytest.raises(KeyError, match="nope"):
         await gate.admit(server, listener="nope", peer=PROXY_PEER, local=LOCAL)
+
+
+async def test_routine_decisions_are_counted_and_logged_only_at_debug(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    gate = ProxyGate(settings())  # no event sink: the gate builds no event it need not
+    caplog.set_level(logging.INFO, logger="mailedge")
+    await run_gate([V1_TCP4], gate=gate)
+    await run_gate([EHLO], peer=STRANGER, gate=gate)
+    assert caplog.records == []
+    caplog.set_level(logging.DEBUG, logger="mailedge")
+    await run_gate([V1_TCP4], gate=gate)
+    (record,) = caplog.records
+    assert record.getMessage().startswith(
+        "proxy.accepted listener=smtp peer=127.0.0.1:51000 client=198.51.100.7:40123 reason=header"
+    )
+    assert gate.counters.get("smtp", EventName.ACCEPTED, "header") == 2
+    assert gate.counters.get("smtp", EventName.DIRECT, "untrusted") == 1
+
+
+async def test_a_timeout_storm_is_counted_in_full_and_logged_in_part(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mailedge")
+    events: list[GateEvent] = []
+    gate = ProxyGate(settings(), on_event=events.append, log_limiter=LogLimiter(burst=5))
+    async with trio.open_nursery() as nursery:
+        for _ in range(40):
+            nursery.start_soon(functools.partial(run_gate, [V1_TCP4[:10]], gate=gate))
+    assert gate.counters.get("smtp", EventName.TIMEOUT, "timeout") == 40
+    assert len(events) == 40  # the sink (auto-ban, metrics) sees every one
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 6 and "further ones are counted, not logged" in lines[5]
+
+
+@pytest.mark.parametrize(("deliver", "wrapped"), [(whole, False), (with_app, True)])
+async def test_the_stream_is_wrapped_only_to_hand_on_bytes(deliver: object, wrapped: bool) -> None:
+    assert callable(deliver)
+    run = await run_gate(deliver(V2_TCP4))
+    assert isinstance(run.stream, PrefixedStream) is wrapped
+    assert run.context is not None and run.context.client_ip == CLIENT.ip
+
+
+async def test_the_parsed_address_cache_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(gate_module, "IP_CACHE_SIZE", 8)
+    gate = ProxyGate(settings())
+    for i in range(20):
+        run = await run_gate([EHLO], peer=(f"203.0.113.{i}", 4000), gate=gate)
+        assert run.context is not None and str(run.context.client_ip) == f"203.0.113.{i}"
+        assert len(gate._ips) <= 8
