@@ -28,6 +28,8 @@ import resource
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable
 
@@ -956,3 +958,90 @@ async def test_listener_survives_a_reset_before_any_byte_from_a_trusted_peer(
             await good.send(V1_HEADER)
             assert await receive_line(good) == b"220 198.51.100.7\r\n"
     nursery.cancel_scope.cancel()
+
+
+# --- descriptor exhaustion -------------------------------------------------------------------
+
+# A server that may hold only a few dozen descriptors: the exhaustion is reached with few
+# connections, in its own process so that this test's process keeps its limit.
+LOW_FD_SERVER = r"""
+import logging, resource, sys
+import trio
+from mailedge.networks import TrustedNetworks
+from mailedge.server import serve
+from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+
+resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
+
+
+async def echo_client(stream, context):
+    await stream.send_all(f"220 {context.client_ip}\r\n".encode())
+
+
+async def main():
+    conf = Settings(
+        system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8"])),
+        listeners=(
+            NetworkListener(
+                name="smtp",
+                protocol=Protocol.SMTP,
+                bind=(BindAddress.parse("127.0.0.1:0"),),
+                proxy_header_timeout=60.0,
+            ),
+        ),
+    )
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(
+            lambda task_status: serve(conf, {Protocol.SMTP: echo_client}, task_status=task_status)
+        )
+        print(server.addresses["smtp"][0][1], flush=True)
+
+trio.run(main)
+"""
+
+
+async def test_out_of_descriptors_the_listener_pauses_and_recovers(tmp_path: pathlib.Path) -> None:
+    """EMFILE on accept is logged and waited out; the listener serves again once fds free up."""
+    need_fds(512)
+    stderr_path = tmp_path / "server.log"
+    with (
+        trio.fail_after(60),
+        stderr_path.open("wb") as stderr,
+    ):
+        process = await trio.lowlevel.open_process(
+            [os.environ.get("PYTHON", sys.executable), "-c", LOW_FD_SERVER],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+        )
+        try:
+            assert process.stdout is not None
+            port = int((await process.stdout.receive_some(64)).strip())
+            # Far more stalled connections than the server has descriptors for; the kernel
+            # completes the handshakes, and the server accepts until accept() fails.
+            held = [trio.socket.socket() for _ in range(120)]
+            for sock in held:
+                await sock.connect(("127.0.0.1", port))
+                await sock.send(b"PROXY TCP4 198.51.100.7 ")
+            await wait_for(
+                lambda: b"Too many open files" in stderr_path.read_bytes(), "EMFILE", within=20
+            )
+            for sock in held:
+                sock.close()
+            # With descriptors free again, a proxied client is served.
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            async with client:
+                header, ip = client_header(7)
+                await client.send_all(header)
+                reply = b""
+                while not reply.endswith(b"\r\n"):
+                    chunk = await client.receive_some()
+                    assert chunk, reply
+                    reply += chunk
+            assert reply == f"220 {ip}\r\n".encode()
+        finally:
+            process.kill()
+            await process.wait()
+    log = stderr_path.read_text()
+    assert "listener smtp: accept failed (Too many open files); pausing 0.1 s" in log
+    assert "Traceback" not in log
