@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
+from mailedge.events import escape_bytes
 from mailedge.proxy import (
     DEFAULT_MAX_V2_LENGTH,
     TLV,
@@ -44,7 +45,6 @@ __all__ = [
     "address_to_json",
     "decode_command",
     "decode_hex",
-    "escape_bytes",
     "header_to_json",
     "main",
     "ssl_to_json",
@@ -61,25 +61,6 @@ _TRAILING_PREVIEW = 64
 
 
 # --- JSON conversion, shared by the tools that show a header ---------------------------------
-
-
-def escape_bytes(data: bytes) -> str:
-    """Printable ASCII as itself; backslash, CR, LF and TAB escaped; every other byte ``\\xNN``."""
-    out: list[str] = []
-    for byte in data:
-        if byte == 0x5C:
-            out.append("\\\\")
-        elif byte == 0x0D:
-            out.append("\\r")
-        elif byte == 0x0A:
-            out.append("\\n")
-        elif byte == 0x09:
-            out.append("\\t")
-        elif 0x20 <= byte < 0x7F:
-            out.append(chr(byte))
-        else:
-            out.append(f"\\x{byte:02x}")
-    return "".join(out)
 
 
 def _printable_text(data: bytes) -> str | None:
@@ -169,7 +150,7 @@ def address_to_json(address: Address | None) -> JSONObject | None:
     if isinstance(address, InetAddress):
         return {"ip": str(address.ip), "port": address.port}
     if isinstance(address, UnixAddress):
-        return {"path": escape_bytes(address.path.rstrip(b"\x00"))}
+        return {"path": escape_bytes(address.path.rstrip(b"\x00"), limit=None)}
     raise TypeError(f"not an address: {address!r}")
 
 
@@ -191,7 +172,7 @@ def header_to_json(header: ProxyHeader) -> JSONObject:
         "destination": address_to_json(header.destination),
         "tlvs": [tlv_to_json(tlv) for tlv in header.tlvs],
         "ssl": None if header.ssl is None else ssl_to_json(header.ssl),
-        "alpn": None if alpn is None else escape_bytes(alpn),
+        "alpn": None if alpn is None else escape_bytes(alpn, limit=None),
         "authority": header.authority,
         "unique_id": None if unique_id is None else unique_id.hex(),
         "netns": header.netns,
@@ -420,7 +401,7 @@ def decode_bytes(
         "consumed": consumed,
         "trailing_bytes": {
             "count": len(trailing),
-            "first": escape_bytes(trailing[:_TRAILING_PREVIEW]),
+            "first": escape_bytes(trailing[:_TRAILING_PREVIEW], limit=None),
         },
     }
 

@@ -79,11 +79,26 @@ def event_level(name: EventName, reason: str) -> int:
     return _LEVELS[name]
 
 
-def escape_bytes(data: bytes | bytearray | memoryview, limit: int = FIRST_BYTES_QUOTED) -> str:
-    """Printable ASCII kept, everything else escaped, cut at ``limit`` bytes."""
-    head = bytes(data[:limit])
-    text = repr(head)[2:-1]
-    return text + "..." if len(data) > limit else text
+def _escape_table() -> dict[int, str]:
+    table = {byte: f"\\x{byte:02x}" for byte in range(256) if not 0x20 <= byte < 0x7F}
+    table.update({0x5C: "\\\\", 0x0D: "\\r", 0x0A: "\\n", 0x09: "\\t"})
+    return table
+
+
+# Byte (read as Latin-1) -> its escape; printable ASCII other than backslash stays itself.
+_ESCAPES = _escape_table()
+
+
+def escape_bytes(
+    data: bytes | bytearray | memoryview, limit: int | None = FIRST_BYTES_QUOTED
+) -> str:
+    """Printable ASCII as itself; backslash, CR, LF and TAB escaped; other bytes ``\\xNN``.
+
+    Cut at ``limit`` bytes (``None``: all of them), with ``...`` to show the cut.
+    """
+    head = bytes(data if limit is None else data[:limit])
+    text = head.decode("latin-1").translate(_ESCAPES)
+    return text + "..." if limit is not None and len(data) > limit else text
 
 
 def _endpoint(ip: IPAddress | None, port: int | None) -> str | None:

@@ -33,7 +33,8 @@ from contextlib import AbstractContextManager
 import attrs
 import trio
 
-from mailedge.cli import JSONObject, address_to_json, escape_bytes, header_to_json
+from mailedge.cli import JSONObject, address_to_json, header_to_json
+from mailedge.events import escape_bytes
 from mailedge.networks import format_endpoint, normalize_ip
 from mailedge.proxy import (
     TLV,
@@ -853,7 +854,7 @@ def _describe_header(data: bytes) -> str:
         return "an incomplete header"
     header, _ = parsed
     if header.version == 1:
-        return f"v1: {escape_bytes(data)}"
+        return f"v1: {escape_bytes(data, limit=None)}"
     text = f"v2 {header.command.name} {header.family.name}"
     if isinstance(header.source, InetAddress) and isinstance(header.destination, InetAddress):
         source, destination = header.source, header.destination
@@ -883,7 +884,7 @@ def _header_to_json(result: ProbeResult) -> JSONObject:
         "mode": str(result.options.mode),
         "length": len(data),
         "hex": data.hex(),
-        "text": escape_bytes(data) if result.options.mode is HeaderMode.V1 else None,
+        "text": escape_bytes(data, limit=None) if result.options.mode is HeaderMode.V1 else None,
         "decoded": decoded,
     }
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailedge.cli import decode_hex, escape_bytes, header_to_json, main
+from mailedge.cli import decode_hex, header_to_json, main
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -429,7 +429,3 @@ def test_header_to_json_for_local() -> None:
     assert result["source"] is None
     assert result["destination"] is None
     json.dumps(result)
-
-
-def test_escape_bytes() -> None:
-    assert escape_bytes(b"a\\b\r\n\t\x00\x7f\xff ~") == "a\\\\b\\r\\n\\t\\x00\\x7f\\xff ~"

@@ -29,6 +29,10 @@ def test_escape_bytes_keeps_logs_printable_and_short() -> None:
     assert escape_bytes(b"PROXY TCP4\r\n\x00\xff") == "PROXY TCP4\\r\\n\\x00\\xff"
     assert escape_bytes(b"a" * 100, limit=8) == "aaaaaaaa..."
     assert escape_bytes(b"") == ""
+    assert escape_bytes(b"a\\b\r\n\t\x00\x7f\xff ~'\"") == "a\\\\b\\r\\n\\t\\x00\\x7f\\xff ~'\""
+    every = escape_bytes(bytes(range(256)), limit=None)
+    assert every.isascii() and every.isprintable()
+    assert every.startswith("\\x00\\x01") and every.endswith("\\xfe\\xff")
 
 
 def test_peer_and_client_are_formatted_as_endpoints() -> None:
