@@ -13,6 +13,7 @@ import prometheus_client
 import pytest
 import trio
 import trio.testing
+from handler_support import handler_session
 from http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler, context_to_json
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
@@ -272,28 +273,9 @@ class Client:
 async def session(
     handler: HTTPHandler, context: ConnectionContext, *, idle_timeout: float | None = None
 ) -> AsyncIterator[Client]:
-    """Run ``handler`` on one in-memory connection, closing the stream after it as the server does.
-
-    Any exception from the handler fails the test; a hung exchange fails at the deadline.
-    With ``idle_timeout``, the handler gets the stream wrapped as the server wraps it.
-    """
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    stream: trio.abc.Stream = server_stream
-    if idle_timeout is not None:
-        stream = IdleTimeoutStream(server_stream, idle_timeout)
-
-    async def serve() -> None:
-        try:
-            await handler(stream, context)
-        finally:
-            await server_stream.aclose()
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            client = Client(client_stream)
-            yield client
-            await trio.aclose_forcefully(client.stream)
+    """The client's side of one in-memory session with ``handler`` (see handler_session)."""
+    async with handler_session(handler, context, idle_timeout=idle_timeout) as stream:
+        yield Client(stream)
 
 
 # /whoami

@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
+from handler_support import handler_session
 from imap_handler import MAX_LINE_LENGTH, IMAPHandler, IMAPSyntaxError, parse_astrings
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
@@ -21,7 +22,6 @@ from mailedge.hooks import BaseHooks
 from mailedge.hooks.autoban import AutoBan
 from mailedge.networks import TrustedNetworks
 from mailedge.settings import AutoBanSettings, Protocol, Settings, SystemSettings
-from mailedge.streams import IdleTimeoutStream
 
 HOSTNAME = "imap.example"
 USERS = {"alice": "correct horse", "bob": 'p\u00e4ss "w\\rd'}
@@ -127,28 +127,9 @@ class Client:
 async def session(
     handler: IMAPHandler, context: ConnectionContext, *, idle_timeout: float | None = None
 ) -> AsyncIterator[Client]:
-    """Run ``handler`` on one in-memory connection, closing the stream after it as the server does.
-
-    Any exception from the handler fails the test; a hung exchange fails at the deadline.
-    With ``idle_timeout``, the handler gets the stream wrapped as the server wraps it.
-    """
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    stream: trio.abc.Stream = server_stream
-    if idle_timeout is not None:
-        stream = IdleTimeoutStream(server_stream, idle_timeout)
-
-    async def serve() -> None:
-        try:
-            await handler(stream, context)
-        finally:
-            await server_stream.aclose()
-
-    with trio.fail_after(60):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(serve)
-            client = Client(client_stream)
-            yield client
-            await trio.aclose_forcefully(client.stream)
+    """The client's side of one in-memory session with ``handler`` (see handler_session)."""
+    async with handler_session(handler, context, idle_timeout=idle_timeout) as stream:
+        yield Client(stream)
 
 
 def plain_handler(ssl_context: ssl.SSLContext | None = None) -> IMAPHandler:
