@@ -166,10 +166,11 @@ IPv6Address = ipaddress.IPv6Address
 # --- building values without their __init__ ----------------------------------------------------
 #
 # A server reads every header's two endpoints, so building them is most of what it pays per
-# connection. An ``attrs`` or ``ipaddress`` __init__ checks its arguments and then stores
-# them; the values below come from validated bytes, so the checks can never fail, and these
-# functions store the same attributes directly, into a blank instance. The objects are the
-# same in every respect (the classes have no validators, and ipaddress keeps nothing else).
+# connection. The attrs __init__ of our own InetAddress and TLV stores its fields through
+# frozen-instance machinery; the values below come from validated bytes, and these classes
+# have no validators or converters, so these helpers store the same fields directly into a
+# blank instance. The ipaddress objects are built with their public constructors: their
+# layout is the standard library's business, not ours.
 
 _new = object.__new__
 _set_ip = InetAddress.__dict__["ip"].__set__
@@ -177,59 +178,6 @@ _set_port = InetAddress.__dict__["port"].__set__
 _set_type = TLV.__dict__["type"].__set__
 _set_value = TLV.__dict__["value"].__set__
 
-
-# Fills one attribute of a blank instance: (instance, value).
-Setter = Callable[[Any, Any], None]
-
-
-def _keep(address: object, value: object) -> None:
-    """The fallback's ``_set_scope``: ``IPv6Address.__init__`` has already set the scope."""
-
-
-def _builds_as_public(set_v4: Setter, set_v6: Setter, set_scope: Setter) -> bool:
-    """True when blank addresses filled by these setters equal the public constructors'."""
-    for v4, v6 in ((0xC000020A, 0x20010DB8 << 96 | 0x25), (0, 2**128 - 1)):
-        ip4 = _new(IPv4Address)
-        set_v4(ip4, v4)
-        ip6 = _new(IPv6Address)
-        set_v6(ip6, v6)
-        set_scope(ip6, None)
-        for built, public in ((ip4, IPv4Address(v4)), (ip6, IPv6Address(v6))):
-            if (
-                built != public
-                or str(built) != str(public)
-                or hash(built) != hash(public)
-                or built.packed != public.packed
-                or built.__reduce__() != public.__reduce__()
-            ):
-                return False
-        if ip6.scope_id is not None:
-            return False
-    return True
-
-
-def _ip_setters() -> tuple[Setter, Setter, Setter]:
-    """Setters that fill a blank IPv4Address, IPv6Address and an IPv6 scope id.
-
-    ``IPv4Address(n)`` checks that ``n`` is in range and stores it in the ``_ip`` slot;
-    ``IPv6Address(n)`` also stores None in ``_scope_id``. Those slots are private, so they
-    are checked here, once, against the public constructors: on a Python that lays the
-    classes out otherwise, the setters are the public ``__init__`` methods instead (and
-    the values are built as before, only slower).
-    """
-    public: tuple[Setter, Setter, Setter] = (IPv4Address.__init__, IPv6Address.__init__, _keep)
-    try:
-        slots: tuple[Setter, Setter, Setter] = (
-            vars(IPv4Address)["_ip"].__set__,
-            vars(IPv6Address)["_ip"].__set__,
-            vars(IPv6Address)["_scope_id"].__set__,
-        )
-        return slots if _builds_as_public(*slots) else public
-    except (KeyError, AttributeError, TypeError):
-        return public
-
-
-_set_v4, _set_v6, _set_scope = _ip_setters()
 
 # --- turning validated bytes into values ------------------------------------------------------
 #
@@ -339,23 +287,11 @@ def _ipv6_embedded_int(text: bytes) -> int | None:
     return _ipv6_int(text[: colon + 1] + b"%x:%x" % (v4 >> 16, v4 & 0xFFFF))
 
 
-def _v4(value: int) -> IPv4Address:
-    """``IPv4Address(value)`` for a value known to fit in 32 bits."""
-    ip = _new(IPv4Address)
-    _set_v4(ip, value)
-    return ip
-
-
 def _ip6(value: int, normalize_v4_mapped: bool) -> IPAddress:
     """An IPv6 address from its value, or the IPv4 one a v4-mapped value stands for."""
     if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
-        ip: IPAddress = _new(IPv4Address)
-        _set_v4(ip, value & 0xFFFFFFFF)
-        return ip
-    ip = _new(IPv6Address)
-    _set_v6(ip, value)
-    _set_scope(ip, None)
-    return ip
+        return IPv4Address(value & 0xFFFFFFFF)
+    return IPv6Address(value)
 
 
 def _inet(ip: IPAddress, port: int) -> InetAddress:
@@ -403,7 +339,7 @@ def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
     """
     if _COLON not in text:
         a, b, c, d = text.split(b".")
-        return _v4(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+        return IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
     if _DOT in text:  # a dotted quad in the last 32 bits
         embedded = _ipv6_int(text)
         assert embedded is not None  # validated by the parser
@@ -413,11 +349,8 @@ def _v1_ip(text: bytes, normalize_v4_mapped: bool) -> IPAddress:
         format_ = _GROUP_FORMATS[len(groups)][groups.index(b"") if b"" in groups else 8]
         value = int((format_ % tuple(groups)).replace(b" ", b"0"), 16)
     if normalize_v4_mapped and value >> 32 == _V4_MAPPED:
-        return _v4(value & 0xFFFFFFFF)
-    ip = _new(IPv6Address)
-    _set_v6(ip, value)
-    _set_scope(ip, None)
-    return ip
+        return IPv4Address(value & 0xFFFFFFFF)
+    return IPv6Address(value)
 
 
 # A header's instance __dict__: raw, _layout, and what has been built. An endpoint builder
@@ -438,13 +371,11 @@ def _v1_endpoints(fields: Fields) -> None:
         # IPv4 addresses only (TCP4, or nginx's TCP6 with two IPv4 addresses): one split
         # yields the eight octets and the two ports.
         a, b, c, d, e, f, g, h, sport, dport = raw[11:-2].replace(b".", b" ").split(b" ")
-        ip = _new(IPv4Address)
-        _set_v4(ip, _OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+        ip = IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
         source = _new(InetAddress)
         _set_ip(source, ip)
         _set_port(source, int(sport))
-        ip = _new(IPv4Address)
-        _set_v4(ip, _OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h])
+        ip = IPv4Address(_OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h])
         destination = _new(InetAddress)
         _set_ip(destination, ip)
         _set_port(destination, int(dport))
@@ -464,13 +395,11 @@ def _v1_endpoints(fields: Fields) -> None:
 def _v2_inet_endpoints(fields: Fields) -> None:
     """v2 PROXY over INET: two 4-byte addresses, then the two ports."""
     src, dst, sport, dport = _unpack_inet4(fields["raw"], _V2_FIXED_LENGTH)
-    ip = _new(IPv4Address)
-    _set_v4(ip, src)
+    ip = IPv4Address(src)
     source = _new(InetAddress)
     _set_ip(source, ip)
     _set_port(source, sport)
-    ip = _new(IPv4Address)
-    _set_v4(ip, dst)
+    ip = IPv4Address(dst)
     destination = _new(InetAddress)
     _set_ip(destination, ip)
     _set_port(destination, dport)
@@ -489,15 +418,11 @@ def _v2_inet6_endpoints(fields: Fields) -> None:
         fields["source"] = _inet(_ip6(src, True), sport)
         fields["destination"] = _inet(_ip6(dst, True), dport)
         return
-    ip = _new(IPv6Address)
-    _set_v6(ip, src)
-    _set_scope(ip, None)
+    ip = IPv6Address(src)
     source = _new(InetAddress)
     _set_ip(source, ip)
     _set_port(source, sport)
-    ip = _new(IPv6Address)
-    _set_v6(ip, dst)
-    _set_scope(ip, None)
+    ip = IPv6Address(dst)
     destination = _new(InetAddress)
     _set_ip(destination, ip)
     _set_port(destination, dport)
