@@ -20,6 +20,7 @@ _EXPORTS = {
     "TLSTerminator": "mailedge.context",
     "EventName": "mailedge.events",
     "GateEvent": "mailedge.events",
+    "LogLimiter": "mailedge.events",
     "ProxyGate": "mailedge.gate",
     "ProxyHeaderRejected": "mailedge.gate",
     "ProxyRejected": "mailedge.gate",
@@ -45,7 +46,7 @@ _EXPORTS = {
 if TYPE_CHECKING:
     from mailedge.config import ConfigError, load
     from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-    from mailedge.events import EventName, GateEvent
+    from mailedge.events import EventName, GateEvent, LogLimiter
     from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
     from mailedge.networks import InvalidNetworkError, TrustedNetworks
     from mailedge.server import Handler, Server, handle_signals, refusal, serve
@@ -91,6 +92,7 @@ __all__ = [
     "ConnectionContext",
     "EventName",
     "GateEvent",
+    "LogLimiter",
     "PrefixedStream",
     "ProxyGate",
     "ProxyHeaderRejected",
