@@ -136,12 +136,21 @@ class ProxyGate:
         listener: str,
         peer: Endpoint,
         local: Endpoint,
+        deadline: trio.CancelScope | None = None,
     ) -> tuple[trio.abc.Stream, ConnectionContext]:
         """Run one accepted connection through the gate.
 
         Returns the stream the protocol should use (it serves any bytes read past the
         header first) and the connection's context. Raises :class:`ProxyRejected` when
         the connection must be closed; nothing has been sent to the peer then.
+
+        The header is read under the listener's ``proxy_header_timeout``. By default the
+        gate opens a cancel scope of its own for it, and a timeout is a ``ProxyRejected``.
+        A caller that runs the whole connection under one cancel scope (the server does,
+        to save a scope per connection) can pass it as ``deadline``: the gate then sets that
+        scope's deadline for the header, and a timeout cancels the caller's scope instead,
+        with the event logged and counted as usual. After a successful return the deadline
+        is still the header's; the caller moves it on.
         """
         # Read the settings once: a reload mid-connection must not mix two configurations.
         settings = self._settings
@@ -160,19 +169,20 @@ class ProxyGate:
             return self._admit_untrusted(stream, conn)
         # Everything read while looking for the header; quoted if the wait times out.
         buffer = bytearray()
-        # A bare scope, as trio.fail_after would make, minus its context-manager layers.
-        with trio.CancelScope(deadline=conn.started + conf.proxy_header_timeout):
+        timeout_at = conn.started + conf.proxy_header_timeout
+        if deadline is not None:
+            deadline.deadline = timeout_at
             try:
                 return await self._admit_trusted(stream, conn, buffer)
-            except trio.BrokenResourceError as exc:
-                # A reset (RST) mid-header is a decision like any other: one event, counted.
-                cause = exc.__cause__ or exc
-                raise self._reject(
-                    conn,
-                    "reset",
-                    f"the peer reset the connection after {len(buffer)} bytes: {cause}",
-                    buffer,
-                ) from None
+            except trio.Cancelled:
+                # The caller's scope ends the connection; when the header's deadline was the
+                # cause, the decision is logged and counted like any other.
+                if deadline.cancel_called and trio.current_time() >= timeout_at:
+                    self._reject_timeout(conn, buffer)
+                raise
+        # A bare scope, as trio.fail_after would make, minus its context-manager layers.
+        with trio.CancelScope(deadline=timeout_at):
+            return await self._admit_trusted(stream, conn, buffer)
         raise self._reject_timeout(conn, buffer)
 
     def _ip(self, address: IPAddress | str) -> IPAddress:
@@ -214,6 +224,21 @@ class ProxyGate:
     # -- trusted peers --------------------------------------------------------------------
 
     async def _admit_trusted(
+        self, stream: trio.abc.Stream, conn: _Connection, buffer: bytearray
+    ) -> tuple[trio.abc.Stream, ConnectionContext]:
+        try:
+            return await self._read_header(stream, conn, buffer)
+        except trio.BrokenResourceError as exc:
+            # A reset (RST) mid-header is a decision like any other: one event, counted.
+            cause = exc.__cause__ or exc
+            raise self._reject(
+                conn,
+                "reset",
+                f"the peer reset the connection after {len(buffer)} bytes: {cause}",
+                buffer,
+            ) from None
+
+    async def _read_header(
         self, stream: trio.abc.Stream, conn: _Connection, buffer: bytearray
     ) -> tuple[trio.abc.Stream, ConnectionContext]:
         conf = conn.listener

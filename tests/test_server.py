@@ -562,3 +562,26 @@ async def test_a_reset_during_the_gate_ends_only_that_connection(nursery: trio.N
     await good.send_all(encode_v1(CLIENT, SERVER))
     assert await read_reply(good) == b"220 198.51.100.7 40123\r\n"
     nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_stops_reading_is_cut_at_the_idle_timeout(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge")
+    ended = trio.Event()
+
+    async def flood(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        try:
+            while True:  # more than any socket buffer holds; ends only by the timeout
+                await stream.send_all(b"x" * 65536)
+        finally:
+            ended.set()
+
+    # A short idle timeout, so that the test waits for it briefly; the client never reads.
+    server = await start(nursery, settings(listener(idle_timeout=0.2)), flood)
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    with trio.fail_after(10):
+        await ended.wait()
+    assert "timed out (the peer stopped reading)" in caplog.text
+    nursery.cancel_scope.cancel()
