@@ -371,63 +371,30 @@ def _v1_endpoints(fields: Fields) -> None:
         # IPv4 addresses only (TCP4, or nginx's TCP6 with two IPv4 addresses): one split
         # yields the eight octets and the two ports.
         a, b, c, d, e, f, g, h, sport, dport = raw[11:-2].replace(b".", b" ").split(b" ")
-        ip = IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
-        source = _new(InetAddress)
-        _set_ip(source, ip)
-        _set_port(source, int(sport))
-        ip = IPv4Address(_OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h])
-        destination = _new(InetAddress)
-        _set_ip(destination, ip)
-        _set_port(destination, int(dport))
+        src: IPAddress = IPv4Address(_OCTETS_24[a] | _OCTETS_16[b] | _OCTETS_8[c] | _OCTETS[d])
+        dst: IPAddress = IPv4Address(_OCTETS_24[e] | _OCTETS_16[f] | _OCTETS_8[g] | _OCTETS[h])
     else:
         normalize_v4_mapped = fields["_layout"].normalize_v4_mapped
-        src, dst, sport, dport = raw[11:-2].split(b" ")
-        source = _new(InetAddress)
-        _set_ip(source, _v1_ip(src, normalize_v4_mapped))
-        _set_port(source, int(sport))
-        destination = _new(InetAddress)
-        _set_ip(destination, _v1_ip(dst, normalize_v4_mapped))
-        _set_port(destination, int(dport))
-    fields["source"] = source
-    fields["destination"] = destination
+        src_text, dst_text, sport, dport = raw[11:-2].split(b" ")
+        src = _v1_ip(src_text, normalize_v4_mapped)
+        dst = _v1_ip(dst_text, normalize_v4_mapped)
+    fields["source"] = _inet(src, int(sport))
+    fields["destination"] = _inet(dst, int(dport))
 
 
 def _v2_inet_endpoints(fields: Fields) -> None:
     """v2 PROXY over INET: two 4-byte addresses, then the two ports."""
     src, dst, sport, dport = _unpack_inet4(fields["raw"], _V2_FIXED_LENGTH)
-    ip = IPv4Address(src)
-    source = _new(InetAddress)
-    _set_ip(source, ip)
-    _set_port(source, sport)
-    ip = IPv4Address(dst)
-    destination = _new(InetAddress)
-    _set_ip(destination, ip)
-    _set_port(destination, dport)
-    fields["source"] = source
-    fields["destination"] = destination
+    fields["source"] = _inet(IPv4Address(src), sport)
+    fields["destination"] = _inet(IPv4Address(dst), dport)
 
 
 def _v2_inet6_endpoints(fields: Fields) -> None:
     """v2 PROXY over INET6: two 16-byte addresses, then the two ports."""
-    src_bytes, dst_bytes, sport, dport = _unpack_inet6(fields["raw"], _V2_FIXED_LENGTH)
-    src = _from_bytes(src_bytes)
-    dst = _from_bytes(dst_bytes)
-    if fields["_layout"].normalize_v4_mapped and (
-        src >> 32 == _V4_MAPPED or dst >> 32 == _V4_MAPPED
-    ):
-        fields["source"] = _inet(_ip6(src, True), sport)
-        fields["destination"] = _inet(_ip6(dst, True), dport)
-        return
-    ip = IPv6Address(src)
-    source = _new(InetAddress)
-    _set_ip(source, ip)
-    _set_port(source, sport)
-    ip = IPv6Address(dst)
-    destination = _new(InetAddress)
-    _set_ip(destination, ip)
-    _set_port(destination, dport)
-    fields["source"] = source
-    fields["destination"] = destination
+    src, dst, sport, dport = _unpack_inet6(fields["raw"], _V2_FIXED_LENGTH)
+    normalize_v4_mapped = fields["_layout"].normalize_v4_mapped
+    fields["source"] = _inet(_ip6(_from_bytes(src), normalize_v4_mapped), sport)
+    fields["destination"] = _inet(_ip6(_from_bytes(dst), normalize_v4_mapped), dport)
 
 
 def _unix_path(raw: bytes, start: int) -> bytes:
