@@ -13,7 +13,7 @@ import prometheus_client
 import pytest
 import trio
 import trio.testing
-from handler_support import handler_session
+from handler_support import handler_session, outcome_when_cancelled
 from http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler, context_to_json
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
@@ -591,23 +591,10 @@ async def test_client_vanishing_is_quiet(
 
 
 async def test_cancellation_propagates(autojump_clock: trio.testing.MockClock) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    client = Client(client_stream)
-    outcome = "running"
+    async def exchange(stream: trio.abc.Stream) -> None:
+        assert (await Client(stream).get("/healthz")).status == 200
 
-    async def serve() -> None:
-        nonlocal outcome
-        try:
-            await HTTPHandler()(server_stream, direct_ipv6_context())
-        except trio.Cancelled:
-            outcome = "cancelled"
-            raise
-        outcome = "returned"
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        assert (await client.get("/healthz")).status == 200
-        nursery.cancel_scope.cancel()
+    outcome = await outcome_when_cancelled(HTTPHandler(), direct_ipv6_context(), exchange)
     assert outcome == "cancelled"
 
 

@@ -14,7 +14,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from handler_support import handler_session
+from handler_support import handler_session, outcome_when_cancelled
 from imap_handler import MAX_LINE_LENGTH, IMAPHandler, IMAPSyntaxError, parse_astrings
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
@@ -517,24 +517,10 @@ async def test_client_vanishing_before_the_greeting(
 
 
 async def test_cancellation_propagates(autojump_clock: trio.testing.MockClock) -> None:
-    client_stream, server_stream = trio.testing.memory_stream_pair()
-    client = Client(client_stream)
-    outcome = "running"
+    async def exchange(stream: trio.abc.Stream) -> None:
+        await Client(stream).line()
 
-    async def serve() -> None:
-        nonlocal outcome
-        try:
-            await plain_handler()(server_stream, make_context())
-        except trio.Cancelled:
-            outcome = "cancelled"
-            raise
-        outcome = "returned"
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(serve)
-        await client.line()
-        nursery.cancel_scope.cancel()
-    assert outcome == "cancelled"
+    assert await outcome_when_cancelled(plain_handler(), make_context(), exchange) == "cancelled"
 
 
 # The argument parser

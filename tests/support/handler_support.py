@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import trio
@@ -42,3 +42,32 @@ async def handler_session(
             nursery.start_soon(serve)
             yield client_stream
             await trio.aclose_forcefully(client_stream)
+
+
+async def outcome_when_cancelled(
+    handler: Handler,
+    context: ConnectionContext,
+    exchange: Callable[[trio.abc.Stream], Awaitable[None]],
+) -> str:
+    """Cancel ``handler`` once ``exchange`` has talked to it; say how the handler ended.
+
+    ``"cancelled"`` when ``trio.Cancelled`` went through it, ``"returned"`` when it swallowed
+    the cancellation and returned.
+    """
+    client_stream, server_stream = trio.testing.memory_stream_pair()
+    outcome = "running"
+
+    async def serve() -> None:
+        nonlocal outcome
+        try:
+            await handler(server_stream, context)
+        except trio.Cancelled:
+            outcome = "cancelled"
+            raise
+        outcome = "returned"
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await exchange(client_stream)
+        nursery.cancel_scope.cancel()
+    return outcome
