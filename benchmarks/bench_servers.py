@@ -43,9 +43,12 @@ import logging
 import os
 import platform
 import resource
+import select
 import struct
+import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
@@ -65,6 +68,84 @@ MAX_LINE = 512
 
 
 # --- shared with the benchmark scripts -------------------------------------------------------
+
+# How long a server may take to start or to answer on its control channel; a loaded
+# 2-vCPU machine holding 10,000 connections answers within a few seconds.
+CONTROL_TIMEOUT = 30.0
+SCRIPT = Path(__file__).resolve()
+
+
+class ServerProcess:
+    """One of this script's servers in its own process, driven over its control channel."""
+
+    def __init__(self, args: list[str], python: str = sys.executable) -> None:
+        self.kind = args[0]
+        self.python = python
+        self.process = subprocess.Popen(
+            [python, str(SCRIPT), *args],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            bufsize=0,
+            cwd=ROOT,
+        )
+        line = self.read_line()
+        if not line.startswith("PORT "):
+            self.stop()
+            raise RuntimeError(f"{self.kind} server did not start: {line!r}")
+        self.port = int(line.split()[1])
+
+    def read_line(self) -> str:
+        assert self.process.stdout is not None
+        deadline = time.monotonic() + CONTROL_TIMEOUT
+        data = b""
+        while not data.endswith(b"\n"):
+            left = max(deadline - time.monotonic(), 0)
+            if not select.select([self.process.stdout], [], [], left)[0]:
+                raise TimeoutError(f"{self.kind} server did not answer in {CONTROL_TIMEOUT} s")
+            chunk = self.process.stdout.read(1)
+            if not chunk:
+                raise RuntimeError(f"{self.kind} server exited ({self.process.poll()})")
+            data += chunk
+        return data.decode().strip()
+
+    def ask(self, command: str) -> str:
+        assert self.process.stdin is not None
+        self.process.stdin.write(command.encode() + b"\n")
+        return self.read_line()
+
+    def cpu(self) -> float:
+        """The server's user + system CPU seconds so far."""
+        _, user, system = self.ask("cpu").split()
+        return float(user) + float(system)
+
+    def stats(self) -> dict[str, Any]:
+        """The server's ``stats`` answer (mailedge's gate counters and open connections)."""
+        stats: dict[str, Any] = json.loads(self.ask("stats").split(" ", 1)[1])
+        return stats
+
+    def rss_kib(self) -> int | None:
+        """The server's VmRSS, or None once it has gone."""
+        try:
+            status = Path(f"/proc/{self.process.pid}/status").read_text()
+        except OSError:
+            return None
+        for line in status.splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+        return None
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            assert self.process.stdin is not None
+            try:
+                self.process.stdin.write(b"quit\n")
+                self.process.stdin.close()
+                self.process.wait(timeout=CONTROL_TIMEOUT)
+            except (OSError, subprocess.TimeoutExpired):
+                self.process.kill()
+                self.process.wait(timeout=10)
+        if self.process.stdout is not None:
+            self.process.stdout.close()
 
 
 def machine_info() -> dict[str, object]:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import ipaddress
-import select
 import socket
 import statistics
 import subprocess
@@ -42,11 +41,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
-from bench_servers import ROOT, cpu_seconds, machine_info, raise_nofile, write_results
+from bench_servers import (
+    ROOT,
+    ServerProcess,
+    cpu_seconds,
+    machine_info,
+    raise_nofile,
+    write_results,
+)
 
 from mailedge.proxy import Command, InetAddress, encode_v2
 
-SERVERS_SCRIPT = Path(__file__).resolve().parent / "bench_servers.py"
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 HOST = "127.0.0.1"
 PHASES = ("sequential", "concurrent")
@@ -55,7 +60,6 @@ CONCURRENCY = 50
 # Each connection claims one of these sources, so per-client limits never trip.
 CLIENTS = 250
 CONNECT_TIMEOUT = 10.0
-CONTROL_TIMEOUT = 30.0
 # The targets, as server CPU per connection ratios; the other ratios are informational.
 TARGETS = {"mailedge/bare": 1.10, "mailedge/aiosmtpd": 1.00}
 
@@ -74,65 +78,6 @@ HEADERS = headers()
 
 
 # --- the server processes ------------------------------------------------------------------
-
-
-class ServerProcess:
-    """One server program, and its control channel."""
-
-    def __init__(self, kind: str, python: str) -> None:
-        self.kind = kind
-        self.python = python
-        self.process = subprocess.Popen(
-            [python, str(SERVERS_SCRIPT), kind],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            cwd=ROOT,
-        )
-        line = self._read_line()
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"{kind} server did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def _read_line(self) -> str:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + CONTROL_TIMEOUT
-        data = b""
-        while not data.endswith(b"\n"):
-            left = deadline - time.monotonic()
-            ready, _, _ = select.select([self.process.stdout], [], [], max(left, 0))
-            if not ready:
-                raise TimeoutError(f"{self.kind} server did not answer in {CONTROL_TIMEOUT} s")
-            chunk = self.process.stdout.read(1)
-            if not chunk:
-                raise RuntimeError(f"{self.kind} server exited ({self.process.poll()})")
-            data += chunk
-        return data.decode().strip()
-
-    def ask(self, command: str) -> str:
-        assert self.process.stdin is not None
-        self.process.stdin.write(command.encode() + b"\n")
-        self.process.stdin.flush()
-        return self._read_line()
-
-    def cpu(self) -> float:
-        """The server's user + system CPU seconds so far."""
-        _, user, system = self.ask("cpu").split()
-        return float(user) + float(system)
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            try:
-                self.process.stdin.write(b"quit\n")
-                self.process.stdin.close()
-                self.process.wait(timeout=10)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
 
 
 def server_python(kind: str) -> tuple[str | None, str]:
@@ -258,7 +203,7 @@ def measure(server: ServerProcess, count: int, concurrency: int, name: str) -> P
 def run_server(
     kind: str, python: str, sequential: int, concurrent: int, warmup: int
 ) -> list[Phase]:
-    server = ServerProcess(kind, python)
+    server = ServerProcess([kind], python)
     try:
         warm = Phase("warmup", warmup, CONCURRENCY)
         trio.run(run_connections, server.port, warmup // 2, 1, warm)

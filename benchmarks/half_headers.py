@@ -34,7 +34,6 @@ import argparse
 import ipaddress
 import json
 import math
-import select
 import socket
 import subprocess
 import sys
@@ -46,11 +45,10 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from bench_servers import ROOT, machine_info, raise_nofile, write_results
+from bench_servers import ROOT, ServerProcess, machine_info, raise_nofile, write_results
 
 from mailedge.proxy import Command, InetAddress, encode_v1, encode_v2
 
-SERVERS_SCRIPT = Path(__file__).resolve().parent / "bench_servers.py"
 HOST = "127.0.0.1"
 # The stalled connections come from 127.0.0.2 onwards, this many per address.
 PER_SOURCE = 1000
@@ -97,77 +95,10 @@ def full_header(index: int) -> tuple[bytes, str]:
 # --- the server and the RSS sampler ----------------------------------------------------------
 
 
-class Server:
-    def __init__(self, args: list[str]) -> None:
-        self.process = subprocess.Popen(
-            [sys.executable, str(SERVERS_SCRIPT), *args],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            bufsize=0,
-            cwd=ROOT,
-        )
-        line = self.read_line(30.0)
-        if not line.startswith("PORT "):
-            self.stop()
-            raise RuntimeError(f"the server did not start: {line!r}")
-        self.port = int(line.split()[1])
-
-    def read_line(self, timeout: float) -> str:
-        assert self.process.stdout is not None
-        deadline = time.monotonic() + timeout
-        data = b""
-        while not data.endswith(b"\n"):
-            left = max(deadline - time.monotonic(), 0)
-            if not select.select([self.process.stdout], [], [], left)[0]:
-                raise TimeoutError("the server did not answer")
-            chunk = self.process.stdout.read(1)
-            if not chunk:
-                raise RuntimeError(f"the server exited ({self.process.poll()})")
-            data += chunk
-        return data.decode().strip()
-
-    def stats(self) -> dict[str, object]:
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"stats\n")
-        line = self.read_line(30.0)
-        stats: dict[str, object] = json.loads(line.split(" ", 1)[1])
-        return stats
-
-    def cpu(self) -> float:
-        """The server's user + system CPU seconds so far."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(b"cpu\n")
-        _, user, system = self.read_line(30.0).split()
-        return float(user) + float(system)
-
-    def rss_kib(self) -> int | None:
-        try:
-            status = Path(f"/proc/{self.process.pid}/status").read_text()
-        except OSError:
-            return None
-        for line in status.splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        return None
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            assert self.process.stdin is not None
-            try:
-                self.process.stdin.write(b"quit\n")
-                self.process.stdin.close()
-                self.process.wait(timeout=30)
-            except (OSError, subprocess.TimeoutExpired):
-                self.process.kill()
-                self.process.wait(timeout=10)
-        if self.process.stdout is not None:
-            self.process.stdout.close()
-
-
 class RSSSampler(threading.Thread):
     """Samples the server's VmRSS every ``interval`` seconds until stopped."""
 
-    def __init__(self, server: Server, interval: float = 0.05) -> None:
+    def __init__(self, server: ServerProcess, interval: float = 0.05) -> None:
         super().__init__(daemon=True)
         self.server = server
         self.interval = interval
@@ -235,7 +166,11 @@ async def stall(
 
 
 async def run_stalled(
-    server: Server, count: int, header_timeout: float, all_open: trio.Event, result: Stalled
+    server: ServerProcess,
+    count: int,
+    header_timeout: float,
+    all_open: trio.Event,
+    result: Stalled,
 ) -> float:
     """Open ``count`` stalled connections, as fast as the server accepts them.
 
@@ -420,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="mailedge-half-headers-") as scratch:
         maildir = Path(scratch) / "Maildir"
         log_file = Path(scratch) / "server.log"
-        server = Server(
+        server = ServerProcess(
             [
                 "mailedge-smtp",
                 "--header-timeout",
