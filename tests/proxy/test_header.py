@@ -8,6 +8,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import attrs
 import pytest
+from codec_support import values
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -33,21 +34,6 @@ SOURCE6 = InetAddress(IPv6Address("2001:db8::7"), 40000)
 DESTINATION6 = InetAddress(IPv6Address("2001:db8::25"), 587)
 SSL = SSLInfo(ClientFlags.SSL | ClientFlags.CERT_CONN, 0, version="TLSv1.3", cn="alice")
 PERMISSIVE = {"allow_unix": True, "allow_dgram": True, "allow_v1_mixed_family": True}
-
-
-def values(header: ProxyHeader) -> tuple[object, ...]:
-    """What a header says, every lazily built attribute materialised."""
-    return (
-        header.version,
-        header.command,
-        header.family,
-        header.transport,
-        header.source,
-        header.destination,
-        header.tlvs,
-        header.ssl,
-        header.crc32c_verified,
-    )
 
 
 def parse(data: bytes | bytearray, **options: bool) -> ProxyHeader:

@@ -6,7 +6,7 @@ import ipaddress
 from ipaddress import IPv4Address, IPv6Address
 
 import pytest
-from codec_support import three_ways
+from codec_support import Values, three_ways, values
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -20,7 +20,6 @@ from mailedge.proxy import (
     InvalidAddressError,
     InvalidPortError,
     NotProxyHeaderError,
-    ProxyHeader,
     ProxyProtocolError,
     Transport,
     V1SyntaxError,
@@ -32,21 +31,6 @@ from mailedge.proxy.v1 import FAST_LINE, parse_v1
 # What a header says, every lazily built attribute materialised. Tests compare these,
 # never headers: two headers are equal only when their bytes are (and one of these lines
 # can be written in many ways).
-Values = tuple[object, ...]
-
-
-def values(header: ProxyHeader) -> Values:
-    return (
-        header.version,
-        header.command,
-        header.family,
-        header.transport,
-        header.source,
-        header.destination,
-        header.tlvs,
-        header.ssl,
-        header.crc32c_verified,
-    )
 
 
 def parsed_values(data: bytes, **options: bool) -> tuple[Values, int] | None:

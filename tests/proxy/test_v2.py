@@ -7,7 +7,7 @@ from ipaddress import IPv4Address, IPv6Address
 
 import google_crc32c
 import pytest
-from codec_support import three_ways
+from codec_support import three_ways, values
 
 from mailedge.proxy import (
     DEFAULT_MAX_V2_LENGTH,
@@ -23,7 +23,6 @@ from mailedge.proxy import (
     InvalidFamilyError,
     InvalidVersionError,
     NotProxyHeaderError,
-    ProxyHeader,
     ProxyProtocolError,
     Transport,
     UnixAddress,
@@ -49,21 +48,6 @@ def block_for(family_byte: int) -> bytes:
 
 def test_signature_constant() -> None:
     assert bytes.fromhex("0D0A0D0A000D0A515549540A") == V2_SIGNATURE
-
-
-def values(header: ProxyHeader) -> tuple[object, ...]:
-    """What a header says, every lazily built attribute materialised: tests compare these."""
-    return (
-        header.version,
-        header.command,
-        header.family,
-        header.transport,
-        header.source,
-        header.destination,
-        header.tlvs,
-        header.ssl,
-        header.crc32c_verified,
-    )
 
 
 def test_tcp4() -> None:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from mailedge.proxy import ProxyHeader, parse_header
 
-__all__ = ["TRAILERS", "three_ways"]
+__all__ = ["TRAILERS", "Values", "three_ways", "values"]
+
+# Everything a header says, as ``values`` reads it.
+Values = tuple[object, ...]
 
 # What follows a header on a real connection: an SMTP command, and the start of a TLS
 # ClientHello.
@@ -34,3 +37,18 @@ def three_ways(data: bytes, **options: bool) -> ProxyHeader:
     assert parse_header(bytearray(data), **options) == (header, len(data))
     assert parse_header(memoryview(data + TRAILERS[1]), **options) == (header, len(data))
     return header
+
+
+def values(header: ProxyHeader) -> Values:
+    """What a header says, every lazily built attribute materialised: tests compare these."""
+    return (
+        header.version,
+        header.command,
+        header.family,
+        header.transport,
+        header.source,
+        header.destination,
+        header.tlvs,
+        header.ssl,
+        header.crc32c_verified,
+    )
