@@ -196,13 +196,10 @@ class LogLimiter:
         state = self._windows.get(key)
         if state is None or now - state[0] >= self.window:
             if state is not None and state[2]:
-                logger.log(
+                _log_about(
+                    event,
                     level,
-                    "%s listener=%s reason=%s: %d more such events in %g s were counted, "
-                    "not logged",
-                    event.name,
-                    event.listener,
-                    event.reason,
+                    "%d more such events in %g s were counted, not logged",
                     state[2],
                     self.window,
                 )
@@ -211,18 +208,28 @@ class LogLimiter:
         if state[1] <= self.burst:
             event.write_log()
             if state[1] == self.burst:
-                logger.log(
+                _log_about(
+                    event,
                     level,
-                    "%s listener=%s reason=%s: %d such events within %g s; further ones "
-                    "are counted, not logged, until the window ends",
-                    event.name,
-                    event.listener,
-                    event.reason,
+                    "%d such events within %g s; further ones are counted, not logged, until "
+                    "the window ends",
                     self.burst,
                     self.window,
                 )
         else:
             state[2] += 1
+
+
+def _log_about(event: GateEvent, level: int, text: str, *args: object) -> None:
+    """A line about a kind of event (its name, listener and reason), not about one event."""
+    logger.log(
+        level,
+        "%s listener=%s reason=%s: " + text,
+        event.name,
+        event.listener,
+        event.reason,
+        *args,
+    )
 
 
 @attrs.define(repr=False)
