@@ -19,12 +19,18 @@ prefix length is an error that names the entry, never something silently "fixed"
 
 from __future__ import annotations
 
+import enum
 import re
 from collections.abc import Iterable, Iterator
 from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import NoReturn
 
+import attrs
+
 __all__ = [
+    "EndpointProblem",
+    "EndpointSyntaxError",
+    "HostPort",
     "IPAddress",
     "IPNetwork",
     "InvalidNetworkError",
@@ -33,6 +39,7 @@ __all__ = [
     "format_endpoint",
     "normalize_ip",
     "parse_network",
+    "split_host_port",
 ]
 
 IPAddress = IPv4Address | IPv6Address
@@ -44,6 +51,85 @@ def format_endpoint(host: IPAddress | str, port: int) -> str:
     """``host:port``, with an IPv6 host in brackets: ``[2001:db8::1]:25``."""
     text = str(host)
     return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+# A port is plain ASCII decimal without leading zeros or signs: "25", never "025" or "+25".
+_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
+_MAX_PORT = 0xFFFF
+_ENDPOINT_EXAMPLE = "such as '127.0.0.1:25' or '[::1]:25'"
+
+
+class EndpointProblem(enum.Enum):
+    """What makes a text not ``HOST:PORT``; callers may word each one their own way."""
+
+    # A "[" without "]:" after the address.
+    MALFORMED = "malformed"
+    # Colons in the host without brackets: an IPv6 address that needs them.
+    NEEDS_BRACKETS = "needs_brackets"
+    NO_PORT = "no_port"
+    BAD_PORT = "bad_port"
+
+
+class EndpointSyntaxError(ValueError):
+    """``text`` is not ``HOST:PORT`` or ``[IPv6]:PORT``. The message names ``text``."""
+
+    def __init__(self, text: str, problem: EndpointProblem, port_text: str = "") -> None:
+        self.text = text
+        self.problem = problem
+        self.port_text = port_text
+        super().__init__(
+            {
+                EndpointProblem.MALFORMED: f"{text!r} is not an address and port "
+                f"{_ENDPOINT_EXAMPLE}",
+                EndpointProblem.NEEDS_BRACKETS: f"{text!r} needs brackets around an IPv6 "
+                f"address, {_ENDPOINT_EXAMPLE}",
+                EndpointProblem.NO_PORT: f"{text!r} has no port; write an address and port "
+                f"{_ENDPOINT_EXAMPLE}",
+                EndpointProblem.BAD_PORT: f"{text!r} has an invalid port {port_text!r}; "
+                "write a number from 0 to 65535",
+            }[problem]
+        )
+
+
+@attrs.frozen
+class HostPort:
+    """A split ``HOST:PORT``: the host text as written (no brackets) and the port."""
+
+    host: str
+    port: int
+    # True for "[host]:port": the host was written in brackets, as IPv6 must be.
+    bracketed: bool
+
+
+def split_host_port(text: str, *, default_port: int | None = None) -> HostPort:
+    """Split ``HOST:PORT`` or ``[IPv6]:PORT``; the one home of that syntax.
+
+    The host is not checked (an address, a name: the caller decides what it accepts). The
+    port is decimal 0-65535 without leading zeros. With ``default_port``, the port may be
+    left out, and then a bare IPv6 address (``2001:db8::53``) stands without brackets.
+    Raises :class:`EndpointSyntaxError`.
+    """
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if bracket and rest.startswith(":"):
+            return HostPort(host, _port(text, rest[1:]), True)
+        if bracket and not rest and default_port is not None:
+            return HostPort(host, default_port, True)
+        raise EndpointSyntaxError(text, EndpointProblem.MALFORMED)
+    host, colon, port_text = text.rpartition(":")
+    if default_port is not None and (not colon or ":" in host):
+        return HostPort(text, default_port, False)  # a bare address or name
+    if ":" in host:
+        raise EndpointSyntaxError(text, EndpointProblem.NEEDS_BRACKETS)
+    if not colon:
+        raise EndpointSyntaxError(text, EndpointProblem.NO_PORT)
+    return HostPort(host, _port(text, port_text), False)
+
+
+def _port(text: str, port_text: str) -> int:
+    if not _PORT.fullmatch(port_text) or int(port_text) > _MAX_PORT:
+        raise EndpointSyntaxError(text, EndpointProblem.BAD_PORT, port_text)
+    return int(port_text)
 
 
 # The v4-mapped IPv6 block, ::ffff:0:0/96: its low 32 bits are an IPv4 address.

@@ -23,7 +23,7 @@ from typing import Any
 
 import attrs
 
-from mailedge.networks import IPAddress, TrustedNetworks, format_endpoint
+from mailedge.networks import IPAddress, TrustedNetworks, format_endpoint, split_host_port
 
 __all__ = [
     "AutoBanSettings",
@@ -128,8 +128,6 @@ MAX_AUTO_BAN_DURATION = 30 * 86400.0
 
 # A listener name appears in every event about its connections; whitespace would split it.
 _NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
-# A port is plain ASCII decimal without leading zeros: never "025", "+25" or "2_5".
-_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 # A rate: a count, "/", a number and a unit, in plain ASCII decimal: "60/1m", "200/1h".
 # The digit counts only bound the work; the ranges are checked on the numbers.
 _RATE = re.compile(r"([0-9]{1,9})/([0-9]{1,9})([smhd])")
@@ -289,27 +287,19 @@ class BindAddress:
         """
         if not isinstance(text, str):
             raise TypeError(f"a bind address is a string, not {type(text).__name__}")
-        example = "such as '127.0.0.1:25' or '[::1]:25'"
-        host_text: str
-        if text.startswith("["):
-            host_text, bracket, port_text = text[1:].partition("]")
-            if not bracket or not port_text.startswith(":"):
-                raise _bind_error(text, f"is not an address and port {example}")
-            port_text = port_text[1:]
+        split = split_host_port(text)
+        host_text = split.host
+        host: IPAddress
+        if split.bracketed:
             if "%" in host_text:
                 raise _bind_error(text, "has a zone id; zone ids are not supported")
             try:
-                host: IPAddress = IPv6Address(host_text)
+                host = IPv6Address(host_text)
             except ValueError:
                 raise _bind_error(
                     text, f"is not an address and port: {host_text!r} is not an IPv6 address"
                 ) from None
         else:
-            host_text, colon, port_text = text.rpartition(":")
-            if ":" in host_text:
-                raise _bind_error(text, f"needs brackets around an IPv6 address, {example}")
-            if not colon:
-                raise _bind_error(text, f"has no port; write an address and port {example}")
             try:
                 host = IPv4Address(host_text)
             except ValueError:
@@ -318,16 +308,12 @@ class BindAddress:
                     f"is not an address and port: {host_text!r} is not an IP address "
                     "(listeners bind IP addresses, not host names)",
                 ) from None
-        if not _PORT.fullmatch(port_text) or int(port_text) > 0xFFFF:
-            raise _bind_error(
-                text, f"has an invalid port {port_text!r}; write a number from 0 to 65535"
-            )
         if isinstance(host, IPv6Address) and host.ipv4_mapped is not None:
             raise _bind_error(
                 text,
-                f"is an IPv4-mapped address; write '{host.ipv4_mapped}:{port_text}' instead",
+                f"is an IPv4-mapped address; write '{host.ipv4_mapped}:{split.port}' instead",
             )
-        return cls(host, int(port_text))
+        return cls(host, split.port)
 
     def __str__(self) -> str:
         return format_endpoint(self.host, self.port)

@@ -43,6 +43,13 @@ import dns.resolver
 import spf
 import trio
 
+from mailedge.networks import (
+    EndpointProblem,
+    EndpointSyntaxError,
+    format_endpoint,
+    split_host_port,
+)
+
 __all__ = [
     "DEFAULT_DNS_THREADS",
     "DEFAULT_LIFETIME",
@@ -120,7 +127,7 @@ class ResolverSettings:
             )
 
     def __repr__(self) -> str:
-        servers = ",".join(_show(host, port) for host, port in self.nameservers) or "system"
+        servers = ",".join(format_endpoint(*server) for server in self.nameservers) or "system"
         return f"<ResolverSettings {servers} timeout={self.timeout:g} lifetime={self.lifetime:g}>"
 
     @classmethod
@@ -135,25 +142,18 @@ class ResolverSettings:
         return cls(tuple(map(_parse_nameserver, nameservers)), timeout=timeout, lifetime=lifetime)
 
 
-def _show(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 def _parse_nameserver(text: str) -> tuple[str, int]:
     text = text.strip()
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or (rest and not rest.startswith(":")):
-            raise ValueError(f"nameserver {text!r}: expected [IPv6] or [IPv6]:port")
-        port_text = rest[1:] if rest else str(_DNS_PORT)
-    elif text.count(":") == 1:
-        host, _, port_text = text.partition(":")
-    else:
-        # A bare IPv4 address, or a bare IPv6 address (whose colons are not a port).
-        host, port_text = text, str(_DNS_PORT)
-    if not port_text.isdigit():
-        raise ValueError(f"nameserver {text!r}: port {port_text!r} is not a number")
-    return host, int(port_text)
+    try:
+        split = split_host_port(text, default_port=_DNS_PORT)
+    except EndpointSyntaxError as error:
+        port = error.port_text
+        if error.problem is EndpointProblem.BAD_PORT and port.isdigit():
+            raise ValueError(f"nameserver {text!r}: port {port} is not 1-{_MAX_PORT}") from None
+        if error.problem is EndpointProblem.BAD_PORT:
+            raise ValueError(f"nameserver {text!r}: port {port!r} is not a number") from None
+        raise ValueError(f"nameserver {text!r}: expected [IPv6] or [IPv6]:port") from None
+    return split.host, split.port
 
 
 def make_resolver(settings: ResolverSettings) -> dns.resolver.Resolver:

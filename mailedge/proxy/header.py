@@ -22,6 +22,7 @@ __all__ = [
     "Command",
     "Family",
     "HeaderLayout",
+    "IPAddress",
     "InetAddress",
     "ProxyHeader",
     "SSLInfo",
@@ -32,6 +33,7 @@ __all__ = [
     "UnixAddress",
 ]
 
+# An IPv4 or IPv6 address: the one spelling of this alias, for the whole package.
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
