@@ -17,13 +17,19 @@ from __future__ import annotations
 
 import enum
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import attrs
 
-from mailedge.networks import IPAddress, TrustedNetworks, format_endpoint, split_host_port
+from mailedge.networks import (
+    IPAddress,
+    NetworkEntry,
+    TrustedNetworks,
+    format_endpoint,
+    split_host_port,
+)
 
 __all__ = [
     "AutoBanSettings",
@@ -448,6 +454,88 @@ def _check_failures(_instance: object, attribute: attrs.Attribute[Any], value: o
         )
 
 
+# -- converters: the short spellings ------------------------------------------------------
+#
+# Each field also takes the text a person would write ("smtp", "127.0.0.1:25", "10.0.0.0/8",
+# "60/1m") and converts it; a value of any other type passes through unchanged, so that the
+# field's validator names it. Text that does not convert is an InvalidSettingError naming the
+# field, like every other bad value.
+
+_E = TypeVar("_E", bound=enum.Enum)
+_S = TypeVar("_S")
+_T = TypeVar("_T")
+
+
+def _parsed(field: str, parse: Callable[[_S], _T], value: _S) -> _T:
+    try:
+        return parse(value)
+    except ValueError as error:
+        raise InvalidSettingError(field, str(error)) from None
+
+
+def _enum_value(kind: type[_E], field: str, value: _E | str) -> _E:
+    if isinstance(value, kind) or not isinstance(value, str):
+        return value
+    try:
+        return kind(value)
+    except ValueError:
+        raise InvalidSettingError(field, f"expected a {kind.__name__}, got {value!r}") from None
+
+
+def _networks(field: str, value: TrustedNetworks | Iterable[NetworkEntry]) -> TrustedNetworks:
+    if isinstance(value, list | tuple):
+        return _parsed(field, TrustedNetworks, value)
+    return cast(TrustedNetworks, value)
+
+
+def _rate_limit(field: str, value: RateLimit | str | None) -> RateLimit | None:
+    return _parsed(field, RateLimit.parse, value) if isinstance(value, str) else value
+
+
+# attrs' mypy plugin takes only named functions as converters: one per field.
+
+
+def _to_protocol(value: Protocol | str) -> Protocol:
+    return _enum_value(Protocol, "protocol", value)
+
+
+def _to_header_mode(value: HeaderMode | str) -> HeaderMode:
+    return _enum_value(HeaderMode, "proxy_header_mode", value)
+
+
+def _to_trusted_networks(value: TrustedNetworks | Iterable[NetworkEntry]) -> TrustedNetworks:
+    return _networks("proxy_trusted_networks", value)
+
+
+def _to_override(
+    value: TrustedNetworks | Iterable[NetworkEntry] | None,
+) -> TrustedNetworks | None:
+    return None if value is None else _networks("override_proxy_trusted_networks", value)
+
+
+def _to_bind(value: str | BindAddress | Iterable[str | BindAddress]) -> tuple[BindAddress, ...]:
+    if isinstance(value, str | BindAddress):
+        value = (value,)
+    if not isinstance(value, list | tuple):
+        return cast(tuple[BindAddress, ...], value)
+    return tuple(
+        _parsed("bind", BindAddress.parse, item) if isinstance(item, str) else item
+        for item in value
+    )
+
+
+def _to_connections_limit(value: RateLimit | str | None) -> RateLimit | None:
+    return _rate_limit("rate_limit_connections", value)
+
+
+def _to_messages_limit(value: RateLimit | str | None) -> RateLimit | None:
+    return _rate_limit("rate_limit_messages", value)
+
+
+def _to_listeners(value: Iterable[NetworkListener]) -> tuple[NetworkListener, ...]:
+    return tuple(value) if isinstance(value, list) else cast(tuple[NetworkListener, ...], value)
+
+
 @attrs.frozen
 class SystemSettings:
     """The server-wide settings."""
@@ -455,7 +543,9 @@ class SystemSettings:
     # Peers whose PROXY headers are believed on every listener without an override. Empty by
     # default, as in Stalwart: PROXY stays off until you name the proxies.
     proxy_trusted_networks: TrustedNetworks = attrs.field(
-        default=TrustedNetworks(), validator=_check_networks
+        default=TrustedNetworks(),
+        converter=_to_trusted_networks,
+        validator=_check_networks,
     )
 
 
@@ -465,13 +555,16 @@ class NetworkListener:
 
     # Names the listener in events and in Settings.listener(); unique across the settings.
     name: str = attrs.field(validator=_check_name)
-    protocol: Protocol = attrs.field(validator=_of_type("a Protocol", Protocol))
-    bind: tuple[BindAddress, ...] = attrs.field(validator=_check_bind)
+    protocol: Protocol = attrs.field(
+        converter=_to_protocol, validator=_of_type("a Protocol", Protocol)
+    )
+    # One or more addresses: "127.0.0.1:25", ["[::1]:25", ...] or BindAddress values.
+    bind: tuple[BindAddress, ...] = attrs.field(converter=_to_bind, validator=_check_bind)
     # Implicit TLS: the server's own handshake follows the PROXY header (smtps, imaps, https).
     tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
     # None inherits the server-wide list; a list replaces it; an empty list turns PROXY off.
     override_proxy_trusted_networks: TrustedNetworks | None = attrs.field(
-        default=None, validator=_check_override
+        default=None, converter=_to_override, validator=_check_override
     )
     # How long a trusted peer has to deliver its whole header (see the constant for why 5 s).
     proxy_header_timeout: float = attrs.field(
@@ -483,7 +576,9 @@ class NetworkListener:
     )
     # Required by default, as the spec says; optional lets trusted peers also connect directly.
     proxy_header_mode: HeaderMode = attrs.field(
-        default=HeaderMode.REQUIRED, validator=_of_type("a HeaderMode", HeaderMode)
+        default=HeaderMode.REQUIRED,
+        converter=_to_header_mode,
+        validator=_of_type("a HeaderMode", HeaderMode),
     )
     # Optional mode, server-first protocols: how long to wait for a trusted peer's first bytes
     # before greeting it as a direct client.
@@ -515,11 +610,15 @@ class NetworkListener:
     # RateLimitHooks.on_connect. Off by default: the right number depends on the site (an MX
     # and a submission port behind one webmail host differ by orders of magnitude).
     rate_limit_connections: RateLimit | None = attrs.field(
-        default=None, validator=_check_rate_limit
+        default=None,
+        converter=_to_connections_limit,
+        validator=_check_rate_limit,
     )
     # SMTP transactions (MAIL FROM) per recovered client, checked by RateLimitHooks.on_mail_from.
     # Off by default, for the same reason.
-    rate_limit_messages: RateLimit | None = attrs.field(default=None, validator=_check_rate_limit)
+    rate_limit_messages: RateLimit | None = attrs.field(
+        default=None, converter=_to_messages_limit, validator=_check_rate_limit
+    )
     # How many leading bits of an IPv6 client the rate limits count as one client.
     rate_limit_ipv6_prefix: int = attrs.field(default=DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
 
@@ -602,7 +701,9 @@ class Settings:
         default=SystemSettings(), validator=_of_type("a SystemSettings", SystemSettings)
     )
     # Listener names are unique, so events and Settings.listener() can name one unambiguously.
-    listeners: tuple[NetworkListener, ...] = attrs.field(default=(), validator=_check_listeners)
+    listeners: tuple[NetworkListener, ...] = attrs.field(
+        default=(), converter=_to_listeners, validator=_check_listeners
+    )
     auto_ban: AutoBanSettings = attrs.field(
         default=AutoBanSettings(), validator=_of_type("an AutoBanSettings", AutoBanSettings)
     )

@@ -225,23 +225,28 @@ def test_listener_accepts_the_limits() -> None:
             "name: must be non-empty, without whitespace or control characters, got 'smtp in'",
         ),
         ({"name": 7}, "name: expected a string, got 7"),
-        ({"protocol": "smtp"}, "protocol: expected a Protocol, got 'smtp'"),
+        ({"protocol": "pop3"}, "protocol: expected a Protocol, got 'pop3'"),
+        ({"protocol": 25}, "protocol: expected a Protocol, got 25"),
         ({"bind": ()}, "bind: must list at least one address"),
         (
-            {"bind": [BindAddress.parse("127.0.0.1:25")]},
-            "bind: expected a tuple of BindAddress, got [BindAddress('127.0.0.1:25')]",
+            {"bind": frozenset([BindAddress.parse("127.0.0.1:25")])},
+            "bind: expected a tuple of BindAddress, got frozenset({BindAddress('127.0.0.1:25')})",
         ),
         (
             {"bind": (BindAddress.parse("127.0.0.1:25"), BindAddress.parse("127.0.0.1:25"))},
             "bind: 127.0.0.1:25 is listed twice",
         ),
-        ({"bind": ("127.0.0.1:25",)}, "bind: expected a BindAddress, got '127.0.0.1:25'"),
+        ({"bind": (25,)}, "bind: expected a BindAddress, got 25"),
+        (
+            {"bind": ["127.0.0.1:25", "localhost:25"]},
+            "bind: 'localhost:25' is not an address and port: 'localhost' is not an IP address "
+            "(listeners bind IP addresses, not host names)",
+        ),
         ({"tls": 1}, "tls: expected a boolean, got 1"),
         ({"tls": "yes"}, "tls: expected a boolean, got 'yes'"),
         (
-            {"override_proxy_trusted_networks": ["10.0.0.0/8"]},
-            "override_proxy_trusted_networks: expected a TrustedNetworks or None, "
-            "got ['10.0.0.0/8']",
+            {"override_proxy_trusted_networks": "10.0.0.0/8"},
+            "override_proxy_trusted_networks: expected a TrustedNetworks or None, got '10.0.0.0/8'",
         ),
         (
             {"proxy_header_timeout": 0},
@@ -286,8 +291,8 @@ def test_listener_accepts_the_limits() -> None:
             "proxy_max_header_length: expected an integer, got False",
         ),
         (
-            {"proxy_header_mode": "optional"},
-            "proxy_header_mode: expected a HeaderMode, got 'optional'",
+            {"proxy_header_mode": "sometimes"},
+            "proxy_header_mode: expected a HeaderMode, got 'sometimes'",
         ),
         (
             {"proxy_optional_wait": 0},
@@ -314,8 +319,8 @@ def test_listener_accepts_the_limits() -> None:
             "tls_handshake_timeout: must be more than 0 and at most 60 seconds, got 0",
         ),
         (
-            {"rate_limit_connections": "60/1m"},
-            "rate_limit_connections: expected a RateLimit or None, got '60/1m'",
+            {"rate_limit_connections": b"60/1m"},
+            "rate_limit_connections: expected a RateLimit or None, got b'60/1m'",
         ),
         (
             {"rate_limit_messages": 60},
@@ -410,13 +415,13 @@ def test_settings_type_checks() -> None:
     with pytest.raises(
         InvalidSettingError, match=r"^listeners: expected a tuple of NetworkListener"
     ):
-        Settings(listeners=[listener()])  # type: ignore[arg-type]
+        Settings(listeners=frozenset([listener()]))
     with pytest.raises(InvalidSettingError, match=r"^listeners: expected a NetworkListener"):
         Settings(listeners=("smtp",))  # type: ignore[arg-type]
     with pytest.raises(InvalidSettingError, match=r"^system: expected a SystemSettings"):
         Settings(system=None)  # type: ignore[arg-type]
     with pytest.raises(InvalidSettingError, match=r"^proxy_trusted_networks: expected a Trusted"):
-        SystemSettings(proxy_trusted_networks=["127.0.0.1"])  # type: ignore[arg-type]
+        SystemSettings(proxy_trusted_networks="127.0.0.1")
 
 
 def test_all_proxy_trusted_networks_covers_every_override() -> None:
@@ -566,3 +571,55 @@ def test_auto_ban_validation(fields: dict[str, Any], message: str) -> None:
 def test_settings_check_the_auto_ban_type() -> None:
     with pytest.raises(InvalidSettingError, match=r"^auto_ban: expected an AutoBanSettings"):
         Settings(auto_ban=None)  # type: ignore[arg-type]
+
+
+def test_listener_takes_the_short_spellings() -> None:
+    short = NetworkListener(name="smtp", protocol="smtp", bind=["127.0.0.1:2526"])
+    assert short == NetworkListener(
+        name="smtp", protocol=Protocol.SMTP, bind=(BindAddress.parse("127.0.0.1:2526"),)
+    )
+    one = NetworkListener(
+        name="imap",
+        protocol="imap",
+        bind="[::1]:143",
+        override_proxy_trusted_networks=["10.0.0.0/8"],
+        proxy_header_mode="optional",
+        rate_limit_connections="60/1m",
+        rate_limit_messages="100/1h",
+    )
+    assert one.bind == (BindAddress.parse("[::1]:143"),)
+    assert one.override_proxy_trusted_networks == TrustedNetworks(["10.0.0.0/8"])
+    assert one.proxy_header_mode is HeaderMode.OPTIONAL
+    assert one.rate_limit_connections == RateLimit.parse("60/1m")
+    assert one.rate_limit_messages == RateLimit.parse("100/1h")
+    # An empty list still turns PROXY off on the listener, as an empty TrustedNetworks does.
+    off = NetworkListener(
+        name="x", protocol="http", bind="127.0.0.1:80", override_proxy_trusted_networks=[]
+    )
+    assert off.proxy_disabled_explicitly
+
+
+def test_settings_take_the_short_spellings() -> None:
+    system = SystemSettings(proxy_trusted_networks=["10.0.0.0/8", "::1"])
+    assert system.proxy_trusted_networks == TrustedNetworks(["10.0.0.0/8", "::1"])
+    settings = Settings(system=system, listeners=[listener()])
+    assert settings.listeners == (listener(),)
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {"rate_limit_messages": "60 per minute"},
+            "rate_limit_messages: '60 per minute' is not a rate",
+        ),
+        ({"override_proxy_trusted_networks": ["10.0.0.1/8"]}, "host bits set"),
+        ({"bind": "127.0.0.1"}, "bind: '127.0.0.1' has no port"),
+    ],
+)
+def test_short_spellings_that_do_not_convert_name_the_field(
+    fields: dict[str, object], message: str
+) -> None:
+    values: dict[str, object] = {"name": "x", "protocol": "smtp", "bind": "127.0.0.1:25"}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        NetworkListener(**(values | fields))  # type: ignore[arg-type]
