@@ -10,29 +10,16 @@ integers: no context manager, no hashing of address objects.
 
 from __future__ import annotations
 
-import ipaddress
 from typing import TypeVar
 
 import attrs
 
+from mailedge.clients import client_key
+from mailedge.proxy import IPAddress
+
 __all__ = ["ConnectionLimits", "client_key"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 _Key = TypeVar("_Key")
-
-# One IPv6 host normally owns a whole /64, so counting single addresses would let it open
-# 2**64 times the limit.
-IPV6_CLIENT_PREFIX = 64
-_V6_SHIFT = 128 - IPV6_CLIENT_PREFIX
-# Set on every IPv6 key: it lies above any IPv4 address, so the two families never collide.
-_V6_FLAG = 1 << 128
-
-
-def client_key(ip: IPAddress) -> int:
-    """What one "client" is for counting, as an integer: an IPv4 address, or an IPv6 /64."""
-    if ip.version == 4:
-        return int(ip)
-    return _V6_FLAG | (int(ip) >> _V6_SHIFT)
 
 
 @attrs.define(repr=False)

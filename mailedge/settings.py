@@ -23,6 +23,7 @@ from typing import Any, TypeVar, cast
 
 import attrs
 
+from mailedge.clients import DEFAULT_IPV6_PREFIX
 from mailedge.networks import (
     IPAddress,
     NetworkEntry,
@@ -110,9 +111,6 @@ MAX_RATE_LIMIT_COUNT = 1_000_000
 # Each limited client's state lives up to one period; a day covers daily quotas, and longer
 # periods would hold per-client state (and memory) for longer than any mail policy needs.
 MAX_RATE_LIMIT_PERIOD = 86400.0
-# One IPv6 host normally owns a whole /64 (SLAAC, RFC 7421), so limits and bans on single
-# addresses would let it rotate through 2**64 of them. Postfix uses /84 for its limits.
-DEFAULT_IPV6_PREFIX = 64
 # Shorter than a /32 (a typical whole-ISP allocation) would lump unrelated customers together.
 MIN_IPV6_PREFIX = 32
 # /128 is a single address: Stalwart's choice, which lets one host sidestep limits.

@@ -37,11 +37,12 @@ from collections.abc import Callable
 
 import attrs
 
+from mailedge.clients import client_label
 from mailedge.context import ConnectionContext
 from mailedge.events import EventName, GateEvent
 from mailedge.hooks.base import BaseHooks, Verdict
-from mailedge.hooks.ratelimit import SettingsSource, TrustedProxies, address_key
 from mailedge.hooks.store import Entry, MemoryStore, RateStore
+from mailedge.hooks.support import SettingsSource, TrustedProxies
 from mailedge.networks import IPAddress, IPNetwork, normalize_ip, parse_network
 from mailedge.settings import MAX_IPV6_PREFIX, Settings
 
@@ -109,7 +110,7 @@ class _Exemptions:
         """The ban key for ``ip``: its address, or its IPv6 prefix unless that covers a proxy."""
         prefix = settings.auto_ban.ipv6_prefix
         if ip.version == 4 or prefix == MAX_IPV6_PREFIX:
-            return address_key(ip, prefix)
+            return client_label(ip, prefix)
         if settings is not self._settings:
             self._settings = settings
             self._covering = frozenset(
@@ -119,7 +120,7 @@ class _Exemptions:
             )
         network = ipaddress.IPv6Network((ip, prefix), strict=False)
         if network in self._covering:
-            return address_key(ip, MAX_IPV6_PREFIX)
+            return client_label(ip, MAX_IPV6_PREFIX)
         return str(network)
 
 
@@ -295,8 +296,8 @@ class AutoBan(BaseHooks):
             settings = self.settings()
             keys = {
                 self._exemptions.key(settings, parsed),
-                address_key(parsed, settings.auto_ban.ipv6_prefix),
-                address_key(parsed, MAX_IPV6_PREFIX),
+                client_label(parsed, settings.auto_ban.ipv6_prefix),
+                client_label(parsed, MAX_IPV6_PREFIX),
             }
         lifted = False
         for key in sorted(keys):

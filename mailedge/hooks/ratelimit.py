@@ -20,23 +20,19 @@ arrival time (TAT) of the next event. ``docs/hooks.md`` compares it with a token
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import Callable
 
 import attrs
 
+from mailedge.clients import DEFAULT_IPV6_PREFIX
+from mailedge.clients import client_label as address_key
 from mailedge.context import ConnectionContext
 from mailedge.hooks.base import BaseHooks, Verdict
 from mailedge.hooks.store import GCRAResult, MemoryStore, RateStore
-from mailedge.networks import IPAddress, TrustedNetworks, normalize_ip
-from mailedge.settings import (
-    DEFAULT_IPV6_PREFIX,
-    NetworkListener,
-    RateLimit,
-    Settings,
-    UnknownListenerError,
-)
+from mailedge.hooks.support import SettingsSource, TrustedProxies
+from mailedge.proxy import IPAddress
+from mailedge.settings import NetworkListener, RateLimit, Settings, UnknownListenerError
 
 __all__ = [
     "CONNECTIONS_REASON",
@@ -56,39 +52,6 @@ CONNECTIONS_REASON = "Too many connections from your network, try later"
 MESSAGES_REASON = "Too many messages from your network, try later"
 # RFC 3463 "delivery not authorized": 451 4.7.1 is what MTAs retry on for policy limits.
 MESSAGES_STATUS = "4.7.1"
-
-SettingsSource = Callable[[], Settings]
-
-
-@attrs.define(repr=False)
-class TrustedProxies:
-    """``settings.all_proxy_trusted_networks()``, rebuilt only when the settings object changes.
-
-    The union builds a lookup table; per connection that would cost as much as the list is long.
-    """
-
-    _settings: Settings | None = None
-    _networks: TrustedNetworks = attrs.field(factory=TrustedNetworks)
-
-    def __repr__(self) -> str:
-        return f"<TrustedProxies {len(self._networks)} networks>"
-
-    def __call__(self, settings: Settings) -> TrustedNetworks:
-        if settings is not self._settings:
-            self._settings, self._networks = settings, settings.all_proxy_trusted_networks()
-        return self._networks
-
-
-def address_key(ip: IPAddress, ipv6_prefix: int = DEFAULT_IPV6_PREFIX) -> str:
-    """What one client is for counting: an IPv4 address, or the IPv6 network of ``ipv6_prefix``.
-
-    ``"198.51.100.7"``, ``"2001:db8:1:2::/64"``; an IPv4-mapped IPv6 address counts as the
-    IPv4 address it maps.
-    """
-    ip = normalize_ip(ip)
-    if ip.version == 4:
-        return str(ip)
-    return str(ipaddress.IPv6Network((ip, ipv6_prefix), strict=False))
 
 
 @attrs.define(repr=False)
