@@ -9,17 +9,14 @@ client (v1 UNKNOWN, v2 UNSPEC), ``address_source`` says so and ``client_known`` 
 from __future__ import annotations
 
 import enum
-import ipaddress
 
 import attrs
 
 from mailedge.networks import format_endpoint
-from mailedge.proxy import ProxyHeader
+from mailedge.proxy import IPAddress, ProxyHeader
 from mailedge.settings import Protocol
 
 __all__ = ["AddressSource", "ConnectionContext", "TLSTerminator"]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 
 class AddressSource(enum.StrEnum):

@@ -8,18 +8,19 @@ from __future__ import annotations
 
 import collections
 import enum
-import ipaddress
 import logging
 from collections.abc import Callable, Iterator
 
 import attrs
 
 from mailedge.networks import format_endpoint
+from mailedge.proxy import IPAddress
 
 __all__ = [
     "EventCounters",
     "EventName",
     "GateEvent",
+    "GateReason",
     "LogLimiter",
     "escape_bytes",
     "event_level",
@@ -28,7 +29,6 @@ __all__ = [
 
 logger = logging.getLogger("mailedge.gate")
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # How much of a connection's first bytes an event quotes: enough to recognise a protocol
 # or a broken header, not enough to copy a client's mail into the logs.
@@ -50,6 +50,49 @@ class EventName(enum.StrEnum):
     UNTRUSTED_HEADER = "proxy.untrusted_header"
     # A trusted peer sent no complete header within the header timeout.
     TIMEOUT = "proxy.timeout"
+
+
+class GateReason(enum.StrEnum):
+    """The stable reasons an event gives; with the event name, what a counter is keyed on.
+
+    A rejection for a malformed header carries the codec error's own ``reason`` (a test
+    checks that each one is listed here).
+    """
+
+    # Accepted: a header with a client address.
+    HEADER = "header"
+    # Accepted: a header without usable addresses (v1 UNKNOWN, v2 UNSPEC or AF_UNIX).
+    ADDRESS_UNKNOWN = "address_unknown"
+    # Accepted: a LOCAL header, the proxy's own health check.
+    LOCAL = "local"
+    # Served directly: the peer is not a trusted proxy.
+    UNTRUSTED = "untrusted"
+    # Served directly: a trusted peer sent no header (optional mode).
+    NO_HEADER = "no_header"
+    # Refused: an untrusted peer's first bytes were a PROXY header.
+    UNTRUSTED_HEADER = "untrusted_header"
+    # Refused: no complete header within the header timeout.
+    TIMEOUT = "timeout"
+    # Refused: the peer closed before sending a byte (a TCP health check).
+    CLOSED = "closed"
+    # Refused: the peer reset the connection mid-header.
+    RESET = "reset"
+    # The codec's reasons (mailedge.proxy.errors), in its hierarchy's order.
+    INVALID_HEADER = "invalid_header"
+    NOT_PROXY_HEADER = "not_proxy_header"
+    TRUNCATED = "truncated"
+    TOO_LONG = "too_long"
+    V1_SYNTAX = "v1_syntax"
+    BAD_ADDRESS = "bad_address"
+    BAD_PORT = "bad_port"
+    BAD_VERSION = "bad_version"
+    BAD_COMMAND = "bad_command"
+    BAD_FAMILY = "bad_family"
+    FAMILY_NOT_ALLOWED = "family_not_allowed"
+    SHORT_ADDRESS_BLOCK = "short_address_block"
+    BAD_TLV = "bad_tlv"
+    BAD_SSL_TLV = "bad_ssl_tlv"
+    CRC_MISMATCH = "crc_mismatch"
 
 
 # Decisions that mean something is wrong; the rest are routine.
@@ -74,7 +117,7 @@ LOG_WINDOW = 10.0
 def event_level(name: EventName, reason: str) -> int:
     """The level an event is logged at."""
     # A connect-and-close is what a TCP health check does; it is not worth a warning.
-    if reason == "closed":
+    if reason == GateReason.CLOSED:
         return logging.INFO
     return _LEVELS[name]
 
@@ -116,7 +159,7 @@ class GateEvent:
     peer_port: int
     # The stable machine-readable reason: "header", "local", a codec reason such as
     # "v1_syntax", or a gate reason such as "timeout" or "untrusted_header".
-    reason: str
+    reason: GateReason = attrs.field(converter=GateReason)
     # The human diagnosis: what happened and what to change.
     message: str
     # Seconds from the start of the gate's work on this connection to the decision.

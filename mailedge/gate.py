@@ -28,6 +28,7 @@ from mailedge.events import (
     EventName,
     EventSink,
     GateEvent,
+    GateReason,
     LogLimiter,
     escape_bytes,
     event_level,
@@ -36,7 +37,9 @@ from mailedge.events import (
 from mailedge.networks import normalize_ip
 from mailedge.proxy import (
     Command,
+    IncompleteHeaderError,
     InetAddress,
+    IPAddress,
     NotProxyHeaderError,
     ProxyHeader,
     ProxyProtocolError,
@@ -49,7 +52,6 @@ from mailedge.streams import PrefixedStream
 
 __all__ = ["ProxyGate", "ProxyHeaderRejected", "ProxyRejected"]
 
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Endpoint = tuple[IPAddress | str, int]
 
 # How much one receive may take while looking for a header. The parser rejects a v1 line
@@ -73,7 +75,7 @@ class ProxyRejected(Exception):
         self.event = event
 
     @property
-    def reason(self) -> str:
+    def reason(self) -> GateReason:
         return self.event.reason
 
 
@@ -206,7 +208,7 @@ class ProxyGate:
         self._note(
             conn,
             EventName.DIRECT,
-            "untrusted",
+            GateReason.UNTRUSTED,
             "not a trusted proxy; served directly",
             client=(conn.peer_ip, conn.peer_port),
         )
@@ -216,7 +218,7 @@ class ProxyGate:
         return self._emit(
             conn,
             EventName.UNTRUSTED_HEADER,
-            "untrusted_header",
+            GateReason.UNTRUSTED_HEADER,
             _untrusted_advice(conn),
             first_bytes=data,
         )
@@ -233,7 +235,7 @@ class ProxyGate:
             cause = exc.__cause__ or exc
             raise self._reject(
                 conn,
-                "reset",
+                GateReason.RESET,
                 f"the peer reset the connection after {len(buffer)} bytes: {cause}",
                 buffer,
             ) from None
@@ -249,7 +251,7 @@ class ProxyGate:
             self._note(
                 conn,
                 EventName.DIRECT,
-                "no_header",
+                GateReason.NO_HEADER,
                 "a trusted peer sent no PROXY header; served directly (optional mode)",
                 client=(conn.peer_ip, conn.peer_port),
             )
@@ -261,26 +263,34 @@ class ProxyGate:
                     max_v2_length=conf.proxy_max_header_length,
                     allow_v1_mixed_family=conf.proxy_allow_v1_mixed_family,
                 )
+                if result is not None:
+                    break
+                data = await stream.receive_some(RECEIVE_SIZE)
+                if not data and buffer:
+                    # The sans-IO parser cannot know that nothing more will come; we can.
+                    raise IncompleteHeaderError(
+                        f"the peer closed the connection after {len(buffer)} bytes of an "
+                        "incomplete header"
+                    )
             except NotProxyHeaderError:
-                raise self._reject(conn, "not_proxy_header", _diagnose(buffer), buffer) from None
+                raise self._reject(
+                    conn, GateReason.NOT_PROXY_HEADER, _diagnose(buffer), buffer
+                ) from None
             except ProxyProtocolError as exc:
                 message = exc.message + _SETTING_HINTS.get(exc.reason, "")
-                raise self._reject(conn, exc.reason, message, buffer) from None
-            if result is not None:
-                break
-            data = await stream.receive_some(RECEIVE_SIZE)
+                raise self._reject(conn, GateReason(exc.reason), message, buffer) from None
             if not data:
-                raise self._reject_eof(conn, buffer)
+                raise self._reject_closed(conn)
             buffer += data
         header, consumed = result
         context = self._header_context(conn, header)
         if context.address_source is AddressSource.PROXY_LOCAL:
-            self._note(conn, EventName.LOCAL, "local", "LOCAL header (proxy health check)")
+            self._note(conn, EventName.LOCAL, GateReason.LOCAL, "LOCAL header (proxy health check)")
         else:
             self._note(
                 conn,
                 EventName.ACCEPTED,
-                "header" if context.client_known else "address_unknown",
+                GateReason.HEADER if context.client_known else GateReason.ADDRESS_UNKNOWN,
                 f"PROXY v{header.version} header"
                 + ("" if context.client_known else " without a client address"),
                 client=(context.client_ip, context.client_port),
@@ -302,7 +312,7 @@ class ProxyGate:
             with trio.move_on_after(conf.proxy_optional_wait):
                 data = await stream.receive_some(RECEIVE_SIZE)
                 if not data:
-                    raise self._reject_eof(conn, buffer)
+                    raise self._reject_closed(conn)
                 buffer += data
             if not buffer:
                 return False
@@ -310,7 +320,7 @@ class ProxyGate:
             data = await stream.receive_some(RECEIVE_SIZE)
             if not data:
                 if not buffer:
-                    raise self._reject_eof(conn, buffer)
+                    raise self._reject_closed(conn)
                 return False
             buffer += data
         return kind is not Sniff.NOT_PROXY
@@ -394,7 +404,7 @@ class ProxyGate:
         self,
         conn: _Connection,
         name: EventName,
-        reason: str,
+        reason: GateReason,
         message: str,
         *,
         client: tuple[IPAddress, int] | None = None,
@@ -424,7 +434,7 @@ class ProxyGate:
         self,
         conn: _Connection,
         name: EventName,
-        reason: str,
+        reason: GateReason,
         message: str,
         *,
         client: tuple[IPAddress, int] | None = None,
@@ -436,27 +446,21 @@ class ProxyGate:
             self._emit(conn, name, reason, message, client=client)
 
     def _reject(
-        self, conn: _Connection, reason: str, message: str, data: bytes | bytearray
+        self, conn: _Connection, reason: GateReason, message: str, data: bytes | bytearray
     ) -> ProxyRejected:
         return ProxyRejected(
             self._emit(conn, EventName.REJECTED, reason, message, first_bytes=data or None)
         )
 
-    def _reject_eof(self, conn: _Connection, data: bytearray) -> ProxyRejected:
-        if not data:
-            return self._reject(
-                conn,
-                "closed",
-                "the peer closed the connection before sending anything: a TCP health check "
-                "without a PROXY header? (HAProxy: add check-send-proxy when checks use "
-                "'check port' or 'addr')",
-                data,
-            )
+    def _reject_closed(self, conn: _Connection) -> ProxyRejected:
+        """The peer closed before sending a byte (mid-header is the codec's "truncated")."""
         return self._reject(
             conn,
-            "truncated",
-            f"the peer closed the connection after {len(data)} bytes of an incomplete header",
-            data,
+            GateReason.CLOSED,
+            "the peer closed the connection before sending anything: a TCP health check "
+            "without a PROXY header? (HAProxy: add check-send-proxy when checks use "
+            "'check port' or 'addr')",
+            b"",
         )
 
     def _reject_timeout(self, conn: _Connection, data: bytearray) -> ProxyRejected:
@@ -477,7 +481,9 @@ class ProxyGate:
             if conf.protocol.server_first and conf.proxy_header_mode is HeaderMode.REQUIRED:
                 message += '; proxyHeaderMode = "optional" serves such clients'
         return ProxyRejected(
-            self._emit(conn, EventName.TIMEOUT, "timeout", message, first_bytes=data or None)
+            self._emit(
+                conn, EventName.TIMEOUT, GateReason.TIMEOUT, message, first_bytes=data or None
+            )
         )
 
 

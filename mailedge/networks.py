@@ -27,6 +27,8 @@ from typing import NoReturn
 
 import attrs
 
+from mailedge.proxy import IPAddress
+
 __all__ = [
     "EndpointProblem",
     "EndpointSyntaxError",
@@ -42,7 +44,6 @@ __all__ = [
     "split_host_port",
 ]
 
-IPAddress = IPv4Address | IPv6Address
 IPNetwork = IPv4Network | IPv6Network
 NetworkEntry = str | IPv4Network | IPv6Network | IPv4Address | IPv6Address
 

@@ -5,9 +5,18 @@ from __future__ import annotations
 import ipaddress
 import logging
 
+import attrs
 import pytest
 
-from mailedge.events import EventCounters, EventName, GateEvent, LogLimiter, escape_bytes
+from mailedge.events import (
+    EventCounters,
+    EventName,
+    GateEvent,
+    GateReason,
+    LogLimiter,
+    escape_bytes,
+)
+from mailedge.proxy import ProxyProtocolError
 
 
 def event(name: EventName = EventName.REJECTED, **kw: object) -> GateEvent:
@@ -121,3 +130,30 @@ def test_nothing_is_logged_below_the_loggers_level(caplog: pytest.LogCaptureFixt
     for _ in range(3):
         limiter.log(event(), now=0.0)
     assert limited_messages(caplog) == []
+
+
+def _subclasses(cls: type[ProxyProtocolError]) -> list[type[ProxyProtocolError]]:
+    direct: list[type[ProxyProtocolError]] = cls.__subclasses__()
+    return [cls, *(sub for child in direct for sub in _subclasses(child))]
+
+
+def test_every_codec_reason_is_a_gate_reason() -> None:
+    reasons = {error.reason for error in _subclasses(ProxyProtocolError)}
+    assert len(reasons) >= 14
+    assert reasons <= {str(reason) for reason in GateReason}
+
+
+def test_an_event_takes_its_reason_as_text() -> None:
+    event = GateEvent(
+        name=EventName.REJECTED,
+        listener="smtp",
+        connection_id=1,
+        peer_ip=ipaddress.ip_address("10.0.0.1"),
+        peer_port=1234,
+        reason="v1_syntax",
+        message="m",
+        elapsed=0.0,
+    )
+    assert event.reason is GateReason.V1_SYNTAX
+    with pytest.raises(ValueError, match="not_a_reason"):
+        attrs.evolve(event, reason="not_a_reason")
