@@ -26,9 +26,9 @@ import trio
 from mailedge.config import ConfigError, load_document
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
-from mailedge.hooks.base import Action, BaseHooks, Hooks, Verdict
 from mailedge.limits import ConnectionLimits
 from mailedge.networks import format_endpoint
+from mailedge.policy import Action, BaseHooks, Hooks, Verdict
 from mailedge.settings import NetworkListener, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
 from mailedge.tls import starttls
@@ -443,7 +443,7 @@ async def serve(
     """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
 
     ``handlers`` maps each protocol to an async ``(stream, context)`` callable. ``hooks``
-    (for instance a :class:`~mailedge.hooks.base.HookChain`) gets ``on_connect`` for every
+    (for instance a :class:`~mailedge.policy.HookChain`) gets ``on_connect`` for every
     connection the gate admits; a refusal is sent in the protocol's words and the connection
     closed. With ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`,
     whose ``addresses`` hold the bound endpoints (so tests can bind port 0).

@@ -2,6 +2,6 @@
 
 from __future__ import annotations
 
-from mailedge.hooks.base import Action, BaseHooks, Envelope, HookChain, Hooks, Verdict
+from mailedge.policy import Action, BaseHooks, Envelope, HookChain, Hooks, Verdict
 
 __all__ = ["Action", "BaseHooks", "Envelope", "HookChain", "Hooks", "Verdict"]

@@ -53,7 +53,6 @@ import trio
 from authheaders import dmarc_lookup
 
 from mailedge.context import ConnectionContext
-from mailedge.hooks.base import BaseHooks, Envelope, Verdict
 from mailedge.hooks.dns import (
     DEFAULT_DNS_THREADS,
     AuthDNS,
@@ -63,6 +62,7 @@ from mailedge.hooks.dns import (
     resolving,
     run_blocking,
 )
+from mailedge.policy import BaseHooks, Envelope, Verdict
 
 __all__ = ["DEFAULT_DEADLINE", "DMARCHook", "DMARCResult"]
 

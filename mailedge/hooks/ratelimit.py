@@ -28,9 +28,9 @@ import attrs
 from mailedge.clients import DEFAULT_IPV6_PREFIX
 from mailedge.clients import client_label as address_key
 from mailedge.context import ConnectionContext
-from mailedge.hooks.base import BaseHooks, Verdict
 from mailedge.hooks.store import GCRAResult, MemoryStore, RateStore
 from mailedge.hooks.support import SettingsSource, TrustedProxies
+from mailedge.policy import BaseHooks, Verdict
 from mailedge.proxy import IPAddress
 from mailedge.settings import NetworkListener, RateLimit, Settings, UnknownListenerError
 

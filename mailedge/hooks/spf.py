@@ -39,7 +39,6 @@ import spf
 import trio
 
 from mailedge.context import ConnectionContext
-from mailedge.hooks.base import BaseHooks, Verdict
 from mailedge.hooks.dns import (
     DEFAULT_DNS_THREADS,
     ResolverSettings,
@@ -47,6 +46,7 @@ from mailedge.hooks.dns import (
     resolving,
     run_blocking,
 )
+from mailedge.policy import BaseHooks, Verdict
 
 __all__ = ["DEFAULT_QUERYTIME", "RESULTS", "SPFHook", "SPFResult", "received_spf"]
 

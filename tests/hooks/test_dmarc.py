@@ -24,10 +24,10 @@ from policy_support import mx, receiving, stored, unfolded
 from smtp_handler import QUARANTINE_FOLDER, SMTPHandler
 
 from mailedge.context import AddressSource
-from mailedge.hooks.base import Action, Envelope, Verdict
 from mailedge.hooks.dmarc import DMARCHook
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.spf import SPFHook
+from mailedge.policy import Action, Envelope, Verdict
 
 server = policy_support.zone_server
 

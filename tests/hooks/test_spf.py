@@ -13,9 +13,9 @@ from dns_support import FORBIDDEN_IP, PERMITTED_IP, PROXY_IP, ZoneServer, make_c
 from policy_support import RECEIVER, mx, receiving, stored, unfolded
 
 from mailedge.context import AddressSource
-from mailedge.hooks.base import Action, Verdict
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.spf import SPFHook, SPFResult, received_spf
+from mailedge.policy import Action, Verdict
 
 server = policy_support.zone_server
 

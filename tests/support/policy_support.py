@@ -34,7 +34,7 @@ from dns_support import (
 )
 from smtp_handler import SMTPHandler
 
-from mailedge.hooks.base import HookChain, Hooks
+from mailedge.policy import HookChain, Hooks
 
 __all__ = ["RECEIVER", "Receiving", "mx", "receiving", "stored", "unfolded", "zone_server"]
 
