@@ -126,6 +126,14 @@ def refusal(
     )
 
 
+Handlers = Mapping[Protocol, Handler] | Mapping[str, Handler]
+
+
+def _handlers(handlers: Handlers) -> dict[Protocol, Handler]:
+    """Handlers keyed by protocol, written as the enum or as its text ("smtp")."""
+    return {Protocol(protocol): handler for protocol, handler in handlers.items()}
+
+
 def _endpoint(sockaddr: object) -> Endpoint:
     assert isinstance(sockaddr, tuple)
     return str(sockaddr[0]), int(sockaddr[1])
@@ -136,7 +144,7 @@ class Server:
     """A running set of listeners sharing one gate. ``serve`` makes one and runs it."""
 
     settings: Settings
-    handlers: Mapping[Protocol, Handler]
+    handlers: dict[Protocol, Handler] = attrs.field(converter=_handlers)
     ssl_context: ssl.SSLContext | None = None
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     gate: ProxyGate = attrs.field()
@@ -432,7 +440,7 @@ async def _refuse(
 
 async def serve(
     settings: Settings,
-    handlers: Mapping[Protocol, Handler],
+    handlers: Handlers,
     *,
     ssl_context: ssl.SSLContext | None = None,
     gate: ProxyGate | None = None,
@@ -442,7 +450,8 @@ async def serve(
 ) -> None:
     """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
 
-    ``handlers`` maps each protocol to an async ``(stream, context)`` callable. ``hooks``
+    ``handlers`` maps each protocol (``"smtp"`` or ``Protocol.SMTP``) to an async
+    ``(stream, context)`` callable. ``hooks``
     (for instance a :class:`~mailedge.policy.HookChain`) gets ``on_connect`` for every
     connection the gate admits; a refusal is sent in the protocol's words and the connection
     closed. With ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`,

@@ -585,3 +585,21 @@ async def test_a_peer_that_stops_reading_is_cut_at_the_idle_timeout(
         await ended.wait()
     assert "timed out (the peer stopped reading)" in caplog.text
     nursery.cancel_scope.cancel()
+
+
+async def test_the_short_spellings_serve(nursery: trio.Nursery) -> None:
+    """Settings and handlers written as text, as docs/embedding.md writes them."""
+    conf = Settings(
+        system=SystemSettings(proxy_trusted_networks=["127.0.0.0/8"]),
+        listeners=[NetworkListener(name="smtp", protocol="smtp", bind="127.0.0.1:0")],
+    )
+    server: Server = await nursery.start(serve, conf, {"smtp": whoami})
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER) + b"EHLO x\r\n")
+    assert await read_reply(stream) == b"220 198.51.100.7 40123\r\n"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_protocol_without_a_handler_is_refused() -> None:
+    with pytest.raises(ValueError, match="'pop3' is not a valid Protocol"):
+        Server(settings=settings(), handlers={"pop3": whoami})
