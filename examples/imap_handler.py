@@ -28,8 +28,8 @@ import attrs
 import trio
 
 from mailedge.context import ConnectionContext
+from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.hooks import BaseHooks, Hooks
-from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.tls import starttls
 
 __all__ = [

@@ -45,8 +45,8 @@ import attrs
 import trio
 
 from mailedge.context import ConnectionContext, TLSTerminator
+from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.hooks.base import Action, BaseHooks, Envelope, Hooks, Verdict
-from mailedge.settings import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.tls import starttls
 
 __all__ = [

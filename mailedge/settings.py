@@ -17,13 +17,14 @@ from __future__ import annotations
 
 import enum
 import re
+import warnings
 from collections.abc import Callable, Iterable
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any, TypeVar, cast
 
 import attrs
 
-from mailedge.clients import DEFAULT_IPV6_PREFIX
+from mailedge import defaults
 from mailedge.networks import (
     IPAddress,
     NetworkEntry,
@@ -43,92 +44,7 @@ __all__ = [
     "Settings",
     "SystemSettings",
     "UnknownListenerError",
-    # limits and defaults
-    "DEFAULT_PROXY_HEADER_TIMEOUT",
-    "MAX_PROXY_HEADER_TIMEOUT",
-    "DEFAULT_PROXY_MAX_HEADER_LENGTH",
-    "MIN_PROXY_MAX_HEADER_LENGTH",
-    "MAX_PROXY_MAX_HEADER_LENGTH",
-    "DEFAULT_PROXY_OPTIONAL_WAIT",
-    "MAX_PROXY_OPTIONAL_WAIT",
-    "DEFAULT_MAX_CONNECTIONS",
-    "DEFAULT_MAX_CONNECTIONS_PER_IP",
-    "DEFAULT_IDLE_TIMEOUT",
-    "MAX_IDLE_TIMEOUT",
-    "DEFAULT_TLS_HANDSHAKE_TIMEOUT",
-    "MAX_TLS_HANDSHAKE_TIMEOUT",
-    "MAX_RATE_LIMIT_COUNT",
-    "MAX_RATE_LIMIT_PERIOD",
-    "DEFAULT_IPV6_PREFIX",
-    "MIN_IPV6_PREFIX",
-    "MAX_IPV6_PREFIX",
-    "DEFAULT_AUTO_BAN_FAILURES",
-    "MAX_AUTO_BAN_FAILURES",
-    "DEFAULT_AUTO_BAN_WINDOW",
-    "MAX_AUTO_BAN_WINDOW",
-    "DEFAULT_AUTO_BAN_DURATION",
-    "MAX_AUTO_BAN_DURATION",
 ]
-
-# The spec asks for at least 3 s so that a header delayed by one TCP retransmission still
-# arrives; Dovecot and Exim use 3, Postfix 5, go-proxyproto 10. 5 leaves margin for a slow proxy.
-DEFAULT_PROXY_HEADER_TIMEOUT = 5.0
-# Beyond 5 minutes is a unit mistake (milliseconds written as seconds), and every silent peer
-# would hold a connection slot that long.
-MAX_PROXY_HEADER_TIMEOUT = 300.0
-# go-proxyproto's cap on a whole v2 header. HAProxy's usual TLVs (SSL details, ALPN, authority,
-# unique id) take a few hundred bytes, so 4 KiB is ample, yet no peer makes us buffer 64 KiB.
-# Raise it if the proxy forwards client certificates.
-DEFAULT_PROXY_MAX_HEADER_LENGTH = 4096
-# 16-byte v2 fixed part + 216-byte AF_UNIX address block: the longest header without any TLV.
-MIN_PROXY_MAX_HEADER_LENGTH = 16 + 216
-# 16 + 65,535: the most a v2 header's 16-bit length field can announce.
-MAX_PROXY_MAX_HEADER_LENGTH = 16 + 0xFFFF
-# Long enough for a proxy's header, already in flight, to land after accept(); short enough that
-# a direct client from a trusted address (a health check, a local script) hardly notices.
-DEFAULT_PROXY_OPTIONAL_WAIT = 0.25
-# Every direct connection from a trusted address pays this wait before its greeting; more than
-# 10 s is a unit mistake (250 meaning milliseconds).
-MAX_PROXY_OPTIONAL_WAIT = 10.0
-
-# Every open connection costs a descriptor and a task; 512 per listener keeps a few listeners
-# inside a default 4,096-descriptor limit while serving far more than a typical MX sees at once.
-DEFAULT_MAX_CONNECTIONS = 512
-# Counted on the recovered client (an IPv6 /64): one host rarely needs more than a handful of
-# parallel sessions, and a flood from one address must not take every slot.
-DEFAULT_MAX_CONNECTIONS_PER_IP = 16
-# RFC 5321 4.5.3.2.7: a server should wait at least 5 minutes for the next command.
-DEFAULT_IDLE_TIMEOUT = 300.0
-# An hour without a byte is a dead peer, or a unit mistake.
-MAX_IDLE_TIMEOUT = 3600.0
-# A handshake is a few round trips; 10 s covers slow links and bounds a client that stalls in it.
-DEFAULT_TLS_HANDSHAKE_TIMEOUT = 10.0
-# Beyond a minute a handshake is an attack or a unit mistake.
-MAX_TLS_HANDSHAKE_TIMEOUT = 60.0
-
-# More than a million per period is no limit at all; a larger number is a typo.
-MAX_RATE_LIMIT_COUNT = 1_000_000
-# Each limited client's state lives up to one period; a day covers daily quotas, and longer
-# periods would hold per-client state (and memory) for longer than any mail policy needs.
-MAX_RATE_LIMIT_PERIOD = 86400.0
-# Shorter than a /32 (a typical whole-ISP allocation) would lump unrelated customers together.
-MIN_IPV6_PREFIX = 32
-# /128 is a single address: Stalwart's choice, which lets one host sidestep limits.
-MAX_IPV6_PREFIX = 128
-# Ten failures are more than typos and a forgotten password on a phone; far fewer than a
-# guessing run, which tries hundreds.
-DEFAULT_AUTO_BAN_FAILURES = 10
-# Each tracked client keeps up to this many failure times; a threshold beyond it is no ban.
-MAX_AUTO_BAN_FAILURES = 1000
-# Ten minutes: slow enough guessing (under 10 per 10 min) is too slow to matter, and a
-# failure record is forgotten soon enough that a user's typos never add up over a day.
-DEFAULT_AUTO_BAN_WINDOW = 600.0
-# A window over a day keeps failure records (memory) for too long to be worth it.
-MAX_AUTO_BAN_WINDOW = 86400.0
-# An hour stops a guessing run cold, and a user who locked themselves out is back the same day.
-DEFAULT_AUTO_BAN_DURATION = 3600.0
-# Thirty days: anything longer belongs in a firewall rule, not in memory.
-MAX_AUTO_BAN_DURATION = 30 * 86400.0
 
 # A listener name appears in every event about its connections; whitespace would split it.
 _NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
@@ -231,11 +147,11 @@ def _seconds(maximum: float) -> Validator:
 
 def _check_header_length(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     length = _expect_int(attribute, value)
-    if not MIN_PROXY_MAX_HEADER_LENGTH <= length <= MAX_PROXY_MAX_HEADER_LENGTH:
+    if not defaults.MIN_PROXY_MAX_HEADER_LENGTH <= length <= defaults.MAX_PROXY_MAX_HEADER_LENGTH:
         raise InvalidSettingError(
             attribute.name,
-            f"must be from {MIN_PROXY_MAX_HEADER_LENGTH} (a v2 header with a UNIX address "
-            f"and no TLVs) to {MAX_PROXY_MAX_HEADER_LENGTH} bytes, got {length!r}",
+            f"must be from {defaults.MIN_PROXY_MAX_HEADER_LENGTH} (a v2 header with a UNIX address "
+            f"and no TLVs) to {defaults.MAX_PROXY_MAX_HEADER_LENGTH} bytes, got {length!r}",
         )
 
 
@@ -352,9 +268,9 @@ def _check_bind(_instance: object, attribute: attrs.Attribute[Any], value: objec
 
 
 def _rate_count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not 1 <= _expect_int(attribute, value) <= MAX_RATE_LIMIT_COUNT:
+    if not 1 <= _expect_int(attribute, value) <= defaults.MAX_RATE_LIMIT_COUNT:
         raise InvalidSettingError(
-            attribute.name, f"must be from 1 to {MAX_RATE_LIMIT_COUNT}, got {value!r}"
+            attribute.name, f"must be from 1 to {defaults.MAX_RATE_LIMIT_COUNT}, got {value!r}"
         )
 
 
@@ -371,7 +287,7 @@ class RateLimit:
     """
 
     count: int = attrs.field(validator=_rate_count)
-    period: float = attrs.field(validator=_seconds(MAX_RATE_LIMIT_PERIOD))
+    period: float = attrs.field(validator=_seconds(defaults.MAX_RATE_LIMIT_PERIOD))
 
     @classmethod
     def parse(cls, text: str) -> RateLimit:
@@ -394,16 +310,17 @@ class RateLimit:
             if number.startswith("0") and number != "0":
                 raise _rate_error(text, f"is not a rate: {number!r} has a leading zero")
         count, amount = int(count_text), int(amount_text)
-        if not 1 <= count <= MAX_RATE_LIMIT_COUNT:
+        if not 1 <= count <= defaults.MAX_RATE_LIMIT_COUNT:
             raise _rate_error(
-                text, f"has a count of {count}; it must be from 1 to {MAX_RATE_LIMIT_COUNT}"
+                text,
+                f"has a count of {count}; it must be from 1 to {defaults.MAX_RATE_LIMIT_COUNT}",
             )
         period = amount * _RATE_UNITS[unit]
-        if not 1 <= period <= MAX_RATE_LIMIT_PERIOD:
+        if not 1 <= period <= defaults.MAX_RATE_LIMIT_PERIOD:
             raise _rate_error(
                 text,
                 f"has a period of {period} seconds; it must be from 1 second to "
-                f"{MAX_RATE_LIMIT_PERIOD:g} (1d)",
+                f"{defaults.MAX_RATE_LIMIT_PERIOD:g} (1d)",
             )
         return cls(count, float(period))
 
@@ -438,17 +355,17 @@ def _check_rate_limit(_instance: object, attribute: attrs.Attribute[Any], value:
 
 
 def _ipv6_prefix(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not MIN_IPV6_PREFIX <= _expect_int(attribute, value) <= MAX_IPV6_PREFIX:
+    if not defaults.MIN_IPV6_PREFIX <= _expect_int(attribute, value) <= defaults.MAX_IPV6_PREFIX:
         raise InvalidSettingError(
             attribute.name,
-            f"must be from {MIN_IPV6_PREFIX} to {MAX_IPV6_PREFIX}, got {value!r}",
+            f"must be from {defaults.MIN_IPV6_PREFIX} to {defaults.MAX_IPV6_PREFIX}, got {value!r}",
         )
 
 
 def _check_failures(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not 1 <= _expect_int(attribute, value) <= MAX_AUTO_BAN_FAILURES:
+    if not 1 <= _expect_int(attribute, value) <= defaults.MAX_AUTO_BAN_FAILURES:
         raise InvalidSettingError(
-            attribute.name, f"must be from 1 to {MAX_AUTO_BAN_FAILURES}, got {value!r}"
+            attribute.name, f"must be from 1 to {defaults.MAX_AUTO_BAN_FAILURES}, got {value!r}"
         )
 
 
@@ -566,11 +483,12 @@ class NetworkListener:
     )
     # How long a trusted peer has to deliver its whole header (see the constant for why 5 s).
     proxy_header_timeout: float = attrs.field(
-        default=DEFAULT_PROXY_HEADER_TIMEOUT, validator=_seconds(MAX_PROXY_HEADER_TIMEOUT)
+        default=defaults.DEFAULT_PROXY_HEADER_TIMEOUT,
+        validator=_seconds(defaults.MAX_PROXY_HEADER_TIMEOUT),
     )
     # Cap on a whole v2 header, TLVs included (v1 is capped at 107 bytes by the spec).
     proxy_max_header_length: int = attrs.field(
-        default=DEFAULT_PROXY_MAX_HEADER_LENGTH, validator=_check_header_length
+        default=defaults.DEFAULT_PROXY_MAX_HEADER_LENGTH, validator=_check_header_length
     )
     # Required by default, as the spec says; optional lets trusted peers also connect directly.
     proxy_header_mode: HeaderMode = attrs.field(
@@ -581,7 +499,8 @@ class NetworkListener:
     # Optional mode, server-first protocols: how long to wait for a trusted peer's first bytes
     # before greeting it as a direct client.
     proxy_optional_wait: float = attrs.field(
-        default=DEFAULT_PROXY_OPTIONAL_WAIT, validator=_seconds(MAX_PROXY_OPTIONAL_WAIT)
+        default=defaults.DEFAULT_PROXY_OPTIONAL_WAIT,
+        validator=_seconds(defaults.MAX_PROXY_OPTIONAL_WAIT),
     )
     # nginx terminating TLS sends v1, which has no way to say so; off unless you know it is.
     proxy_v1_implies_tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
@@ -591,18 +510,19 @@ class NetworkListener:
     )
 
     # Open connections on this listener, from accept to close; over it, a protocol refusal.
-    max_connections: int = attrs.field(default=DEFAULT_MAX_CONNECTIONS, validator=_count)
+    max_connections: int = attrs.field(default=defaults.DEFAULT_MAX_CONNECTIONS, validator=_count)
     # Open connections per recovered client IP (IPv6: per /64); never counted on the proxy.
     max_connections_per_ip: int = attrs.field(
-        default=DEFAULT_MAX_CONNECTIONS_PER_IP, validator=_count
+        default=defaults.DEFAULT_MAX_CONNECTIONS_PER_IP, validator=_count
     )
     # A session in which the peer neither sends nor reads for this long is closed.
     idle_timeout: float = attrs.field(
-        default=DEFAULT_IDLE_TIMEOUT, validator=_seconds(MAX_IDLE_TIMEOUT)
+        default=defaults.DEFAULT_IDLE_TIMEOUT, validator=_seconds(defaults.MAX_IDLE_TIMEOUT)
     )
     # The server's own handshake (implicit TLS, STARTTLS) must finish within this.
     tls_handshake_timeout: float = attrs.field(
-        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=_seconds(MAX_TLS_HANDSHAKE_TIMEOUT)
+        default=defaults.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        validator=_seconds(defaults.MAX_TLS_HANDSHAKE_TIMEOUT),
     )
     # New connections per recovered client (see rate_limit_ipv6_prefix), checked by
     # RateLimitHooks.on_connect. Off by default: the right number depends on the site (an MX
@@ -618,7 +538,9 @@ class NetworkListener:
         default=None, converter=_to_messages_limit, validator=_check_rate_limit
     )
     # How many leading bits of an IPv6 client the rate limits count as one client.
-    rate_limit_ipv6_prefix: int = attrs.field(default=DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
+    rate_limit_ipv6_prefix: int = attrs.field(
+        default=defaults.DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix
+    )
 
     def effective_proxy_trusted_networks(self, system: SystemSettings) -> TrustedNetworks:
         """The networks this listener trusts: its override if set, else the server-wide list."""
@@ -658,17 +580,20 @@ class AutoBanSettings:
     # protocol errors), and trusted proxies are exempt, so it cannot lock out a whole proxy.
     enable: bool = attrs.field(default=True, validator=_of_type("a boolean", bool))
     # How many failures within the window ban the client (see the constant for why 10).
-    failures: int = attrs.field(default=DEFAULT_AUTO_BAN_FAILURES, validator=_check_failures)
+    failures: int = attrs.field(
+        default=defaults.DEFAULT_AUTO_BAN_FAILURES, validator=_check_failures
+    )
     # The sliding window the failures are counted in, in seconds.
     window: float = attrs.field(
-        default=DEFAULT_AUTO_BAN_WINDOW, validator=_seconds(MAX_AUTO_BAN_WINDOW)
+        default=defaults.DEFAULT_AUTO_BAN_WINDOW, validator=_seconds(defaults.MAX_AUTO_BAN_WINDOW)
     )
     # How long a ban lasts, in seconds.
     duration: float = attrs.field(
-        default=DEFAULT_AUTO_BAN_DURATION, validator=_seconds(MAX_AUTO_BAN_DURATION)
+        default=defaults.DEFAULT_AUTO_BAN_DURATION,
+        validator=_seconds(defaults.MAX_AUTO_BAN_DURATION),
     )
     # How many leading bits of an IPv6 client one ban covers.
-    ipv6_prefix: int = attrs.field(default=DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
+    ipv6_prefix: int = attrs.field(default=defaults.DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
 
 
 def _check_listeners(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -729,3 +654,15 @@ class Settings:
             if listener.override_proxy_trusted_networks is not None
         )
         return self.system.proxy_trusted_networks.union(*overrides)
+
+
+def __getattr__(name: str) -> Any:
+    """The limits and defaults moved to :mod:`mailedge.defaults`; the old names still work."""
+    if name in defaults.__all__:
+        warnings.warn(
+            f"mailedge.settings.{name} moved to mailedge.defaults.{name}",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return getattr(defaults, name)
+    raise AttributeError(f"module 'mailedge.settings' has no attribute {name!r}")

@@ -22,7 +22,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("codec", ("mailedge.proxy",)),
     (
         "networks and settings",
-        ("mailedge.networks", "mailedge.clients", "mailedge.settings", "mailedge.config"),
+        (
+            "mailedge.networks",
+            "mailedge.clients",
+            "mailedge.defaults",
+            "mailedge.settings",
+            "mailedge.config",
+        ),
     ),
     (
         "gate and context",

@@ -9,13 +9,16 @@ from typing import Any
 import attrs
 import pytest
 
-from mailedge.networks import TrustedNetworks
-from mailedge.settings import (
+import mailedge.settings
+from mailedge.defaults import (
     DEFAULT_PROXY_HEADER_TIMEOUT,
     DEFAULT_PROXY_MAX_HEADER_LENGTH,
     DEFAULT_PROXY_OPTIONAL_WAIT,
     MAX_PROXY_MAX_HEADER_LENGTH,
     MIN_PROXY_MAX_HEADER_LENGTH,
+)
+from mailedge.networks import TrustedNetworks
+from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
     HeaderMode,
@@ -623,3 +626,11 @@ def test_short_spellings_that_do_not_convert_name_the_field(
     values: dict[str, object] = {"name": "x", "protocol": "smtp", "bind": "127.0.0.1:25"}
     with pytest.raises(ValueError, match=re.escape(message)):
         NetworkListener(**(values | fields))  # type: ignore[arg-type]
+
+
+def test_the_limits_keep_their_old_import_path_for_one_release() -> None:
+    with pytest.warns(DeprecationWarning, match="moved to mailedge.defaults.MAX_IDLE_TIMEOUT"):
+        from mailedge.settings import MAX_IDLE_TIMEOUT
+    assert MAX_IDLE_TIMEOUT == 3600.0
+    with pytest.raises(AttributeError):
+        mailedge.settings.NO_SUCH_LIMIT  # noqa: B018

@@ -39,12 +39,13 @@ import attrs
 
 from mailedge.clients import client_label
 from mailedge.context import ConnectionContext
+from mailedge.defaults import MAX_IPV6_PREFIX
 from mailedge.events import EventName, GateEvent
 from mailedge.hooks.store import Entry, MemoryStore, RateStore
 from mailedge.hooks.support import SettingsSource, TrustedProxies
 from mailedge.networks import IPAddress, IPNetwork, normalize_ip, parse_network
 from mailedge.policy import BaseHooks, Verdict
-from mailedge.settings import MAX_IPV6_PREFIX, Settings
+from mailedge.settings import Settings
 
 __all__ = ["DEFAULT_MAX_PENDING", "AutoBan", "Ban"]
 
