@@ -32,7 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, ge
 from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from mailedge.context import ConnectionContext
+from mailedge.context import ConnectionContext, context_to_json
 from mailedge.hooks.autoban import AutoBan
 
 __all__ = [
@@ -62,40 +62,6 @@ _LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
 CounterSource = Callable[[], Iterable[tuple[tuple[str, str, str], int]]]
 
 Headers = Sequence[tuple[str, str]]
-
-
-def context_to_json(context: ConnectionContext) -> dict[str, object]:
-    """The connection context as JSON-ready values: addresses as strings, enums as values."""
-    header = context.header
-    unique_id = context.unique_id
-    return {
-        "connection_id": context.connection_id,
-        "listener": context.listener,
-        "protocol": str(context.protocol),
-        "client_ip": str(context.client_ip),
-        "client_port": context.client_port,
-        "client_known": context.client_known,
-        "address_source": str(context.address_source),
-        "server_ip": str(context.server_ip),
-        "server_port": context.server_port,
-        "peer_ip": str(context.peer_ip),
-        "peer_port": context.peer_port,
-        "local_ip": str(context.local_ip),
-        "local_port": context.local_port,
-        "proxied": context.proxied,
-        "proxy_version": None if header is None else header.version,
-        "unique_id": None if unique_id is None else unique_id.hex(),
-        "tls": context.tls,
-        "tls_terminated_by": (
-            None if context.tls_terminated_by is None else str(context.tls_terminated_by)
-        ),
-        "tls_version": context.tls_version,
-        "tls_cipher": context.tls_cipher,
-        "sni": context.sni,
-        "alpn": context.alpn,
-        "client_cert_cn": context.client_cert_cn,
-        "client_cert_verified": context.client_cert_verified,
-    }
 
 
 # eq=False keeps identity hashing: the registry keys its collectors by the object.

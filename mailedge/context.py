@@ -16,7 +16,7 @@ from mailedge.networks import format_endpoint
 from mailedge.proxy import IPAddress, ProxyHeader
 from mailedge.settings import Protocol
 
-__all__ = ["AddressSource", "ConnectionContext", "TLSTerminator"]
+__all__ = ["AddressSource", "ConnectionContext", "TLSTerminator", "context_to_json"]
 
 
 class AddressSource(enum.StrEnum):
@@ -128,3 +128,41 @@ class ConnectionContext:
         if self.tls:
             parts.append(f"tls={self.tls_terminated_by}")
         return f"<ConnectionContext {' '.join(parts)}>"
+
+
+def context_to_json(context: ConnectionContext) -> dict[str, object]:
+    """The connection context as JSON-ready values: addresses as strings, enums as values.
+
+    The form of an HTTP ``/whoami`` (the example HTTP handler serves it), which
+    ``mailedge probe`` reads: ``client_ip`` is the client the server believes in.
+    """
+    header = context.header
+    unique_id = context.unique_id
+    return {
+        "connection_id": context.connection_id,
+        "listener": context.listener,
+        "protocol": str(context.protocol),
+        "client_ip": str(context.client_ip),
+        "client_port": context.client_port,
+        "client_known": context.client_known,
+        "address_source": str(context.address_source),
+        "server_ip": str(context.server_ip),
+        "server_port": context.server_port,
+        "peer_ip": str(context.peer_ip),
+        "peer_port": context.peer_port,
+        "local_ip": str(context.local_ip),
+        "local_port": context.local_port,
+        "proxied": context.proxied,
+        "proxy_version": None if header is None else header.version,
+        "unique_id": None if unique_id is None else unique_id.hex(),
+        "tls": context.tls,
+        "tls_terminated_by": (
+            None if context.tls_terminated_by is None else str(context.tls_terminated_by)
+        ),
+        "tls_version": context.tls_version,
+        "tls_cipher": context.tls_cipher,
+        "sni": context.sni,
+        "alpn": context.alpn,
+        "client_cert_cn": context.client_cert_cn,
+        "client_cert_verified": context.client_cert_verified,
+    }

@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import re
 
 import attrs
 import trio
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.diagnosis import diagnose
 from mailedge.events import (
     EventCounters,
     EventName,
@@ -274,7 +274,7 @@ class ProxyGate:
                     )
             except NotProxyHeaderError:
                 raise self._reject(
-                    conn, GateReason.NOT_PROXY_HEADER, _diagnose(buffer), buffer
+                    conn, GateReason.NOT_PROXY_HEADER, diagnose(buffer), buffer
                 ) from None
             except ProxyProtocolError as exc:
                 message = exc.message + _SETTING_HINTS.get(exc.reason, "")
@@ -525,30 +525,6 @@ _SETTING_HINTS = {
     "too_long": " (the listener's limit is proxyMaxHeaderLength)",
     "family_not_allowed": " (nginx's mixed-family v1 line needs proxyAllowV1MixedFamily = true)",
 }
-
-_SMTP_COMMAND = re.compile(rb"(?i)(EHLO|HELO|LHLO|QUIT|NOOP|RSET|MAIL|STARTTLS|AUTH)\b")
-_HTTP_REQUEST = re.compile(rb"(GET|HEAD|POST|PUT|DELETE|OPTIONS|PATCH|CONNECT|PRI) ")
-_IMAP_COMMAND = re.compile(
-    rb"[A-Za-z0-9.]+ (?i:CAPABILITY|LOGIN|STARTTLS|LOGOUT|NOOP|AUTHENTICATE)"
-)
-
-
-def _diagnose(data: bytes | bytearray) -> str:
-    """Name what arrived instead of a PROXY header, and the likely misconfiguration."""
-    expected = "where a PROXY header was expected"
-    fix = (
-        "the proxy is not sending PROXY headers, or sends them only on another port "
-        "(HAProxy: send-proxy or send-proxy-v2 on the server line; nginx: proxy_protocol on)"
-    )
-    if data[:1] == b"\x16" and data[1:2] in (b"\x03", b""):
-        return f"a TLS ClientHello arrived {expected}: {fix}"
-    if _HTTP_REQUEST.match(data):
-        return f"an HTTP request arrived {expected}: {fix}, or a client connected directly"
-    if _SMTP_COMMAND.match(data):
-        return f"an SMTP command arrived {expected}: {fix}, or a client connected directly"
-    if _IMAP_COMMAND.match(data):
-        return f"an IMAP command arrived {expected}: {fix}, or a client connected directly"
-    return f"bytes that are not a PROXY header arrived {expected}: {fix}"
 
 
 def _untrusted_advice(conn: _Connection) -> str:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import ipaddress
+import json
 from typing import Any
 
 import attrs
 import pytest
 
-from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator, context_to_json
+from mailedge.proxy import TLV, Command, TLVType, encode_v2, parse_header
 from mailedge.settings import Protocol
 
 
@@ -83,3 +85,42 @@ def test_repr_is_short_and_names_client_and_proxy() -> None:
 
 def test_unique_id_without_a_header() -> None:
     assert context().unique_id is None
+
+
+def test_context_to_json_is_the_whoami_form() -> None:
+    parsed = parse_header(encode_v2(Command.LOCAL, tlvs=[TLV(TLVType.UNIQUE_ID, b"\x00\xff")]))
+    assert parsed is not None
+    header = parsed[0]
+    data = context_to_json(context(header=header, sni="mx.example", alpn="smtp"))
+    assert json.loads(json.dumps(data)) == data
+    assert data == {
+        "connection_id": 7,
+        "listener": "smtp",
+        "protocol": "smtp",
+        "client_ip": "198.51.100.7",
+        "client_port": 40123,
+        "client_known": True,
+        "address_source": "header",
+        "server_ip": "192.0.2.25",
+        "server_port": 25,
+        "peer_ip": "127.0.0.1",
+        "peer_port": 51000,
+        "local_ip": "127.0.0.1",
+        "local_port": 2525,
+        "proxied": True,
+        "proxy_version": 2,
+        "unique_id": "00ff",
+        "tls": True,
+        "tls_terminated_by": "proxy",
+        "tls_version": "TLSv1.2",
+        "tls_cipher": None,
+        "sni": "mx.example",
+        "alpn": "smtp",
+        "client_cert_cn": "alice",
+        "client_cert_verified": True,
+    }
+    direct = context_to_json(
+        context(proxied=False, address_source=AddressSource.UNKNOWN, tls_terminated_by=None)
+    )
+    assert (direct["proxy_version"], direct["unique_id"]) == (None, None)
+    assert (direct["client_known"], direct["tls_terminated_by"]) == (False, None)

@@ -35,6 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         (
             "mailedge.gate",
             "mailedge.context",
+            "mailedge.diagnosis",
             "mailedge.events",
             "mailedge.streams",
             "mailedge.tls",
@@ -42,7 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("server", ("mailedge.server", "mailedge.limits", "mailedge.policy")),
     ("hooks", ("mailedge.hooks",)),
-    ("cli", ("mailedge.cli", "mailedge.probe")),
+    ("cli", ("mailedge.cli",)),
 )
 
 # Imports allowed although they point upward or close a cycle; each says why, and when it goes.

@@ -1,4 +1,4 @@
-"""``mailedge probe``: connect to a listener as a proxy would, and show what the server sees.
+"""``mailedge probe``'s client: connect to a listener as a proxy would, and record the reply.
 
 The probe opens one TCP connection to a listener, sends a PROXY header the way HAProxy
 would (v1, v2, a v2 LOCAL health check, or none at all), then speaks just enough of the
@@ -6,48 +6,51 @@ listener's protocol to learn which client the server believes it is talking to:
 
 * SMTP: the banner, ``EHLO`` (whose first reply line names the client, ``[ip]``), ``QUIT``;
 * IMAP: the greeting, ``CAPABILITY`` and ``LOGOUT``;
-* HTTP: ``GET /whoami``, whose JSON body is the connection context (see the example handler).
+* HTTP: ``GET /whoami``, whose JSON body is the connection context in the form of
+  :func:`mailedge.context.context_to_json` (the example HTTP handler serves it).
 
-It compares the client the server reports with the one the header claimed, and when the
-server closes the connection instead, says what the gate most likely objected to. Every
-network wait is bounded by the timeout, and no more than :data:`MAX_RECEIVE` bytes are read.
+It compares the client the server reports with the one the header claimed. Every network
+wait is bounded by the timeout, and no more than :data:`MAX_RECEIVE` bytes are read.
 
-:func:`probe` does the work and returns a :class:`ProbeResult`; :func:`format_result` turns
-it into text or JSON; :func:`probe_command` is the ``mailedge probe`` subcommand.
-See docs/probe.md.
+:class:`ProbeOptions` (and :func:`parse_target`, :func:`parse_inet_address` for its
+addresses) says what to send; :func:`probe` does the work and returns a
+:class:`ProbeResult`. :mod:`mailedge.cli.probe_report` says what a result means and shows
+it; :mod:`mailedge.cli.probe_command` is the ``mailedge probe`` subcommand. See docs/probe.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import enum
 import ipaddress
-import json as json_module
+import json
 import math
 import os
 import re
-import sys
-from collections.abc import Callable
 from contextlib import AbstractContextManager
 
 import attrs
 import trio
 
-from mailedge.cli import JSONObject, address_to_json, header_to_json
-from mailedge.events import escape_bytes
-from mailedge.networks import format_endpoint, normalize_ip
+from mailedge.cli.render import JSONObject
+from mailedge.networks import (
+    EndpointProblem,
+    EndpointSyntaxError,
+    HostPort,
+    format_endpoint,
+    normalize_ip,
+    split_host_port,
+)
 from mailedge.proxy import (
     TLV,
     ClientFlags,
     Command,
     Family,
     InetAddress,
-    ProxyProtocolError,
+    IPAddress,
     SSLInfo,
     TLVType,
     encode_v1,
     encode_v2,
-    parse_header,
 )
 from mailedge.settings import Protocol
 
@@ -63,18 +66,12 @@ __all__ = [
     "ProbeResult",
     "ProbeUsageError",
     "Target",
-    "add_probe_arguments",
     "build_header",
-    "explain",
-    "format_result",
     "parse_inet_address",
     "parse_target",
     "probe",
-    "probe_command",
-    "result_to_json",
+    "same_ip",
 ]
-
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # A documentation address (RFC 5737, TEST-NET-3): never a real client, so easy to spot.
 DEFAULT_CLIENT = InetAddress(ipaddress.IPv4Address("203.0.113.7"), 40000)
@@ -88,11 +85,8 @@ MAX_RECEIVE = 64 * 1024
 # The spec's bound on PP2_TYPE_UNIQUE_ID; a mailedge listener rejects longer ones.
 _UNIQUE_ID_MAX = 128
 _RECEIVE_SIZE = 4096
-# Bytes of header hex per output line.
-_HEX_LINE = 32
 
 _HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9-]+)*\.?")
-_PORT = re.compile(r"0|[1-9][0-9]{0,4}")
 _SMTP_REPLY = re.compile(r"([2-5][0-9][0-9])(?:([ -])(.*))?")
 # The client's address in an EHLO reply: "mx.example Hello client.example [192.0.2.1]".
 _EHLO_CLIENT = re.compile(r"\[(?:IPv6:)?([0-9A-Fa-f:.]+)\]")
@@ -136,27 +130,27 @@ class Outcome(enum.StrEnum):
     BAD_REPLY = "bad_reply"
 
 
-def _split_host_port(text: str, what: str) -> tuple[str, str]:
-    """``host`` and ``port`` text of ``HOST:PORT`` or ``[IPv6]:PORT``."""
+def _split_host_port(text: str, what: str, *, allow_zero: bool) -> HostPort:
+    """``HOST:PORT`` or ``[IPv6]:PORT`` split, each problem in the probe's own words."""
     example = "such as 127.0.0.1:25 or [::1]:25"
-    if text.startswith("["):
-        host, bracket, rest = text[1:].partition("]")
-        if not bracket or not rest.startswith(":"):
-            raise ProbeUsageError(f"{what} {text!r} is not an address and port {example}")
-        return host, rest[1:]
-    host, colon, port = text.rpartition(":")
-    if not colon:
-        raise ProbeUsageError(f"{what} {text!r} has no port; write it {example}")
-    if ":" in host:
-        raise ProbeUsageError(f"{what} {text!r}: put an IPv6 address in brackets, {example}")
-    return host, port
-
-
-def _port(text: str, what: str, whole: str, *, allow_zero: bool) -> int:
-    if not _PORT.fullmatch(text) or int(text) > 0xFFFF or (int(text) == 0 and not allow_zero):
-        low = 0 if allow_zero else 1
-        raise ProbeUsageError(f"{what} {whole!r} has an invalid port {text!r} ({low} to 65535)")
-    return int(text)
+    low = 0 if allow_zero else 1
+    try:
+        split = split_host_port(text)
+    except EndpointSyntaxError as error:
+        message = {
+            EndpointProblem.MALFORMED: f"{text!r} is not an address and port {example}",
+            EndpointProblem.NO_PORT: f"{text!r} has no port; write it {example}",
+            EndpointProblem.NEEDS_BRACKETS: f"{text!r}: put an IPv6 address in brackets, {example}",
+            EndpointProblem.BAD_PORT: (
+                f"{text!r} has an invalid port {error.port_text!r} ({low} to 65535)"
+            ),
+        }[error.problem]
+        raise ProbeUsageError(f"{what} {message}") from None
+    if split.port < low:
+        raise ProbeUsageError(
+            f"{what} {text!r} has an invalid port {str(split.port)!r} ({low} to 65535)"
+        )
+    return split
 
 
 @attrs.frozen
@@ -191,31 +185,31 @@ class Target:
 
 def parse_target(text: str) -> Target:
     """``127.0.0.1:3525``, ``[::1]:3525`` or ``mx.example:25``; raises ProbeUsageError."""
-    host, port_text = _split_host_port(text, "HOST:PORT")
-    port = _port(port_text, "HOST:PORT", text, allow_zero=False)
-    if text.startswith("["):
+    split = _split_host_port(text, "HOST:PORT", allow_zero=False)
+    host = split.host
+    if split.bracketed:
         try:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise ProbeUsageError(f"HOST:PORT {text!r}: {host!r} is not an IPv6 address") from None
     elif not _HOST_NAME.fullmatch(host):
         raise ProbeUsageError(f"HOST:PORT {text!r}: {host!r} is neither an address nor a name")
-    return Target(host, port)
+    return Target(host, split.port)
 
 
 def parse_inet_address(text: str, what: str = "address") -> InetAddress:
     """An ``IP:PORT`` or ``[IPv6]:PORT`` for a header; raises ProbeUsageError."""
-    host, port_text = _split_host_port(text, what)
-    port = _port(port_text, what, text, allow_zero=True)
+    split = _split_host_port(text, what, allow_zero=True)
+    host = split.host
     try:
         ip = ipaddress.ip_address(host)
     except ValueError:
         raise ProbeUsageError(f"{what} {text!r}: {host!r} is not an IP address") from None
-    if text.startswith("[") != (ip.version == 6):
+    if split.bracketed != (ip.version == 6):
         raise ProbeUsageError(f"{what} {text!r}: only IPv6 addresses go in brackets")
     if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
         raise ProbeUsageError(f"{what} {text!r}: a PROXY header cannot carry a zone id")
-    return InetAddress(ip, port)
+    return InetAddress(ip, split.port)
 
 
 def _check_timeout(_instance: object, _attribute: object, value: float) -> None:
@@ -599,7 +593,7 @@ async def _http(conversation: _Conversation) -> None:
             f"the server answered {status_line.partition(' ')[2]}, not the /whoami JSON",
         )
     try:
-        whoami = json_module.loads(body)
+        whoami = json.loads(body)
     except ValueError:  # UnicodeDecodeError included
         whoami = None
     if not isinstance(whoami, dict):
@@ -648,7 +642,8 @@ def _connect_error(error: OSError) -> str:
     return error.strerror or str(error)
 
 
-def _same_ip(seen: str, claimed: IPAddress) -> bool:
+def same_ip(seen: str, claimed: IPAddress) -> bool:
+    """True when ``seen`` (an address as a server reported it) is ``claimed``, v4-mapped or not."""
     try:
         ip = ipaddress.ip_address(seen)
     except ValueError:
@@ -709,377 +704,5 @@ async def probe(options: ProbeOptions) -> ProbeResult:
         whoami=conversation.whoami,
         http_status=conversation.http_status,
         detail=detail,
-        matched=None if claimed is None or seen is None else _same_ip(seen, claimed.ip),
+        matched=None if claimed is None or seen is None else same_ip(seen, claimed.ip),
     )
-
-
-# --- explaining and showing the result ---------------------------------------------------
-
-
-def _host_of(endpoint: str | None) -> str:
-    if endpoint is None:
-        return "the probe's address"
-    host = endpoint.rpartition(":")[0]
-    return host[1:-1] if host.startswith("[") else host
-
-
-def _log_hint(result: ProbeResult) -> str:
-    peer = f" with peer={result.local}" if result.local else ""
-    return f"The server's log names the reason (on mailedge: the gate's proxy.* event{peer})."
-
-
-def _explain_closed(result: ProbeResult) -> list[str]:
-    options = result.options
-    me = _host_of(result.local)
-    if options.mode is HeaderMode.NONE:
-        return [
-            f"No header was sent. A listener that trusts this address ({me}) as a proxy "
-            'requires a PROXY header (proxyHeaderMode = "required") and closes a direct '
-            'connection; probe it with --v2, or set proxyHeaderMode = "optional" on it.',
-            _log_hint(result),
-        ]
-    if result.replies and options.protocol.server_first:
-        lines = [
-            "The server greeted the probe before reading the header, as a listener does for "
-            "a peer it does not trust as a proxy, and closed the connection once it read the "
-            f"header. Likely: this address ({me}) is not in the listener's trusted networks, "
-            "or PROXY is off on that listener (overrideProxyTrustedNetworks = []).",
-        ]
-    else:
-        lines = [
-            "The server closed the connection without replying. Likely the gate rejected the "
-            f"header: this address ({me}) is not a trusted proxy on that listener, PROXY is "
-            "off on that listener (overrideProxyTrustedNetworks = []), or the header is "
-            "malformed or longer than the listener accepts (proxyMaxHeaderLength).",
-        ]
-    return [*lines, _log_hint(result)]
-
-
-def _explain_timeout(result: ProbeResult) -> list[str]:
-    options = result.options
-    if result.local is None:  # the connection itself timed out
-        return ["Is the address right, and does a firewall drop the connection?"]
-    if result.replies or not options.protocol.server_first:
-        return ["The server is slow or stuck; its log may say why."]
-    if options.mode is HeaderMode.NONE:
-        return [
-            f"The listener seems to trust this address ({_host_of(result.local)}) as a "
-            "proxy: it waits for a PROXY header before greeting. Probe it with --v2, or set "
-            'proxyHeaderMode = "optional" on it to serve trusted peers that connect directly.',
-        ]
-    return [
-        f"After the header, an {options.protocol.upper()} server greets at once. This one is "
-        "waiting: for more of the header (does it expect another version?), or because it "
-        "is not an SMTP or IMAP listener (an HTTP server waits for the client to speak).",
-        _log_hint(result),
-    ]
-
-
-def _why_unseen(result: ProbeResult) -> str:
-    protocol = result.options.protocol
-    if protocol is Protocol.IMAP:
-        return "IMAP has no command that shows it"
-    if protocol is Protocol.SMTP:
-        return "its EHLO reply has no [address]"
-    return "the /whoami JSON has no client_ip"
-
-
-def explain(result: ProbeResult) -> list[str]:
-    """What the result means, in sentences: the verdict first, then the likely causes."""
-    options = result.options
-    lines = [result.detail] if result.detail else []
-    if result.outcome is Outcome.CONNECT_FAILED:
-        return [*lines, f"Is the server running, with a listener on {options.target}?"]
-    if result.outcome is Outcome.CLOSED:
-        return [*lines, *_explain_closed(result)]
-    if result.outcome is Outcome.TIMEOUT:
-        return [*lines, *_explain_timeout(result)]
-    if result.outcome in (Outcome.BAD_REPLY, Outcome.REFUSED):
-        if result.outcome is Outcome.BAD_REPLY:
-            lines.append(f"Is {options.target} an {options.protocol.upper()} listener?")
-        if options.mode is not HeaderMode.NONE and result.local is not None:
-            lines.append(
-                "A server that does not expect a PROXY header reads it as "
-                f"{options.protocol.upper()} and answers it with an error, which then arrives "
-                "where the probe expected its reply; compare with --no-header."
-            )
-        return lines
-    claimed = options.claimed_client
-    seen = result.client_seen
-    me = _host_of(result.local)
-    if claimed is not None and seen is None:
-        return [
-            f"The server does not report the client's address ({_why_unseen(result)}), so "
-            f"the header's claim ({claimed.ip}) cannot be checked here. The server's log "
-            f"names the client of the connection from peer={result.local} (mailedge: the "
-            "gate's proxy.accepted event, logged at DEBUG)."
-        ]
-    if claimed is not None and result.matched:
-        return [f"MATCH: the server sees the client the header claimed, {claimed.ip}."]
-    if claimed is not None:
-        lines = [f"MISMATCH: the header claimed {claimed.ip}, but the server sees {seen}."]
-        own = result.local is not None and seen is not None
-        if own and _same_ip(str(seen), ipaddress.ip_address(me)):
-            lines.append("That is the probe's own address: the header was not used.")
-        return [
-            *lines,
-            f"Likely causes: the listener does not trust this address ({me}) as a proxy, so "
-            "it did not use the header; PROXY is off on that listener "
-            "(overrideProxyTrustedNetworks = []); or the server reads the header but reports "
-            "the connection's own address. " + _log_hint(result),
-        ]
-    if options.mode is HeaderMode.LOCAL:
-        source = (result.whoami or {}).get("address_source")
-        sees = f"; it sees {seen}" if seen is not None else ""
-        shown = f" (address_source {source})" if source is not None else ""
-        return [
-            "A LOCAL header names no client: the server uses the connection's own "
-            f"addresses{sees}{shown}."
-        ]
-    if seen is None:
-        return ["No header was sent, so there is no claim to check."]
-    return [
-        f"No header was sent, so there is no claim to check: the server sees {seen}, and "
-        f"the probe's own address is {me}."
-    ]
-
-
-def _describe_header(data: bytes) -> str:
-    """One line about the header, from mailedge's own parser: what the server will read."""
-    try:
-        parsed = parse_header(data)
-    except ProxyProtocolError as error:  # build_header writes valid ones; just in case
-        return f"not a valid header: {error.message}"
-    if parsed is None:
-        return "an incomplete header"
-    header, _ = parsed
-    if header.version == 1:
-        return f"v1: {escape_bytes(data, limit=None)}"
-    text = f"v2 {header.command.name} {header.family.name}"
-    if isinstance(header.source, InetAddress) and isinstance(header.destination, InetAddress):
-        source, destination = header.source, header.destination
-        text += f" {format_endpoint(source.ip, source.port)} -> "
-        text += format_endpoint(destination.ip, destination.port)
-    names: list[str] = []
-    for tlv in header.tlvs:
-        try:
-            names.append(TLVType(tlv.type).name)
-        except ValueError:  # the probe writes only named types; just in case
-            names.append(f"0x{tlv.type:02x}")
-    if names:
-        text += f", TLVs: {', '.join(names)}"
-    return text
-
-
-def _header_to_json(result: ProbeResult) -> JSONObject:
-    data = result.header
-    decoded: JSONObject | None = None
-    try:
-        parsed = parse_header(data) if data else None
-    except ProxyProtocolError:
-        parsed = None
-    if parsed is not None:
-        decoded = header_to_json(parsed[0])
-    return {
-        "mode": str(result.options.mode),
-        "length": len(data),
-        "hex": data.hex(),
-        "text": escape_bytes(data, limit=None) if result.options.mode is HeaderMode.V1 else None,
-        "decoded": decoded,
-    }
-
-
-def result_to_json(result: ProbeResult) -> JSONObject:
-    """The result as plain JSON values, for ``--json``."""
-    options = result.options
-    return {
-        "protocol": str(options.protocol),
-        "target": str(options.target),
-        "local": result.local,
-        "header": _header_to_json(result),
-        "claimed_client": address_to_json(options.claimed_client),
-        "outcome": str(result.outcome),
-        "closed_early": result.closed_early,
-        "detail": result.detail,
-        "transcript": [{"direction": d, "line": line} for d, line in result.transcript],
-        "http_status": result.http_status,
-        "whoami": result.whoami,
-        "client_seen": result.client_seen,
-        "matched": result.matched,
-        "explanation": explain(result),
-        "exit_code": result.exit_code,
-    }
-
-
-def format_result(result: ProbeResult, json: bool = False) -> str:
-    """The result as the text ``mailedge probe`` prints, or as indented JSON."""
-    if json:
-        return json_module.dumps(result_to_json(result), indent=2)
-    options = result.options
-    out = [f"probe {options.protocol} {options.target}"]
-    if result.local is not None:
-        out[0] += f" from {result.local}"
-    if result.header:
-        out.append(f"header sent ({len(result.header)} bytes): {_describe_header(result.header)}")
-        hex_text = result.header.hex()
-        step = 2 * _HEX_LINE
-        out.extend(f"  {hex_text[i : i + step]}" for i in range(0, len(hex_text), step))
-    elif options.mode is HeaderMode.NONE:
-        out.append("header sent: none (--no-header)")
-    for direction, line in result.transcript:
-        out.append(f"{'>' if direction == 'sent' else '<'} {line}")
-    if result.whoami is not None:
-        out.append("whoami:")
-        out.append(json_module.dumps(result.whoami, indent=2))
-    if result.client_seen is not None:
-        out.append(f"server sees client: {result.client_seen}")
-    out.extend(explain(result))
-    return "\n".join(out)
-
-
-# --- the subcommand ----------------------------------------------------------------------
-
-
-def _target_type(text: str) -> Target:
-    try:
-        return parse_target(text)
-    except ProbeUsageError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def _address_type(option: str) -> Callable[[str], InetAddress]:
-    def parse(text: str) -> InetAddress:
-        try:
-            return parse_inet_address(text, option)
-        except ProbeUsageError as error:
-            raise argparse.ArgumentTypeError(str(error)) from None
-
-    return parse
-
-
-def _timeout_type(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be more than 0 seconds, got {text!r}")
-    return value
-
-
-_EPILOG = """\
-examples:
-  mailedge probe smtp 127.0.0.1:3525 --client 203.0.113.7:40000
-  mailedge probe http [::1]:3080 --ssl --authority mail.example.com
-  mailedge probe imap 127.0.0.1:3143 --v1
-
-exit status: 0 when the exchange completed (and, for smtp and http, the server sees the
-client the header claimed); 1 on a mismatch, or when the connection was refused, closed
-or timed out; 2 for invalid options. See docs/probe.md.
-"""
-
-
-def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
-    """The ``probe`` subcommand's arguments."""
-    parser.epilog = _EPILOG
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument(
-        "protocol",
-        choices=[str(protocol) for protocol in Protocol],
-        metavar="PROTOCOL",
-        help="what the listener speaks: smtp, imap or http",
-    )
-    parser.add_argument(
-        "target",
-        type=_target_type,
-        metavar="HOST:PORT",
-        help="the listener, such as 127.0.0.1:3525 or [::1]:3525",
-    )
-    header = parser.add_argument_group("the header").add_mutually_exclusive_group()
-    for flag, mode, text in (
-        ("--v1", HeaderMode.V1, "send a v1 (text) header"),
-        ("--v2", HeaderMode.V2, "send a v2 (binary) header; the default"),
-        ("--local", HeaderMode.LOCAL, "send a v2 LOCAL header, as a proxy's health check does"),
-        ("--no-header", HeaderMode.NONE, "send no header: connect as a direct client"),
-    ):
-        header.add_argument(flag, dest="mode", action="store_const", const=mode, help=text)
-    parser.set_defaults(mode=HeaderMode.V2)
-    addresses = parser.add_argument_group("the header's addresses (v1 and v2)")
-    addresses.add_argument(
-        "--client",
-        type=_address_type("--client"),
-        metavar="IP:PORT",
-        help=f"the client the header claims (default {DEFAULT_CLIENT.ip}:{DEFAULT_CLIENT.port})",
-    )
-    addresses.add_argument(
-        "--server",
-        type=_address_type("--server"),
-        metavar="IP:PORT",
-        help="the server address the header names (default: the address connected to)",
-    )
-    tlvs = parser.add_argument_group("TLVs (v2 and --local only)")
-    tlvs.add_argument(
-        "--ssl",
-        action="store_true",
-        help="add an SSL TLV: the client reached the proxy over TLS (CLIENT_SSL, verify 0)",
-    )
-    tlvs.add_argument(
-        "--tls-version",
-        metavar="VERSION",
-        help=f"with --ssl: the TLS version (default {DEFAULT_TLS_VERSION})",
-    )
-    tlvs.add_argument("--cipher", metavar="NAME", help="with --ssl: the cipher")
-    tlvs.add_argument("--cn", metavar="NAME", help="with --ssl: the client certificate's CN")
-    tlvs.add_argument(
-        "--cert-verified",
-        action="store_true",
-        help="with --ssl: the client presented a certificate and it verified (CERT_CONN)",
-    )
-    tlvs.add_argument("--authority", metavar="NAME", help="an AUTHORITY TLV (the SNI name)")
-    tlvs.add_argument("--alpn", metavar="PROTO", help="an ALPN TLV, such as h2")
-    tlvs.add_argument("--unique-id", metavar="TEXT", help="a UNIQUE_ID TLV (at most 128 bytes)")
-    tlvs.add_argument("--crc32c", action="store_true", help="add a CRC32C checksum TLV")
-    parser.add_argument(
-        "--timeout",
-        type=_timeout_type,
-        default=DEFAULT_TIMEOUT,
-        metavar="SECONDS",
-        help=f"bound on the connection and on each wait for a reply (default {DEFAULT_TIMEOUT:g})",
-    )
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def options_from_args(args: argparse.Namespace) -> ProbeOptions:
-    """The parsed arguments as ProbeOptions; raises ProbeUsageError when they conflict."""
-    return ProbeOptions(
-        protocol=Protocol(args.protocol),
-        target=args.target,
-        mode=args.mode,
-        client=args.client,
-        server=args.server,
-        ssl=args.ssl,
-        tls_version=args.tls_version,
-        cipher=args.cipher,
-        cn=args.cn,
-        cert_verified=args.cert_verified,
-        authority=args.authority,
-        alpn=args.alpn,
-        unique_id=args.unique_id,
-        crc32c=args.crc32c,
-        timeout=args.timeout,
-    )
-
-
-def probe_command(args: argparse.Namespace) -> int:
-    """Run ``probe``: 0 when the exchange completed and matched, 1 when not, 2 for bad options."""
-    try:
-        options = options_from_args(args)
-        result = trio.run(probe, options)
-    except ProbeUsageError as error:
-        print(f"mailedge probe: error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("mailedge probe: interrupted", file=sys.stderr)
-        return 130
-    print(format_result(result, json=args.json))
-    return result.exit_code

@@ -1,4 +1,4 @@
-"""Tests for mailedge/cli.py: ``mailedge decode`` and the JSON it prints."""
+"""Tests for mailedge/cli/decode.py: ``mailedge decode`` and the JSON it prints."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from mailedge.cli import decode_hex, header_to_json, main
+from mailedge.cli import main
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -21,7 +21,6 @@ from mailedge.proxy import (
     TLVType,
     encode_v1,
     encode_v2,
-    parse_header,
 )
 
 SOURCE4 = InetAddress(ipaddress.IPv4Address("192.0.2.10"), 51234)
@@ -259,30 +258,6 @@ def test_a_second_packet_in_a_dump_is_a_usage_error(
     assert "second packet" in capsys.readouterr().err
 
 
-def test_decode_hex_formats() -> None:
-    expected = bytes.fromhex(HAND_V2_HEX)
-    # Wireshark "Copy as Hex Stream", and with colons.
-    assert decode_hex(HAND_V2_HEX) == expected
-    assert decode_hex(":".join(f"{b:02X}" for b in expected)) == expected
-    # C array and escaped string.
-    assert decode_hex(", ".join(f"0x{b:02x}" for b in expected)) == expected
-    assert decode_hex("".join(f"\\x{b:02x}" for b in expected)) == expected
-    # hexdump -C, whose last line is the bare total length.
-    hexdump = (
-        "00000000  0d 0a 0d 0a 00 0d 0a 51  55 49 54 0a 21 11 00 0c  |.......QUIT.!...|\n"
-        '00000010  c0 00 02 0a c6 33 64 19  c8 22 00 19              |.....3d.."..|\n'
-        "0000001c\n"
-    )
-    assert decode_hex(hexdump) == expected
-    # xxd, whose text column on the last line looks like hex ("12").
-    xxd = (
-        "00000000: 5052 4f58 5920 5443 5034 2031 2e32 2e33  PROXY TCP4 1.2.3\n"
-        "00000010: 2e34 2035 2e36 2e37 2e38 2031 2032 0d0a  .4 5.6.7.8 1 2..\n"
-        "00000020: 3132                                     12\n"
-    )
-    assert decode_hex(xxd) == b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\r\n12"
-
-
 def test_auto_detect_treats_text_that_is_not_hex_as_raw(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
@@ -416,16 +391,3 @@ def test_stdin_via_subprocess() -> None:
     assert result["valid"] is True
     assert result["crc32c_verified"] is True
     assert result["source"] == {"ip": "192.0.2.10", "port": 51234}
-
-
-# --- the shared helpers ----------------------------------------------------------------------
-
-
-def test_header_to_json_for_local() -> None:
-    parsed = parse_header(encode_v2(Command.LOCAL))
-    assert parsed is not None
-    result = header_to_json(parsed[0])
-    assert result["command"] == "LOCAL"
-    assert result["source"] is None
-    assert result["destination"] is None
-    json.dumps(result)

@@ -17,9 +17,7 @@ from http_handler import HTTPHandler
 from imap_handler import IMAPHandler
 from smtp_handler import SMTPHandler
 
-from mailedge.cli import main
-from mailedge.networks import TrustedNetworks
-from mailedge.probe import (
+from mailedge.cli.probe import (
     DEFAULT_CLIENT,
     HeaderMode,
     Outcome,
@@ -28,16 +26,17 @@ from mailedge.probe import (
     ProbeUsageError,
     Target,
     build_header,
-    format_result,
     parse_inet_address,
     parse_target,
     probe,
 )
+from mailedge.cli.probe_report import format_result
+from mailedge.networks import TrustedNetworks
 from mailedge.proxy import Command, Family, InetAddress, parse_header
 from mailedge.server import Handler, Server, serve
 from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
 
 def listeners() -> tuple[NetworkListener, ...]:
@@ -545,65 +544,3 @@ def test_result_exit_codes() -> None:
     for outcome in Outcome:
         if outcome is not Outcome.COMPLETED:
             assert ProbeResult(opts, outcome).exit_code == 1
-
-
-def exit_status(argv: list[str]) -> int:
-    try:
-        return main(argv)
-    except SystemExit as stop:
-        return stop.code if isinstance(stop.code, int) else -1
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["--v1", "--ssl"], "--ssl: a v1 header has no TLVs; use --v2 or --local"),
-        (["--v1", "--authority", "mx.example"], "--authority: a v1 header has no TLVs"),
-        (["--v1", "--alpn", "h2", "--crc32c"], "--alpn, --crc32c: a v1 header has no TLVs"),
-        (["--v1", "--unique-id", "x"], "--unique-id: a v1 header has no TLVs"),
-        (["--no-header", "--ssl"], "--ssl: no header is sent"),
-        (["--no-header", "--client", "192.0.2.1:1"], "--client: without a header the probe sends"),
-        (["--local", "--server", "192.0.2.1:1"], "--server: a LOCAL header carries no addresses"),
-        (["--cn", "client"], "--cn: these describe the SSL TLV; add --ssl"),
-        (["--tls-version", "TLSv1.2"], "--tls-version: these describe the SSL TLV; add --ssl"),
-        (["--cert-verified"], "--cert-verified: these describe the SSL TLV; add --ssl"),
-        (["--unique-id", "x" * 129], "--unique-id is 129 bytes"),
-        (["--alpn", "h\u00e9"], "--alpn"),
-    ],
-)
-def test_conflicting_options_are_usage_errors(
-    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
-) -> None:
-    assert exit_status(["probe", "smtp", "127.0.0.1:9", *argv]) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.startswith("mailedge probe: error: ")
-    assert message in captured.err
-
-
-@pytest.mark.parametrize(
-    ("argv", "message"),
-    [
-        (["pop3", "127.0.0.1:110"], "invalid choice: 'pop3'"),
-        (["smtp", "::1:25"], "put an IPv6 address in brackets"),
-        (["smtp", "127.0.0.1"], "has no port"),
-        (["smtp"], "the following arguments are required: HOST:PORT"),
-        (["smtp", "127.0.0.1:25", "--v1", "--v2"], "not allowed with argument"),
-        (["smtp", "127.0.0.1:25", "--client", "203.0.113.7"], "--client '203.0.113.7' has no port"),
-        (["smtp", "127.0.0.1:25", "--timeout", "0"], "must be more than 0 seconds"),
-        (["smtp", "127.0.0.1:25", "--timeout", "nan"], "must be more than 0 seconds"),
-        (["smtp", "127.0.0.1:25", "--timeout", "soon"], "not a number of seconds"),
-    ],
-)
-def test_argument_errors_exit_2(
-    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
-) -> None:
-    assert exit_status(["probe", *argv]) == 2
-    err = capsys.readouterr().err
-    assert "usage: mailedge probe" in err
-    assert message in err
-
-
-def test_help_lists_the_probe(capsys: pytest.CaptureFixture[str]) -> None:
-    assert exit_status(["--help"]) == 0
-    assert "probe" in capsys.readouterr().out

@@ -1,0 +1,67 @@
+"""The ``mailedge`` command: its subcommands and their argument parser.
+
+Each subcommand is a :class:`Subcommand` (its arguments and the function that runs it)
+listed in :func:`subcommands`; :func:`main` parses the command line and runs one.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from mailedge.cli.decode import add_decode_arguments, decode_command
+from mailedge.cli.probe_command import add_probe_arguments, probe_command
+
+__all__ = ["Subcommand", "build_parser", "main", "subcommands"]
+
+
+@dataclass(frozen=True)
+class Subcommand:
+    """One ``mailedge`` subcommand: its name, one line of help, its arguments and its body."""
+
+    name: str
+    help: str
+    add_arguments: Callable[[argparse.ArgumentParser], None]
+    run: Callable[[argparse.Namespace], int]
+
+
+def subcommands() -> list[Subcommand]:
+    """Every subcommand, in the order ``--help`` lists them."""
+    return [
+        Subcommand(
+            name="decode",
+            help="decode a captured PROXY protocol header and print it as JSON",
+            add_arguments=add_decode_arguments,
+            run=decode_command,
+        ),
+        Subcommand(
+            name="probe",
+            help="connect to a listener as a proxy would and show what the server sees",
+            add_arguments=add_probe_arguments,
+            run=probe_command,
+        ),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser for ``mailedge`` and all its subcommands."""
+    parser = argparse.ArgumentParser(
+        prog="mailedge",
+        description="Tools for the network edge of a mail server behind a PROXY protocol proxy.",
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for subcommand in subcommands():
+        sub = commands.add_parser(
+            subcommand.name, help=subcommand.help, description=subcommand.help
+        )
+        subcommand.add_arguments(sub)
+        sub.set_defaults(run=subcommand.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``mailedge`` console script. Returns the exit status."""
+    args = build_parser().parse_args(argv)
+    run: Callable[[argparse.Namespace], int] = args.run
+    return run(args)
