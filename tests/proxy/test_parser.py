@@ -41,16 +41,17 @@ def test_constants() -> None:
 
 def test_the_literals_in_parse_header_are_the_named_constants() -> None:
     # parse_header spells these as literals, for speed; they must stay what the names say.
-    from mailedge.proxy import v1, v2
+    from mailedge.proxy._v1 import V1_PREFIX
+    from mailedge.proxy._v2 import INET4_END, INET6_END, PROXY_TCP4, PROXY_TCP6, V2_FIXED_LENGTH
 
-    assert v2.V2_FIXED_LENGTH == 16
-    assert v2.INET4_END == 28
-    assert v2.INET6_END == 52
-    assert v2.PROXY_TCP4 == 0x2111
-    assert v2.PROXY_TCP6 == 0x2121
-    assert v2.V2_SIGNATURE[0] == 0x0D
-    assert v1.V1_PREFIX[0] == 0x50
-    assert v1.V1_MAX_LENGTH == 107
+    assert V2_FIXED_LENGTH == 16
+    assert INET4_END == 28
+    assert INET6_END == 52
+    assert PROXY_TCP4 == 0x2111
+    assert PROXY_TCP6 == 0x2121
+    assert V2_SIGNATURE[0] == 0x0D
+    assert V1_PREFIX[0] == 0x50
+    assert V1_MAX_LENGTH == 107
     assert b"PROXY TCP4 "[9] == 0x34
 
 

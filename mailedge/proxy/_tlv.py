@@ -14,13 +14,14 @@ from typing import NoReturn
 
 import google_crc32c
 
+from mailedge.proxy._decode import SSL_TEXT_FIELDS, TLV_HEAD, decode_ssl
 from mailedge.proxy.errors import (
     ChecksumError,
     InvalidTLVError,
     ProxyProtocolError,
     SSLTLVError,
 )
-from mailedge.proxy.header import ClientFlags, SSLInfo, SSLSubType, TLVType, _decode_ssl
+from mailedge.proxy.values import ClientFlags, SSLInfo, SSLSubType, TLVType
 
 __all__ = [
     "CRC32C_LENGTH",
@@ -35,8 +36,8 @@ __all__ = [
     "show",
 ]
 
-# type (1 byte) + length (2 bytes, big-endian) before every value.
-TLV_HEADER_LENGTH = 3
+# type (1 byte) + length (2 bytes, big-endian) before every value: 3 bytes.
+TLV_HEADER_LENGTH = TLV_HEAD.size
 # The spec stores CRC32C as a 32-bit big-endian number.
 CRC32C_LENGTH = 4
 # The spec's bound on PP2_TYPE_UNIQUE_ID, so that receivers can size their storage.
@@ -47,7 +48,6 @@ SSL_FIXED_LENGTH = 5
 # flood a log.
 _SHOW_LIMIT = 40
 
-_TYPE_LENGTH = struct.Struct("!BH")
 _CRC_VALUE = struct.Struct("!I")
 _ZERO_CRC = bytes(CRC32C_LENGTH)
 _crc_value = google_crc32c.value
@@ -62,18 +62,7 @@ _NETNS = int(TLVType.NETNS)
 _CHECKED = frozenset((_AUTHORITY, _CRC32C, _UNIQUE_ID, _SSL, _NETNS))
 
 # The SSL sub-types whose values must be UTF-8.
-_SSL_TEXT = frozenset(
-    int(sub_type)
-    for sub_type in (
-        SSLSubType.VERSION,
-        SSLSubType.CN,
-        SSLSubType.CIPHER,
-        SSLSubType.SIG_ALG,
-        SSLSubType.KEY_ALG,
-        SSLSubType.GROUP,
-        SSLSubType.SIG_SCHEME,
-    )
-)
+_SSL_TEXT = frozenset(int(sub_type) for sub_type, _ in SSL_TEXT_FIELDS)
 _SSL_VERSION = int(SSLSubType.VERSION)
 _CLIENT_SSL = int(ClientFlags.SSL)
 
@@ -183,7 +172,7 @@ def check_tlvs(
     pos: int,
     end: int,
     # Bound as defaults: these are read for every TLV, and locals are the cheapest reads.
-    _type_length: Callable[[bytes, int], tuple[int, int]] = _TYPE_LENGTH.unpack_from,
+    _type_length: Callable[[bytes, int], tuple[int, int]] = TLV_HEAD.unpack_from,
     _rules: tuple[int, ...] = _RULES,
     _ssl_text: tuple[bool, ...] = _SSL_TEXT_TYPES,
 ) -> None:
@@ -306,7 +295,7 @@ def _walk_explaining(data: bytes, pos: int, end: int) -> None:
         start = pos + TLV_HEADER_LENGTH
         if start > end:
             raise InvalidTLVError("v2 TLV " + _cut_short(pos, end))
-        type_, length = _TYPE_LENGTH.unpack_from(data, pos)
+        type_, length = TLV_HEAD.unpack_from(data, pos)
         stop = start + length
         if stop > end:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, end))
@@ -338,7 +327,7 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
     available = len(data)
     seen_ssl = seen_crc = False
     while pos + TLV_HEADER_LENGTH <= available:
-        type_, length = _TYPE_LENGTH.unpack_from(data, pos)
+        type_, length = TLV_HEAD.unpack_from(data, pos)
         start = pos + TLV_HEADER_LENGTH
         stop = start + length
         if stop > total:
@@ -372,7 +361,7 @@ def _check_partial_ssl(head: bytes, length: int) -> None:
     pos = SSL_FIXED_LENGTH
     available = len(head)
     while pos + TLV_HEADER_LENGTH <= available:
-        type_, size = _TYPE_LENGTH.unpack_from(head, pos)
+        type_, size = TLV_HEAD.unpack_from(head, pos)
         start = pos + TLV_HEADER_LENGTH
         stop = start + size
         if stop > length:
@@ -380,10 +369,7 @@ def _check_partial_ssl(head: bytes, length: int) -> None:
         if stop > available:
             return
         if type_ in _SSL_TEXT:
-            try:
-                head[start:stop].decode()
-            except UnicodeDecodeError:
-                raise _ssl_text_error(type_, head[start:stop]) from None
+            _check_ssl_text(type_, head[start:stop])
         pos = stop
 
 
@@ -393,11 +379,15 @@ def _ssl_too_short(length: int) -> SSLTLVError:
     )
 
 
-def _ssl_text_error(type_: int, value: bytes) -> SSLTLVError:
-    return SSLTLVError(
-        f"v2 SSL sub-TLV {SSLSubType(type_).name} (0x{type_:02x}) value {show(value)} is not "
-        "valid UTF-8"
-    )
+def _check_ssl_text(type_: int, value: bytes) -> None:
+    """The value of a sub-TLV that SSLInfo holds as text must be UTF-8."""
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        raise SSLTLVError(
+            f"v2 SSL sub-TLV {SSLSubType(type_).name} (0x{type_:02x}) value {show(value)} is "
+            "not valid UTF-8"
+        ) from None
 
 
 def check_ssl(value: bytes) -> None:
@@ -411,16 +401,12 @@ def check_ssl(value: bytes) -> None:
         start = pos + TLV_HEADER_LENGTH
         if start > length:
             raise SSLTLVError("v2 SSL sub-TLV " + _cut_short(pos, length))
-        type_, size = _TYPE_LENGTH.unpack_from(value, pos)
+        type_, size = TLV_HEAD.unpack_from(value, pos)
         stop = start + size
         if stop > length:
             raise SSLTLVError(_overrun(f"SSL sub-TLV 0x{type_:02x}", pos, start, stop, length))
         if type_ in _SSL_TEXT:
-            sub = value[start:stop]
-            try:
-                sub.decode()
-            except UnicodeDecodeError:
-                raise _ssl_text_error(type_, sub) from None
+            _check_ssl_text(type_, value[start:stop])
             if type_ == _SSL_VERSION:
                 has_version = True
         pos = stop
@@ -434,4 +420,4 @@ def check_ssl(value: bytes) -> None:
 def parse_ssl(value: bytes) -> SSLInfo:
     """Validate and decode a PP2_TYPE_SSL value (the first sub-TLV of a type wins)."""
     check_ssl(value)
-    return _decode_ssl(value)
+    return decode_ssl(value)
