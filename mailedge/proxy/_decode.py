@@ -22,6 +22,7 @@ from mailedge.proxy.values import (
     IPAddress,
     SSLInfo,
     SSLSubType,
+    TLVType,
     Transport,
     UnixAddress,
 )
@@ -31,6 +32,12 @@ __all__ = [
     "SSL_TEXT_FIELDS",
     "TLV_HEAD",
     "TLV_STARTS",
+    "TYPE_ALPN",
+    "TYPE_AUTHORITY",
+    "TYPE_CRC32C",
+    "TYPE_NETNS",
+    "TYPE_SSL",
+    "TYPE_UNIQUE_ID",
     "Fields",
     "HeaderLayout",
     "decode_ssl",
@@ -85,6 +92,14 @@ _V2_FIXED_LENGTH = 16
 _UNIX_PATH_LENGTH = 108
 # Byte 13's high nibble (the family) -> where the TLVs start.
 TLV_STARTS = (16, 16 + 12, 16 + 36, 16 + 216)
+# The TLV types as plain ints, for the header and the TLV checks: comparing and hashing
+# ints is cheaper than enum members.
+TYPE_ALPN = int(TLVType.ALPN)
+TYPE_AUTHORITY = int(TLVType.AUTHORITY)
+TYPE_CRC32C = int(TLVType.CRC32C)
+TYPE_UNIQUE_ID = int(TLVType.UNIQUE_ID)
+TYPE_SSL = int(TLVType.SSL)
+TYPE_NETNS = int(TLVType.NETNS)
 _SSL_FIXED = struct.Struct("!BI")
 # The SSL sub-types whose values are UTF-8 text, each with the SSLInfo field that holds it,
 # in SSLInfo's field order: the decoder, the TLV checks and the encoder all read this list.

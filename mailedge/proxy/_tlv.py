@@ -14,7 +14,16 @@ from typing import NoReturn
 
 import google_crc32c
 
-from mailedge.proxy._decode import SSL_TEXT_FIELDS, TLV_HEAD, decode_ssl
+from mailedge.proxy._decode import (
+    SSL_TEXT_FIELDS,
+    TLV_HEAD,
+    TYPE_AUTHORITY,
+    TYPE_CRC32C,
+    TYPE_NETNS,
+    TYPE_SSL,
+    TYPE_UNIQUE_ID,
+    decode_ssl,
+)
 from mailedge.proxy.errors import (
     ChecksumError,
     InvalidTLVError,
@@ -52,14 +61,8 @@ _CRC_VALUE = struct.Struct("!I")
 _ZERO_CRC = bytes(CRC32C_LENGTH)
 _crc_value = google_crc32c.value
 
-# Plain ints for the hot loop: comparing ints is cheaper than comparing enum members.
-_AUTHORITY = int(TLVType.AUTHORITY)
-_CRC32C = int(TLVType.CRC32C)
-_UNIQUE_ID = int(TLVType.UNIQUE_ID)
-_SSL = int(TLVType.SSL)
-_NETNS = int(TLVType.NETNS)
 # The only types with rules; every other type is kept without a look.
-_CHECKED = frozenset((_AUTHORITY, _CRC32C, _UNIQUE_ID, _SSL, _NETNS))
+_CHECKED = frozenset((TYPE_AUTHORITY, TYPE_CRC32C, TYPE_UNIQUE_ID, TYPE_SSL, TYPE_NETNS))
 
 # The SSL sub-types whose values must be UTF-8.
 _SSL_TEXT = frozenset(int(sub_type) for sub_type, _ in SSL_TEXT_FIELDS)
@@ -77,11 +80,11 @@ _RULE_AUTHORITY = 4
 _RULE_NETNS = 5
 _RULES = tuple(
     {
-        _SSL: _RULE_SSL,
-        _UNIQUE_ID: _RULE_UNIQUE_ID,
-        _CRC32C: _RULE_CRC32C,
-        _AUTHORITY: _RULE_AUTHORITY,
-        _NETNS: _RULE_NETNS,
+        TYPE_SSL: _RULE_SSL,
+        TYPE_UNIQUE_ID: _RULE_UNIQUE_ID,
+        TYPE_CRC32C: _RULE_CRC32C,
+        TYPE_AUTHORITY: _RULE_AUTHORITY,
+        TYPE_NETNS: _RULE_NETNS,
     }.get(type_, 0)
     for type_ in range(256)
 )
@@ -139,21 +142,21 @@ def _netns_error(value: bytes) -> InvalidTLVError:
 
 def _length_error(type_: int, length: int) -> InvalidTLVError | None:
     """The error for a CRC32C or UNIQUE_ID length that breaks its rule, else None."""
-    if type_ == _CRC32C and length != CRC32C_LENGTH:
+    if type_ == TYPE_CRC32C and length != CRC32C_LENGTH:
         return _crc_length_error(length)
-    if type_ == _UNIQUE_ID and length > UNIQUE_ID_MAX_LENGTH:
+    if type_ == TYPE_UNIQUE_ID and length > UNIQUE_ID_MAX_LENGTH:
         return _unique_id_length_error(length)
     return None
 
 
 def _check_value(type_: int, value: bytes) -> None:
     """The rules of AUTHORITY, NETNS, UNIQUE_ID and CRC32C's length."""
-    if type_ == _AUTHORITY:
+    if type_ == TYPE_AUTHORITY:
         try:
             value.decode()
         except UnicodeDecodeError:
             raise _authority_error(value) from None
-    elif type_ == _NETNS:
+    elif type_ == TYPE_NETNS:
         if not value.isascii():
             raise _netns_error(value)
     else:
@@ -299,12 +302,12 @@ def _walk_explaining(data: bytes, pos: int, end: int) -> None:
         stop = start + length
         if stop > end:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, end))
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             if seen_ssl:
                 raise _second("SSL", pos)
             seen_ssl = True
             check_ssl(data[start:stop])
-        elif type_ == _CRC32C:
+        elif type_ == TYPE_CRC32C:
             if crc_at:
                 raise _second("CRC32C", pos)
             if length != CRC32C_LENGTH:
@@ -332,11 +335,11 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
         stop = start + length
         if stop > total:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, total))
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             if seen_ssl:
                 raise _second("SSL", pos)
             seen_ssl = True
-        elif type_ == _CRC32C:
+        elif type_ == TYPE_CRC32C:
             if seen_crc:
                 raise _second("CRC32C", pos)
             seen_crc = True
@@ -344,10 +347,10 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
         if error is not None:
             raise error
         if stop > available:
-            if type_ == _SSL:
+            if type_ == TYPE_SSL:
                 _check_partial_ssl(data[start:available], length)
             return
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             check_ssl(data[start:stop])
         elif type_ in _CHECKED:
             _check_value(type_, data[start:stop])

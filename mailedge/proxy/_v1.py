@@ -203,11 +203,15 @@ def _check_address(protocol: bytes, name: str, text: bytes, allow_mixed_family: 
     )
 
 
+def _port_error(name: str, text: bytes) -> InvalidPortError:
+    return InvalidPortError(
+        f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
+    )
+
+
 def _check_port(name: str, text: bytes) -> None:
     if _PORT_TEXT.fullmatch(text) is None:
-        raise InvalidPortError(
-            f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
-        )
+        raise _port_error(name, text)
 
 
 def _check_partial_field(
@@ -217,9 +221,7 @@ def _check_partial_field(
     name = _FIELD_NAMES[index]
     if index >= 2:
         if not _port_prefix_ok(text):
-            raise InvalidPortError(
-                f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
-            )
+            raise _port_error(name, text)
         return
     own, other = (
         (_ipv4_prefix_ok, _ipv6_prefix_ok)

@@ -18,23 +18,23 @@ import attrs
 from mailedge.proxy._decode import (
     TLV_HEAD,
     TLV_STARTS,
+    TYPE_ALPN,
+    TYPE_AUTHORITY,
+    TYPE_CRC32C,
+    TYPE_NETNS,
+    TYPE_SSL,
+    TYPE_UNIQUE_ID,
     HeaderLayout,
     decode_ssl,
     new_tlv,
     tlv_spans,
 )
-from mailedge.proxy.values import TLV, Address, Command, Family, SSLInfo, TLVType, Transport
+from mailedge.proxy.values import TLV, Address, Command, Family, SSLInfo, Transport
 
 __all__ = ["ProxyHeader"]
 
 _new = object.__new__
 _type_length = TLV_HEAD.unpack_from
-_ALPN = int(TLVType.ALPN)
-_AUTHORITY = int(TLVType.AUTHORITY)
-_CRC32C = int(TLVType.CRC32C)
-_UNIQUE_ID = int(TLVType.UNIQUE_ID)
-_SSL = int(TLVType.SSL)
-_NETNS = int(TLVType.NETNS)
 
 
 _T = TypeVar("_T")
@@ -226,34 +226,34 @@ class ProxyHeader:
     @_lazy
     def ssl(self) -> SSLInfo | None:
         """The decoded SSL TLV, when one was present (a header has at most one)."""
-        value = self._first_values.get(_SSL)
+        value = self._first_values.get(TYPE_SSL)
         return None if value is None else decode_ssl(value)
 
     @_lazy
     def crc32c_verified(self) -> bool:
         """True when a CRC32C TLV was present, and so matched: a mismatch never parses."""
-        return _CRC32C in self._first_values
+        return TYPE_CRC32C in self._first_values
 
     @property
     def alpn(self) -> bytes | None:
         """The PP2_TYPE_ALPN value: the protocol the client negotiated, e.g. ``b"h2"``."""
-        return self._first_values.get(_ALPN)
+        return self._first_values.get(TYPE_ALPN)
 
     @property
     def authority(self) -> str | None:
         """The PP2_TYPE_AUTHORITY value (the SNI host name), validated as UTF-8 by the parser."""
-        value = self._first_values.get(_AUTHORITY)
+        value = self._first_values.get(TYPE_AUTHORITY)
         return None if value is None else value.decode("utf-8")
 
     @property
     def unique_id(self) -> bytes | None:
         """The PP2_TYPE_UNIQUE_ID value: an opaque id of at most 128 bytes."""
-        return self._first_values.get(_UNIQUE_ID)
+        return self._first_values.get(TYPE_UNIQUE_ID)
 
     @property
     def netns(self) -> str | None:
         """The PP2_TYPE_NETNS value: the network namespace name, validated by the parser."""
-        value = self._first_values.get(_NETNS)
+        value = self._first_values.get(TYPE_NETNS)
         return None if value is None else value.decode("ascii")
 
 

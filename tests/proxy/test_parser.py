@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import ipaddress
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -253,26 +250,3 @@ def test_once_bad_always_bad_and_once_good_always_the_same(data: bytes, extra: b
 def test_every_strict_prefix_of_a_valid_header_waits(data: bytes) -> None:
     for size in range(len(data)):
         assert parse_header(data[:size]) is None
-
-
-# --- the codec is sans-IO ---------------------------------------------------------------------
-
-
-def test_importing_the_codec_pulls_in_neither_trio_nor_socket() -> None:
-    code = (
-        "import sys\n"
-        "import mailedge.proxy\n"
-        "print(sorted(m for m in ('trio', 'socket', '_socket') if m in sys.modules))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
-    )
-    assert result.stdout.strip() == "[]"
-
-
-def test_no_codec_module_imports_trio_or_socket() -> None:
-    package = Path(mailedge.proxy.__file__).parent
-    for path in package.glob("*.py"):
-        source = path.read_text(encoding="utf-8")
-        for banned in ("import trio", "import socket", "from trio", "from socket"):
-            assert banned not in source, (path.name, banned)
