@@ -1,6 +1,6 @@
 """The values the codec produces and consumes: enums, addresses, TLVs and SSL details.
 
-All are immutable ``attrs`` values or enums, and none of them knows about bytes: the
+All are immutable ``attrs`` values or enums, and none of them reads the wire format: the
 header (:mod:`mailedge.proxy.header`) reads them from its bytes, and the encoders write
 them.
 """
