@@ -1,36 +1,37 @@
-"""``ProxyHeader(...)`` from values: encode them, parse them back, check they read back.
+"""``build_header``: a header from values, encoded, parsed back, and checked to read back.
 
 A :class:`~mailedge.proxy.header.ProxyHeader` always holds bytes that the parser
 validated, so that its lazily built attributes can never fail. A header built from values
 is no exception: the values are encoded, the bytes parsed, and the result compared with
-what was asked for.
+what was asked for. The header module does not import this one: building sits above
+both the encoders and the parser.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
 
-from mailedge.proxy.encoder import encode_v2
+from mailedge.proxy._tlv import CRC32C_LENGTH, TLV_HEADER_LENGTH, crc32c_of
+from mailedge.proxy._v2 import ADDRESS_BLOCK_LENGTHS, V2_FIXED_LENGTH
+from mailedge.proxy.encoder import encode_v1, encode_v2
 from mailedge.proxy.errors import ProxyProtocolError
-from mailedge.proxy.header import (
+from mailedge.proxy.header import ProxyHeader
+from mailedge.proxy.parser import parse_header
+from mailedge.proxy.values import (
     TLV,
     Address,
     Command,
     Family,
     InetAddress,
-    ProxyHeader,
     SSLInfo,
     TLVType,
     Transport,
     UnixAddress,
 )
-from mailedge.proxy.parser import parse_header
-from mailedge.proxy.tlv import CRC32C_LENGTH, TLV_HEADER_LENGTH, crc32c_of
-from mailedge.proxy.v2 import ADDRESS_BLOCK_LENGTHS, V2_FIXED_LENGTH
 
 __all__ = ["build_header"]
 
-_MAX_PORT = 0xFFFF
 # The addresses a LOCAL header's block holds when none are given: receivers ignore them.
 _ZERO_ADDRESSES: dict[Family, Address] = {
     Family.INET: InetAddress(IPv4Address(0), 0),
@@ -44,13 +45,23 @@ def build_header(
     command: Command,
     family: Family,
     transport: Transport,
-    source: Address | None,
-    destination: Address | None,
-    tlvs: tuple[TLV, ...],
-    ssl: SSLInfo | None,
-    crc32c_verified: bool,
+    source: Address | None = None,
+    destination: Address | None = None,
+    tlvs: Iterable[TLV] = (),
+    ssl: SSLInfo | None = None,
+    crc32c_verified: bool = False,
 ) -> ProxyHeader:
-    """The header these values describe (see ``ProxyHeader.__init__``)."""
+    """The header these values describe: encoded, then parsed back.
+
+    The bytes are what ``encode_v1``/``encode_v2`` write for them, so the header is as
+    valid as a parsed one. ``tlvs`` are written in order (a CRC32C TLV among them gets
+    the right checksum); ``ssl``, when no SSL TLV is among ``tlvs``, is appended as one;
+    ``crc32c_verified=True`` appends a CRC32C TLV when none is among ``tlvs``. What the
+    attributes then hold is what the parser read back, so ``tlvs`` also lists the SSL
+    and CRC32C TLVs. Raises ``ValueError`` (or ``TypeError``) for values no header can
+    carry, or that would not read back as given.
+    """
+    tlv_values = tuple(tlvs)
     command = Command(command)
     family = Family(family)
     transport = Transport(transport)
@@ -63,10 +74,12 @@ def build_header(
     )
     if version == 1:
         raw = _v1_bytes(command, family, transport, source, destination, normalize)
-        if tlvs or ssl is not None or crc32c_verified:
+        if tlv_values or ssl is not None or crc32c_verified:
             raise ValueError("a v1 header carries no TLVs, SSL details or CRC32C")
     elif version == 2:
-        raw = _v2_bytes(command, family, transport, source, destination, tlvs, ssl, crc32c_verified)
+        raw = _v2_bytes(
+            command, family, transport, source, destination, tlv_values, ssl, crc32c_verified
+        )
     else:
         raise ValueError(f"PROXY protocol version {version!r} is neither 1 nor 2")
     try:
@@ -129,29 +142,16 @@ def _v1_bytes(
     if family is Family.UNSPEC:
         if source is not None or destination is not None:
             raise ValueError("a v1 UNKNOWN header (family UNSPEC) carries no addresses")
-        return b"PROXY UNKNOWN\r\n"
+        return encode_v1()
     if family is Family.UNIX:
         raise ValueError("v1 has no AF_UNIX form")
     if not isinstance(source, InetAddress) or not isinstance(destination, InetAddress):
         raise TypeError("a v1 TCP4 or TCP6 header needs two InetAddress values")
-    texts = []
-    for address in (source, destination):
-        if not 0 <= address.port <= _MAX_PORT:
-            raise ValueError(f"port {address.port} is outside 0-65535")
-        ip = address.ip
-        if isinstance(ip, IPv6Address) and ip.scope_id is not None:
-            raise ValueError(f"v1 cannot carry the IPv6 zone id of {address!r}")
-        if family is Family.INET6 and isinstance(ip, IPv4Address) and normalize:
-            texts.append(b"::ffff:%s" % str(ip).encode("ascii"))  # HAProxy's mixed form
-        else:
-            texts.append(str(ip).encode("ascii"))  # nginx's, when the families differ
-    protocol = b"TCP4" if family is Family.INET else b"TCP6"
-    return b"PROXY %s %s %s %d %d\r\n" % (
-        protocol,
-        texts[0],
-        texts[1],
-        source.port,
-        destination.port,
+    # HAProxy's mixed form (the IPv4 address v4-mapped) reads back as given only when the
+    # parser normalises v4-mapped addresses; else, and for an IPv6 address under TCP4,
+    # every address is written as it is (nginx's form).
+    return encode_v1(
+        source, destination, family=family, mixed=family is Family.INET or not normalize
     )
 
 

@@ -11,7 +11,10 @@ import struct
 from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address
 
-from mailedge.proxy.header import (
+from mailedge.proxy._decode import SSL_TEXT_FIELDS
+from mailedge.proxy._tlv import CRC32C_LENGTH, crc32c_of
+from mailedge.proxy._v2 import UNIX_PATH_LENGTH, V2_SIGNATURE
+from mailedge.proxy.values import (
     TLV,
     Address,
     Command,
@@ -23,47 +26,68 @@ from mailedge.proxy.header import (
     Transport,
     UnixAddress,
 )
-from mailedge.proxy.tlv import CRC32C_LENGTH, crc32c_of
-from mailedge.proxy.v2 import UNIX_PATH_LENGTH, V2_SIGNATURE
 
 __all__ = ["encode_v1", "encode_v2"]
 
 # The 2-byte length fields (v2 length, TLV lengths) cannot say more.
 _MAX_FIELD = 0xFFFF
 _MAX_PORT = 0xFFFF
-# The named SSLInfo fields, in SSLSubType order, that become sub-TLVs.
-_SSL_FIELDS = (
-    (SSLSubType.VERSION, "version"),
-    (SSLSubType.CN, "cn"),
-    (SSLSubType.CIPHER, "cipher"),
-    (SSLSubType.SIG_ALG, "sig_alg"),
-    (SSLSubType.KEY_ALG, "key_alg"),
-    (SSLSubType.GROUP, "group"),
-    (SSLSubType.SIG_SCHEME, "sig_scheme"),
-)
 
 
-def encode_v1(source: InetAddress | None = None, destination: InetAddress | None = None) -> bytes:
-    """A v1 line: TCP4 or TCP6 from two addresses of one family, UNKNOWN from none."""
+def encode_v1(
+    source: InetAddress | None = None,
+    destination: InetAddress | None = None,
+    *,
+    family: Family | None = None,
+    mixed: bool = False,
+) -> bytes:
+    """A v1 line: TCP4 or TCP6 from two addresses, UNKNOWN from none.
+
+    ``family`` is inferred from the addresses unless given; they must then be of one
+    family. ``family=Family.INET6`` takes IPv4 addresses too, and writes them v4-mapped as
+    ``::ffff:a.b.c.d``: HAProxy's form for a pair of two families. With ``mixed=True``
+    (``family`` given), every address is written as its own family's text whatever the
+    line says: nginx's form, which receivers accept only when they allow mixed families.
+    """
     if source is None and destination is None:
+        if family is not None and family is not Family.UNSPEC:
+            raise ValueError(f"a v1 {family.name} line needs a source and a destination")
         return b"PROXY UNKNOWN\r\n"
     if source is None or destination is None:
         raise ValueError("encode_v1 needs both source and destination, or neither (UNKNOWN)")
     if not isinstance(source, InetAddress) or not isinstance(destination, InetAddress):
         raise TypeError("encode_v1 carries only InetAddress values")
-    if source.ip.version != destination.ip.version:
-        raise ValueError(
-            f"encode_v1 source {source!r} and destination {destination!r} differ in family"
-        )
+    if family is None:
+        if mixed:
+            raise ValueError("encode_v1 needs the line's family to write mixed families")
+        if source.ip.version != destination.ip.version:
+            raise ValueError(
+                f"encode_v1 source {source!r} and destination {destination!r} differ in "
+                "family; pass family=Family.INET6 to write the IPv4 one v4-mapped"
+            )
+        family = Family.INET if source.ip.version == 4 else Family.INET6
+    elif family is not Family.INET and family is not Family.INET6:
+        raise ValueError(f"v1 has no {family.name} form with addresses")
+    version = 4 if family is Family.INET else 6
+    texts = []
     for address in (source, destination):
         _check_port(address.port)
-        if isinstance(address.ip, IPv6Address) and address.ip.scope_id is not None:
+        ip = address.ip
+        if isinstance(ip, IPv6Address) and ip.scope_id is not None:
             raise ValueError(f"v1 cannot carry the IPv6 zone id of {address!r}")
-    protocol = b"TCP4" if source.ip.version == 4 else b"TCP6"
+        if ip.version == version or mixed:
+            texts.append(str(ip).encode("ascii"))
+        elif version == 6:
+            texts.append(b"::ffff:%s" % str(ip).encode("ascii"))  # HAProxy's mixed form
+        else:
+            raise ValueError(
+                f"v1 TCP4 cannot carry the IPv6 address of {address!r}; mixed=True writes "
+                "it as it is (nginx's form)"
+            )
     return b"PROXY %s %s %s %d %d\r\n" % (
-        protocol,
-        str(source.ip).encode("ascii"),
-        str(destination.ip).encode("ascii"),
+        b"TCP4" if version == 4 else b"TCP6",
+        texts[0],
+        texts[1],
         source.port,
         destination.port,
     )
@@ -128,7 +152,7 @@ def ssl_value(ssl: SSLInfo) -> bytes:
         for sub in ssl.tlvs:
             value += _tlv_bytes(sub.type, sub.value)
     else:
-        for sub_type, name in _SSL_FIELDS:
+        for sub_type, name in SSL_TEXT_FIELDS:
             text: str | None = getattr(ssl, name)
             if text is not None:
                 value += _tlv_bytes(sub_type, text.encode("utf-8"))

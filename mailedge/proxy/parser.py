@@ -9,22 +9,24 @@ the validated bytes and build nothing else. Everything else goes to ``parse_v1``
 
 from __future__ import annotations
 
-from mailedge.proxy.errors import NotProxyHeaderError
-from mailedge.proxy.header import ProxyHeader
-from mailedge.proxy.tlv import check_tlvs, show
-from mailedge.proxy.v1 import FAST_LINE, V1_MAX_LENGTH, parse_v1
-from mailedge.proxy.v1 import TCP4_LAYOUTS as V1_TCP4_LAYOUTS
-from mailedge.proxy.v1 import TCP6_LAYOUTS as V1_TCP6_LAYOUTS
-from mailedge.proxy.v2 import (
+from mailedge.proxy._tlv import check_tlvs, show
+from mailedge.proxy._v1 import FAST_LINE, V1_MAX_LENGTH, parse_v1
+from mailedge.proxy._v1 import TCP4_LAYOUTS as V1_TCP4_LAYOUTS
+from mailedge.proxy._v1 import TCP6_LAYOUTS as V1_TCP6_LAYOUTS
+from mailedge.proxy._v2 import (
     DEFAULT_MAX_V2_LENGTH,
     FIXED,
     V2_SIGNATURE,
     parse_v2,
 )
-from mailedge.proxy.v2 import TCP4_LAYOUTS as V2_TCP4_LAYOUTS
-from mailedge.proxy.v2 import TCP6_LAYOUTS as V2_TCP6_LAYOUTS
+from mailedge.proxy._v2 import TCP4_LAYOUTS as V2_TCP4_LAYOUTS
+from mailedge.proxy._v2 import TCP6_LAYOUTS as V2_TCP6_LAYOUTS
+from mailedge.proxy.errors import NotProxyHeaderError
+from mailedge.proxy.header import ProxyHeader
 
-__all__ = ["parse_header"]
+# The limits parse_header works to are public here, with it: the longest v1 line, the v2
+# signature, and the default cap on a v2 header.
+__all__ = ["parse_header", "DEFAULT_MAX_V2_LENGTH", "V1_MAX_LENGTH", "V2_SIGNATURE"]
 
 _fast_line = FAST_LINE.match
 _unpack_fixed = FIXED.unpack_from

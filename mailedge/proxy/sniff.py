@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import enum
 
-from mailedge.proxy.v1 import V1_PREFIX
-from mailedge.proxy.v2 import V2_SIGNATURE
+from mailedge.proxy._v1 import V1_PREFIX
+from mailedge.proxy._v2 import V2_SIGNATURE
 
 __all__ = ["Sniff", "sniff"]
 

@@ -17,6 +17,7 @@ from mailedge.proxy import (
     Address,
     ClientFlags,
     Command,
+    DisallowedFamilyError,
     Family,
     InetAddress,
     SSLInfo,
@@ -104,6 +105,83 @@ def test_encode_v1_misuse() -> None:
         encode_v1(InetAddress(IPv6Address("fe80::1%eth0"), 1), DESTINATION6)
     with pytest.raises(TypeError):
         encode_v1(UnixAddress(b"/a"), UnixAddress(b"/b"))  # type: ignore[arg-type]
+
+
+def test_encode_v1_writes_haproxy_mixed_families_with_family_inet6() -> None:
+    client = InetAddress(IPv4Address("203.0.113.7"), 40000)
+    server = InetAddress(IPv6Address("2001:db8::1"), 25)
+    data = encode_v1(client, server, family=Family.INET6)
+    assert data == b"PROXY TCP6 ::ffff:203.0.113.7 2001:db8::1 40000 25\r\n"
+    assert encode_v1(server, client, family=Family.INET6) == (
+        b"PROXY TCP6 2001:db8::1 ::ffff:203.0.113.7 25 40000\r\n"
+    )
+    # A strict receiver takes it, and reads the IPv4 address back as IPv4.
+    result = parse_header(data)
+    assert result is not None
+    assert (result[0].family, result[0].source, result[0].destination) == (
+        Family.INET6,
+        client,
+        server,
+    )
+    # Two IPv4 addresses under TCP6 are both written v4-mapped.
+    assert encode_v1(SOURCE4, DESTINATION4, family=Family.INET6) == (
+        b"PROXY TCP6 ::ffff:192.0.2.10 ::ffff:198.51.100.25 51234 25\r\n"
+    )
+    # The family a pair of one family implies changes nothing.
+    assert encode_v1(SOURCE4, DESTINATION4, family=Family.INET) == encode_v1(SOURCE4, DESTINATION4)
+    assert encode_v1(SOURCE6, DESTINATION6, family=Family.INET6) == encode_v1(SOURCE6, DESTINATION6)
+    assert encode_v1(family=Family.UNSPEC) == b"PROXY UNKNOWN\r\n"
+
+
+def _probe_v1_mixed(client: InetAddress, server: InetAddress) -> bytes:
+    """What mailedge.probe wrote for a mixed pair before it used encode_v1 (its own code)."""
+
+    def text(ip: IPv4Address | IPv6Address) -> str:
+        return f"::ffff:{ip}" if ip.version == 4 else str(ip)
+
+    line = f"PROXY TCP6 {text(client.ip)} {text(server.ip)} {client.port} {server.port}\r\n"
+    return line.encode("ascii")
+
+
+@given(st.one_of(st.tuples(inet4, inet6), st.tuples(inet6, inet4)))
+def test_encode_v1_family_inet6_is_what_the_probe_wrote_for_mixed_pairs(
+    pair: tuple[InetAddress, InetAddress],
+) -> None:
+    client, server = pair
+    assert encode_v1(client, server, family=Family.INET6) == _probe_v1_mixed(client, server)
+
+
+def test_encode_v1_writes_nginx_mixed_families_with_mixed() -> None:
+    assert encode_v1(SOURCE4, DESTINATION6, family=Family.INET6, mixed=True) == (
+        b"PROXY TCP6 192.0.2.10 2001:db8::25 51234 587\r\n"
+    )
+    data = encode_v1(SOURCE6, DESTINATION4, family=Family.INET, mixed=True)
+    assert data == b"PROXY TCP4 2001:db8::10 198.51.100.25 51234 25\r\n"
+    # Receivers take nginx's form only when they allow mixed families.
+    with pytest.raises(DisallowedFamilyError):
+        parse_header(data)
+    result = parse_header(data, allow_v1_mixed_family=True)
+    assert result is not None
+    assert (result[0].source, result[0].destination) == (SOURCE6, DESTINATION4)
+    # For a pair of the line's own family, mixed changes nothing.
+    assert encode_v1(SOURCE4, DESTINATION4, family=Family.INET, mixed=True) == encode_v1(
+        SOURCE4, DESTINATION4
+    )
+
+
+def test_encode_v1_family_misuse() -> None:
+    with pytest.raises(ValueError, match="mixed=True"):
+        encode_v1(SOURCE6, DESTINATION4, family=Family.INET)
+    with pytest.raises(ValueError, match="needs the line's family"):
+        encode_v1(SOURCE4, DESTINATION6, mixed=True)
+    with pytest.raises(ValueError, match="no UNIX form"):
+        encode_v1(SOURCE4, DESTINATION4, family=Family.UNIX)
+    with pytest.raises(ValueError, match="no UNSPEC form"):
+        encode_v1(SOURCE4, DESTINATION4, family=Family.UNSPEC)
+    with pytest.raises(ValueError, match="needs a source"):
+        encode_v1(family=Family.INET6)
+    with pytest.raises(ValueError, match="zone id"):
+        encode_v1(SOURCE4, InetAddress(IPv6Address("fe80::1%eth0"), 1), family=Family.INET6)
 
 
 @given(st.one_of(st.just((None, None)), st.tuples(inet4, inet4), st.tuples(inet6, inet6)))

@@ -23,7 +23,7 @@ from mailedge.proxy import (
     TLVType,
     parse_header,
 )
-from mailedge.proxy.tlv import check_tlvs, crc32c_of, first_problem
+from mailedge.proxy._tlv import check_tlvs, crc32c_of, first_problem
 
 INET4_BLOCK = bytes([192, 0, 2, 10, 198, 51, 100, 25]) + struct.pack("!HH", 51234, 25)
 CHECKED_TYPES = {0x02, 0x03, 0x05, 0x20, 0x30}

@@ -25,8 +25,8 @@ from mailedge.proxy import (
     V1SyntaxError,
     parse_header,
 )
-from mailedge.proxy.header import _ipv6_int
-from mailedge.proxy.v1 import FAST_LINE, parse_v1
+from mailedge.proxy._decode import ipv6_int
+from mailedge.proxy._v1 import FAST_LINE, parse_v1
 
 # What a header says, every lazily built attribute materialised. Tests compare these,
 # never headers: two headers are equal only when their bytes are (and one of these lines
@@ -417,7 +417,7 @@ def test_ipv6_text_forms_agree_with_ipaddress(ip: IPv6Address) -> None:
     low = int(ip) & 0xFFFFFFFF
     forms.add(f"{ip.exploded[:30]}{IPv4Address(low)}")
     for form in forms:
-        assert _ipv6_int(form.encode()) == int(ip), form
+        assert ipv6_int(form.encode()) == int(ip), form
 
 
 @given(st.ip_addresses(v=6), st.integers(0, 65535), st.integers(0, 65535))
@@ -489,7 +489,7 @@ def test_every_compressed_position_reads_back() -> None:
 
 @given(st.text(alphabet="0123456789abcdefABCDEF:.", max_size=45))
 def test_ipv6_text_never_accepts_what_ipaddress_rejects(text: str) -> None:
-    value = _ipv6_int(text.encode())
+    value = ipv6_int(text.encode())
     try:
         expected: int | None = int(IPv6Address(text))
     except ValueError:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from mailedge.proxy._decode import header_layout
+from mailedge.proxy._tlv import check_partial_tlvs, check_tlvs, show
 from mailedge.proxy.errors import (
     AddressBlockTooShortError,
     DisallowedFamilyError,
@@ -18,15 +20,8 @@ from mailedge.proxy.errors import (
     InvalidVersionError,
     NotProxyHeaderError,
 )
-from mailedge.proxy.header import (
-    Command,
-    Family,
-    ProxyHeader,
-    Transport,
-    header_layout,
-    make_header,
-)
-from mailedge.proxy.tlv import check_partial_tlvs, check_tlvs, show
+from mailedge.proxy.header import ProxyHeader, make_header
+from mailedge.proxy.values import Command, Family, Transport
 
 __all__ = [
     "ADDRESS_BLOCK_LENGTHS",

@@ -14,13 +14,23 @@ from typing import NoReturn
 
 import google_crc32c
 
+from mailedge.proxy._decode import (
+    SSL_TEXT_FIELDS,
+    TLV_HEAD,
+    TYPE_AUTHORITY,
+    TYPE_CRC32C,
+    TYPE_NETNS,
+    TYPE_SSL,
+    TYPE_UNIQUE_ID,
+    decode_ssl,
+)
 from mailedge.proxy.errors import (
     ChecksumError,
     InvalidTLVError,
     ProxyProtocolError,
     SSLTLVError,
 )
-from mailedge.proxy.header import ClientFlags, SSLInfo, SSLSubType, TLVType, _decode_ssl
+from mailedge.proxy.values import ClientFlags, SSLInfo, SSLSubType, TLVType
 
 __all__ = [
     "CRC32C_LENGTH",
@@ -35,8 +45,8 @@ __all__ = [
     "show",
 ]
 
-# type (1 byte) + length (2 bytes, big-endian) before every value.
-TLV_HEADER_LENGTH = 3
+# type (1 byte) + length (2 bytes, big-endian) before every value: 3 bytes.
+TLV_HEADER_LENGTH = TLV_HEAD.size
 # The spec stores CRC32C as a 32-bit big-endian number.
 CRC32C_LENGTH = 4
 # The spec's bound on PP2_TYPE_UNIQUE_ID, so that receivers can size their storage.
@@ -47,33 +57,15 @@ SSL_FIXED_LENGTH = 5
 # flood a log.
 _SHOW_LIMIT = 40
 
-_TYPE_LENGTH = struct.Struct("!BH")
 _CRC_VALUE = struct.Struct("!I")
 _ZERO_CRC = bytes(CRC32C_LENGTH)
 _crc_value = google_crc32c.value
 
-# Plain ints for the hot loop: comparing ints is cheaper than comparing enum members.
-_AUTHORITY = int(TLVType.AUTHORITY)
-_CRC32C = int(TLVType.CRC32C)
-_UNIQUE_ID = int(TLVType.UNIQUE_ID)
-_SSL = int(TLVType.SSL)
-_NETNS = int(TLVType.NETNS)
 # The only types with rules; every other type is kept without a look.
-_CHECKED = frozenset((_AUTHORITY, _CRC32C, _UNIQUE_ID, _SSL, _NETNS))
+_CHECKED = frozenset((TYPE_AUTHORITY, TYPE_CRC32C, TYPE_UNIQUE_ID, TYPE_SSL, TYPE_NETNS))
 
 # The SSL sub-types whose values must be UTF-8.
-_SSL_TEXT = frozenset(
-    int(sub_type)
-    for sub_type in (
-        SSLSubType.VERSION,
-        SSLSubType.CN,
-        SSLSubType.CIPHER,
-        SSLSubType.SIG_ALG,
-        SSLSubType.KEY_ALG,
-        SSLSubType.GROUP,
-        SSLSubType.SIG_SCHEME,
-    )
-)
+_SSL_TEXT = frozenset(int(sub_type) for sub_type, _ in SSL_TEXT_FIELDS)
 _SSL_VERSION = int(SSLSubType.VERSION)
 _CLIENT_SSL = int(ClientFlags.SSL)
 
@@ -88,11 +80,11 @@ _RULE_AUTHORITY = 4
 _RULE_NETNS = 5
 _RULES = tuple(
     {
-        _SSL: _RULE_SSL,
-        _UNIQUE_ID: _RULE_UNIQUE_ID,
-        _CRC32C: _RULE_CRC32C,
-        _AUTHORITY: _RULE_AUTHORITY,
-        _NETNS: _RULE_NETNS,
+        TYPE_SSL: _RULE_SSL,
+        TYPE_UNIQUE_ID: _RULE_UNIQUE_ID,
+        TYPE_CRC32C: _RULE_CRC32C,
+        TYPE_AUTHORITY: _RULE_AUTHORITY,
+        TYPE_NETNS: _RULE_NETNS,
     }.get(type_, 0)
     for type_ in range(256)
 )
@@ -150,21 +142,21 @@ def _netns_error(value: bytes) -> InvalidTLVError:
 
 def _length_error(type_: int, length: int) -> InvalidTLVError | None:
     """The error for a CRC32C or UNIQUE_ID length that breaks its rule, else None."""
-    if type_ == _CRC32C and length != CRC32C_LENGTH:
+    if type_ == TYPE_CRC32C and length != CRC32C_LENGTH:
         return _crc_length_error(length)
-    if type_ == _UNIQUE_ID and length > UNIQUE_ID_MAX_LENGTH:
+    if type_ == TYPE_UNIQUE_ID and length > UNIQUE_ID_MAX_LENGTH:
         return _unique_id_length_error(length)
     return None
 
 
 def _check_value(type_: int, value: bytes) -> None:
     """The rules of AUTHORITY, NETNS, UNIQUE_ID and CRC32C's length."""
-    if type_ == _AUTHORITY:
+    if type_ == TYPE_AUTHORITY:
         try:
             value.decode()
         except UnicodeDecodeError:
             raise _authority_error(value) from None
-    elif type_ == _NETNS:
+    elif type_ == TYPE_NETNS:
         if not value.isascii():
             raise _netns_error(value)
     else:
@@ -183,7 +175,7 @@ def check_tlvs(
     pos: int,
     end: int,
     # Bound as defaults: these are read for every TLV, and locals are the cheapest reads.
-    _type_length: Callable[[bytes, int], tuple[int, int]] = _TYPE_LENGTH.unpack_from,
+    _type_length: Callable[[bytes, int], tuple[int, int]] = TLV_HEAD.unpack_from,
     _rules: tuple[int, ...] = _RULES,
     _ssl_text: tuple[bool, ...] = _SSL_TEXT_TYPES,
 ) -> None:
@@ -306,16 +298,16 @@ def _walk_explaining(data: bytes, pos: int, end: int) -> None:
         start = pos + TLV_HEADER_LENGTH
         if start > end:
             raise InvalidTLVError("v2 TLV " + _cut_short(pos, end))
-        type_, length = _TYPE_LENGTH.unpack_from(data, pos)
+        type_, length = TLV_HEAD.unpack_from(data, pos)
         stop = start + length
         if stop > end:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, end))
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             if seen_ssl:
                 raise _second("SSL", pos)
             seen_ssl = True
             check_ssl(data[start:stop])
-        elif type_ == _CRC32C:
+        elif type_ == TYPE_CRC32C:
             if crc_at:
                 raise _second("CRC32C", pos)
             if length != CRC32C_LENGTH:
@@ -338,16 +330,16 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
     available = len(data)
     seen_ssl = seen_crc = False
     while pos + TLV_HEADER_LENGTH <= available:
-        type_, length = _TYPE_LENGTH.unpack_from(data, pos)
+        type_, length = TLV_HEAD.unpack_from(data, pos)
         start = pos + TLV_HEADER_LENGTH
         stop = start + length
         if stop > total:
             raise InvalidTLVError(_overrun(_type_name(type_), pos, start, stop, total))
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             if seen_ssl:
                 raise _second("SSL", pos)
             seen_ssl = True
-        elif type_ == _CRC32C:
+        elif type_ == TYPE_CRC32C:
             if seen_crc:
                 raise _second("CRC32C", pos)
             seen_crc = True
@@ -355,10 +347,10 @@ def check_partial_tlvs(data: bytes, pos: int, total: int) -> None:
         if error is not None:
             raise error
         if stop > available:
-            if type_ == _SSL:
+            if type_ == TYPE_SSL:
                 _check_partial_ssl(data[start:available], length)
             return
-        if type_ == _SSL:
+        if type_ == TYPE_SSL:
             check_ssl(data[start:stop])
         elif type_ in _CHECKED:
             _check_value(type_, data[start:stop])
@@ -372,7 +364,7 @@ def _check_partial_ssl(head: bytes, length: int) -> None:
     pos = SSL_FIXED_LENGTH
     available = len(head)
     while pos + TLV_HEADER_LENGTH <= available:
-        type_, size = _TYPE_LENGTH.unpack_from(head, pos)
+        type_, size = TLV_HEAD.unpack_from(head, pos)
         start = pos + TLV_HEADER_LENGTH
         stop = start + size
         if stop > length:
@@ -380,10 +372,7 @@ def _check_partial_ssl(head: bytes, length: int) -> None:
         if stop > available:
             return
         if type_ in _SSL_TEXT:
-            try:
-                head[start:stop].decode()
-            except UnicodeDecodeError:
-                raise _ssl_text_error(type_, head[start:stop]) from None
+            _check_ssl_text(type_, head[start:stop])
         pos = stop
 
 
@@ -393,11 +382,15 @@ def _ssl_too_short(length: int) -> SSLTLVError:
     )
 
 
-def _ssl_text_error(type_: int, value: bytes) -> SSLTLVError:
-    return SSLTLVError(
-        f"v2 SSL sub-TLV {SSLSubType(type_).name} (0x{type_:02x}) value {show(value)} is not "
-        "valid UTF-8"
-    )
+def _check_ssl_text(type_: int, value: bytes) -> None:
+    """The value of a sub-TLV that SSLInfo holds as text must be UTF-8."""
+    try:
+        value.decode()
+    except UnicodeDecodeError:
+        raise SSLTLVError(
+            f"v2 SSL sub-TLV {SSLSubType(type_).name} (0x{type_:02x}) value {show(value)} is "
+            "not valid UTF-8"
+        ) from None
 
 
 def check_ssl(value: bytes) -> None:
@@ -411,16 +404,12 @@ def check_ssl(value: bytes) -> None:
         start = pos + TLV_HEADER_LENGTH
         if start > length:
             raise SSLTLVError("v2 SSL sub-TLV " + _cut_short(pos, length))
-        type_, size = _TYPE_LENGTH.unpack_from(value, pos)
+        type_, size = TLV_HEAD.unpack_from(value, pos)
         stop = start + size
         if stop > length:
             raise SSLTLVError(_overrun(f"SSL sub-TLV 0x{type_:02x}", pos, start, stop, length))
         if type_ in _SSL_TEXT:
-            sub = value[start:stop]
-            try:
-                sub.decode()
-            except UnicodeDecodeError:
-                raise _ssl_text_error(type_, sub) from None
+            _check_ssl_text(type_, value[start:stop])
             if type_ == _SSL_VERSION:
                 has_version = True
         pos = stop
@@ -434,4 +423,4 @@ def check_ssl(value: bytes) -> None:
 def parse_ssl(value: bytes) -> SSLInfo:
     """Validate and decode a PP2_TYPE_SSL value (the first sub-TLV of a type wins)."""
     check_ssl(value)
-    return _decode_ssl(value)
+    return decode_ssl(value)

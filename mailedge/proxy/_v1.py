@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import re
 
+from mailedge.proxy._decode import OCTETS, header_layout, ipv4_int, ipv6_int
+from mailedge.proxy._tlv import show
 from mailedge.proxy.errors import (
     DisallowedFamilyError,
     HeaderTooLongError,
@@ -20,18 +22,8 @@ from mailedge.proxy.errors import (
     NotProxyHeaderError,
     V1SyntaxError,
 )
-from mailedge.proxy.header import (
-    _OCTETS,
-    Command,
-    Family,
-    ProxyHeader,
-    Transport,
-    _ipv4_int,
-    _ipv6_int,
-    header_layout,
-    make_header,
-)
-from mailedge.proxy.tlv import show
+from mailedge.proxy.header import ProxyHeader, make_header
+from mailedge.proxy.values import Command, Family, Transport
 
 __all__ = [
     "FAST_LINE",
@@ -139,13 +131,13 @@ def _ipv4_prefix_ok(text: bytes) -> bool:
     if len(parts) > 4:
         return False
     for part in parts[:-1]:
-        if part not in _OCTETS:
+        if part not in OCTETS:
             return False
-    return parts[-1] == b"" or parts[-1] in _OCTETS
+    return parts[-1] == b"" or parts[-1] in OCTETS
 
 
 def _ipv6_prefix_ok(text: bytes) -> bool:
-    """True when ``text`` can still grow into IPv6 text that _ipv6_int accepts."""
+    """True when ``text`` can still grow into IPv6 text that ipv6_int accepts."""
     if len(text) > _IPV6_MAX_TEXT or _IPV6_TEXT.fullmatch(text) is None:
         return False
     compressed = b"::" in text
@@ -185,10 +177,10 @@ def _mixed_error(
 
 def _check_address(protocol: bytes, name: str, text: bytes, allow_mixed_family: bool) -> None:
     """Validate a complete address field for its protocol (or, when allowed, the other)."""
-    v4 = _ipv4_int(text)
+    v4 = ipv4_int(text)
     v6 = None
     if len(text) <= _IPV6_MAX_TEXT and _IPV6_TEXT.fullmatch(text) is not None:
-        v6 = _ipv6_int(text)
+        v6 = ipv6_int(text)
     if protocol == b"TCP4":
         if v4 is not None:
             return
@@ -211,11 +203,15 @@ def _check_address(protocol: bytes, name: str, text: bytes, allow_mixed_family: 
     )
 
 
+def _port_error(name: str, text: bytes) -> InvalidPortError:
+    return InvalidPortError(
+        f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
+    )
+
+
 def _check_port(name: str, text: bytes) -> None:
     if _PORT_TEXT.fullmatch(text) is None:
-        raise InvalidPortError(
-            f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
-        )
+        raise _port_error(name, text)
 
 
 def _check_partial_field(
@@ -225,9 +221,7 @@ def _check_partial_field(
     name = _FIELD_NAMES[index]
     if index >= 2:
         if not _port_prefix_ok(text):
-            raise InvalidPortError(
-                f"v1 {name} {show(text)} is not a decimal 0-65535 without leading zeros"
-            )
+            raise _port_error(name, text)
         return
     own, other = (
         (_ipv4_prefix_ok, _ipv6_prefix_ok)
