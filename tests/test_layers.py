@@ -47,7 +47,13 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 # Imports allowed although they point upward or close a cycle; each says why, and when it goes.
-EXCEPTIONS: frozenset[tuple[str, str]] = frozenset()
+EXCEPTIONS: frozenset[tuple[str, str]] = frozenset(
+    {
+        # ProxyHeader(...) built from values: the deprecation shim that forwards to
+        # build_header, imported when called. It goes in the next release (docs/codec.md).
+        ("mailedge.proxy.header", "mailedge.proxy.build"),
+    }
+)
 
 
 def module_name(path: Path) -> str:

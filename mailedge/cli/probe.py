@@ -298,19 +298,6 @@ class ProbeOptions:
         return DEFAULT_CLIENT if self.client is None else self.client
 
 
-def _v1_mixed(client: InetAddress, server: InetAddress) -> bytes:
-    """A v1 TCP6 line for addresses of two families, the IPv4 one v4-mapped and dotted.
-
-    ``encode_v1`` takes one family; HAProxy writes a mixed pair this way.
-    """
-
-    def text(ip: IPAddress) -> str:
-        return f"::ffff:{ip}" if ip.version == 4 else str(ip)
-
-    line = f"PROXY TCP6 {text(client.ip)} {text(server.ip)} {client.port} {server.port}\r\n"
-    return line.encode("ascii")
-
-
 def build_header(options: ProbeOptions, server: InetAddress) -> bytes:
     """The header the probe sends (``b""`` for none); ``server`` is the default destination.
 
@@ -332,7 +319,8 @@ def _build_header(options: ProbeOptions, server: InetAddress) -> bytes:
     if options.mode is HeaderMode.V1:
         assert client is not None
         if client.ip.version != destination.ip.version:
-            return _v1_mixed(client, destination)
+            # HAProxy's form for a mixed pair: TCP6, the IPv4 one written ::ffff:a.b.c.d.
+            return encode_v1(client, destination, family=Family.INET6)
         return encode_v1(client, destination)
     tlvs: list[TLV] = []
     if options.alpn is not None:

@@ -25,10 +25,10 @@ from mailedge.proxy import (
     Command,
     Family,
     InetAddress,
-    ProxyHeader,
     SSLInfo,
     TLVType,
     Transport,
+    build_header,
 )
 from mailedge.settings import AutoBanSettings, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
@@ -52,7 +52,7 @@ def proxied_ipv4_context() -> ConnectionContext:
         local_port=8080,
         proxied=True,
         address_source=AddressSource.HEADER,
-        header=ProxyHeader(
+        header=build_header(
             version=1,
             command=Command.PROXY,
             family=Family.INET,
@@ -147,7 +147,7 @@ def proxy_tls_context() -> ConnectionContext:
         cn="alice",
         cipher="TLS_AES_256_GCM_SHA384",
     )
-    header = ProxyHeader(
+    header = build_header(
         version=2,
         command=Command.PROXY,
         family=Family.INET6,
