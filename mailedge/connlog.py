@@ -1,13 +1,13 @@
 """A per-connection log prefix, so every line a handler logs names its connection.
 
 ``ConnectionLogger(logger, context)`` is a :class:`logging.LoggerAdapter` that writes
-``#<connection id> <listener> client=<ip:port>`` (and ``via=<proxy ip:port>`` when a proxy
-forwarded the connection) before each message: the same words the context's repr uses, and
-the client the gate established, never the proxy pretending to be one::
+``#<connection id> <listener> client=<ip:port>`` before each message: the words the context's
+repr starts with, naming the client the gate established, never a proxy. The connection id
+finds the rest (the proxy, TLS) in the server's own lines, which log the whole context::
 
     log = ConnectionLogger(logging.getLogger("myserver.smtp"), context)
     log.info("delivered %s", 1)
-    # "#25 smtp client=198.51.100.7:40123 via=127.0.0.1:51000: delivered 1"
+    # "#25 smtp client=198.51.100.7:40123: delivered 1"
 """
 
 from __future__ import annotations
@@ -16,17 +16,13 @@ import logging
 from typing import Any
 
 from mailedge.context import ConnectionContext
-from mailedge.networks import format_endpoint
 
 __all__ = ["ConnectionLogger", "connection_prefix"]
 
 
 def connection_prefix(context: ConnectionContext) -> str:
-    """``#id listener client=ip:port`` and, when proxied, ``via=ip:port``."""
-    prefix = f"#{context.connection_id} {context.listener} client={context.client_endpoint}"
-    if context.proxied:
-        prefix += f" via={format_endpoint(context.peer_ip, context.peer_port)}"
-    return prefix
+    """``#id listener client=ip:port``, as the connection's log lines begin."""
+    return f"#{context.connection_id} {context.listener} client={context.client_endpoint}"
 
 
 class ConnectionLogger(logging.LoggerAdapter[logging.Logger]):
