@@ -45,5 +45,6 @@ class ConnectionLogger(logging.LoggerAdapter[logging.Logger]):
         if args:
             # A scoped IPv6 address carries a "%", which must not pose as a format directive.
             prefix = prefix.replace("%", "%%")
-        kwargs.setdefault("stacklevel", 3)
+        # Name the caller, not this method, as the record's origin.
+        kwargs["stacklevel"] = kwargs.get("stacklevel", 1) + 1
         self.logger.log(level, f"{prefix}: {msg}", *args, **kwargs)
