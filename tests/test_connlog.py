@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from typing import Any
 
 import attrs
 import pytest
@@ -13,7 +14,7 @@ from mailedge.context import AddressSource, ConnectionContext
 from mailedge.settings import Protocol
 
 
-def make_context(**changes: object) -> ConnectionContext:
+def make_context(**changes: Any) -> ConnectionContext:
     base = ConnectionContext(
         connection_id=25,
         listener="smtp-proxy",
