@@ -362,8 +362,7 @@ async def run_mailedge(
 
 
 def _smtp_handler(maildir: Path) -> Callable[[trio.abc.Stream, Any], Any]:
-    sys.path.insert(0, str(ROOT / "examples"))
-    from smtp_handler import SMTPHandler
+    from mailedge_examples.smtp_handler import SMTPHandler
 
     handler: Callable[[trio.abc.Stream, Any], Any] = SMTPHandler(
         hostname="bench.example", maildir=maildir

@@ -41,13 +41,21 @@ _EXPORTS = {
     "PrefixedStream": "mailedge.streams",
     "server_ssl_context": "mailedge.tls",
     "starttls": "mailedge.tls",
+    "ConnectionLogger": "mailedge.connlog",
+    "ClientClosed": "mailedge.lines",
+    "LineReader": "mailedge.lines",
+    "LineTooLongError": "mailedge.lines",
+    "listener_handshake_timeout": "mailedge.tls",
+    "negotiate_starttls": "mailedge.tls",
 }
 
 if TYPE_CHECKING:
     from mailedge.config import ConfigError, load
+    from mailedge.connlog import ConnectionLogger
     from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
     from mailedge.events import EventName, GateEvent, LogLimiter
     from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
+    from mailedge.lines import ClientClosed, LineReader, LineTooLongError
     from mailedge.networks import InvalidNetworkError, TrustedNetworks
     from mailedge.server import Handler, Server, handle_signals, refusal, serve
     from mailedge.settings import (
@@ -59,7 +67,12 @@ if TYPE_CHECKING:
         SystemSettings,
     )
     from mailedge.streams import IdleTimeoutStream, PrefixedStream
-    from mailedge.tls import server_ssl_context, starttls
+    from mailedge.tls import (
+        listener_handshake_timeout,
+        negotiate_starttls,
+        server_ssl_context,
+        starttls,
+    )
 
 
 def __getattr__(name: str) -> object:
@@ -107,4 +120,11 @@ __all__ = [
     "serve",
     "server_ssl_context",
     "starttls",
+    # what a protocol handler needs
+    "ClientClosed",
+    "ConnectionLogger",
+    "LineReader",
+    "LineTooLongError",
+    "listener_handshake_timeout",
+    "negotiate_starttls",
 ]

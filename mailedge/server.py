@@ -27,6 +27,7 @@ from mailedge.config import ConfigError, load_document
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.limits import ConnectionLimits
+from mailedge.names import ENHANCED_STATUS
 from mailedge.networks import format_endpoint
 from mailedge.policy import Action, BaseHooks, Hooks, Verdict
 from mailedge.settings import NetworkListener, Protocol, Settings
@@ -87,8 +88,6 @@ HOOK_FAILURE_STATUS = "4.3.0"
 
 # A refusal's text goes into a reply line; a hook's reason must not be able to end the line.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
-# An RFC 3463 enhanced status code: class.subject.detail.
-_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 
 
 def refusal(
@@ -109,7 +108,7 @@ def refusal(
     text = _CONTROL.sub(" ", text).strip() or ("Refused" if reject else "Try again later")
     if protocol is Protocol.SMTP:
         code, default = ("554", "5.7.1") if reject else ("421", "4.7.0")
-        valid = status is not None and _STATUS.fullmatch(status) and status[0] == code[0]
+        valid = status is not None and ENHANCED_STATUS.fullmatch(status) and status[0] == code[0]
         return f"{code} {status if valid else default} {text}\r\n".encode()
     if protocol is Protocol.IMAP:
         return f"* BYE {text}\r\n".encode()

@@ -2,17 +2,34 @@
 
 The gate reads the PROXY header from the raw TCP stream first; TLS then runs over the stream
 the gate returned, so a ClientHello that arrived in the header's segment is not lost.
+
+A protocol handler's STARTTLS goes through :func:`negotiate_starttls`: it drops the plaintext
+the client pipelined after the command (RFC 3207 4.2; the command injection of CVE-2011-0411),
+bounds the handshake by the listener's ``tls_handshake_timeout``
+(:func:`listener_handshake_timeout`), and logs what happened through the handler's logger.
 """
 
 from __future__ import annotations
 
+import logging
 import ssl
+from typing import Any, Protocol
 
 import trio
 
 from mailedge.context import ConnectionContext
+from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
+from mailedge.settings import Settings
 
-__all__ = ["capture_sni", "server_ssl_context", "starttls", "tls_context"]
+__all__ = [
+    "PlaintextBuffer",
+    "capture_sni",
+    "listener_handshake_timeout",
+    "negotiate_starttls",
+    "server_ssl_context",
+    "starttls",
+    "tls_context",
+]
 
 _SNI_ATTRIBUTE = "_mailedge_sni"
 
@@ -69,3 +86,60 @@ async def starttls(
     tls = trio.SSLStream(stream, ssl_context, server_side=True)
     await tls.do_handshake()
     return tls, tls_context(tls, context)
+
+
+class PlaintextBuffer(Protocol):
+    """Whatever holds bytes received before the handshake: a :class:`~mailedge.lines.LineReader`."""
+
+    def discard_buffered(self) -> int:
+        """Drop every byte received but not yet read; return how many there were."""
+        ...
+
+
+def listener_handshake_timeout(settings: Settings | None, context: ConnectionContext) -> float:
+    """The ``tls_handshake_timeout`` of the connection's listener in ``settings``.
+
+    Without settings (a handler driven outside a server, as in tests), the default. A listener
+    missing from ``settings`` raises :class:`~mailedge.settings.UnknownListenerError`.
+    """
+    if settings is None:
+        return DEFAULT_TLS_HANDSHAKE_TIMEOUT
+    return settings.listener(context.listener).tls_handshake_timeout
+
+
+async def negotiate_starttls(
+    stream: trio.abc.Stream,
+    context: ConnectionContext,
+    ssl_context: ssl.SSLContext,
+    *,
+    plaintext: PlaintextBuffer,
+    handshake_timeout: float,
+    log: logging.Logger | logging.LoggerAdapter[Any],
+) -> tuple[trio.SSLStream[trio.abc.Stream], ConnectionContext] | None:
+    """The server's half of STARTTLS, once the handler has said "go ahead".
+
+    First drops what ``plaintext`` holds: anything the client sent after the STARTTLS command
+    arrived in plaintext, and must never be read as if it came through TLS (a man in the
+    middle's injection). Then runs the handshake within ``handshake_timeout`` seconds (pass
+    :func:`listener_handshake_timeout`). Returns the TLS stream and the new context, or None
+    when the handshake failed or timed out, which ends the session: the stream is no longer
+    usable for plaintext. All of it is logged through ``log``, the handler's connection logger.
+    """
+    dropped = plaintext.discard_buffered()
+    if dropped:
+        log.warning(
+            "discarded %d plaintext bytes sent after STARTTLS: data pipelined after STARTTLS "
+            "is never read as if it came over TLS",
+            dropped,
+        )
+    try:
+        with trio.fail_after(handshake_timeout):
+            tls, context = await starttls(stream, context, ssl_context)
+    except trio.TooSlowError:
+        log.info("STARTTLS handshake timed out after %g s", handshake_timeout)
+        return None
+    except trio.BrokenResourceError as exc:
+        log.info("STARTTLS handshake failed: %s", exc.__cause__ or exc)
+        return None
+    log.info("TLS established (%s, %s)", context.tls_version, context.tls_cipher)
+    return tls, context

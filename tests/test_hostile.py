@@ -38,7 +38,7 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from smtp_handler import SMTPHandler
+from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.context import ConnectionContext
 from mailedge.events import EventName, GateEvent

@@ -26,6 +26,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.networks",
             "mailedge.clients",
             "mailedge.defaults",
+            "mailedge.names",
             "mailedge.settings",
             "mailedge.config",
         ),
@@ -34,6 +35,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "gate and context",
         (
             "mailedge.gate",
+            "mailedge.connlog",
             "mailedge.context",
             "mailedge.diagnosis",
             "mailedge.events",
@@ -41,7 +43,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.tls",
         ),
     ),
-    ("server", ("mailedge.server", "mailedge.limits", "mailedge.policy")),
+    ("server", ("mailedge.server", "mailedge.limits", "mailedge.lines", "mailedge.policy")),
     ("hooks", ("mailedge.hooks",)),
     ("cli", ("mailedge.cli",)),
 )

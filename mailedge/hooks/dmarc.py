@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import re
 from typing import Any
 
 import attrs
@@ -62,6 +61,7 @@ from mailedge.hooks.dns import (
     resolving,
     run_blocking,
 )
+from mailedge.names import HOSTNAME
 from mailedge.policy import BaseHooks, Envelope, Verdict
 
 __all__ = ["DEFAULT_DEADLINE", "DMARCHook", "DMARCResult"]
@@ -71,8 +71,6 @@ log = logging.getLogger("mailedge.hooks.dmarc")
 # RFC 7208 4.6.4's 20 s for the SPF check, plus the DKIM key and DMARC record lookups.
 DEFAULT_DEADLINE = 30.0
 
-# A host name for this server: the authserv-id goes into the header unquoted.
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 _PREFIX = "Authentication-Results:"
 
 
@@ -175,7 +173,7 @@ class DMARCHook(BaseHooks):
     """
 
     # This server's authserv-id (RFC 8601 2.5): usually its host name.
-    authserv_id: str = attrs.field(validator=attrs.validators.matches_re(_HOSTNAME))
+    authserv_id: str = attrs.field(validator=attrs.validators.matches_re(HOSTNAME))
     resolver: ResolverSettings = attrs.field(factory=ResolverSettings)
     # Apply p=reject and p=quarantine; False only tags (a trial period for a new receiver).
     enforce: bool = True

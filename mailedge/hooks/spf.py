@@ -46,6 +46,7 @@ from mailedge.hooks.dns import (
     resolving,
     run_blocking,
 )
+from mailedge.names import HOSTNAME
 from mailedge.policy import BaseHooks, Verdict
 
 __all__ = ["DEFAULT_QUERYTIME", "RESULTS", "SPFHook", "SPFResult", "received_spf"]
@@ -67,8 +68,6 @@ _FQDN = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)+\.?")
 # RFC 5322 3.2.4 qtext and 3.2.3 dot-atom; anything else in a value is quoted or replaced.
 _DOT_ATOM = re.compile(r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
-# A host name for this server: it goes into headers unquoted.
-_HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?")
 
 
 @attrs.frozen
@@ -156,7 +155,7 @@ class SPFHook(BaseHooks):
     """
 
     # This server's name, as the receiver in Received-SPF (RFC 7208 9.1) and pyspf's %{r}.
-    receiver: str = attrs.field(validator=attrs.validators.matches_re(_HOSTNAME))
+    receiver: str = attrs.field(validator=attrs.validators.matches_re(HOSTNAME))
     resolver: ResolverSettings = attrs.field(factory=ResolverSettings)
     # Many sites tag SPF fail and let DMARC (with DKIM) decide: forwarders break SPF but not
     # DKIM, so rejecting on SPF alone refuses forwarded mail the domain owner would accept.

@@ -13,9 +13,9 @@ from functools import partial
 import attrs
 import pytest
 import trio
-from http_handler import HTTPHandler
-from imap_handler import IMAPHandler
-from smtp_handler import SMTPHandler
+from mailedge_examples.http_handler import HTTPHandler
+from mailedge_examples.imap_handler import IMAPHandler
+from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.cli.probe import (
     DEFAULT_CLIENT,

@@ -14,9 +14,9 @@ import pytest
 import trio
 import trio.testing
 from handler_support import handler_session, outcome_when_cancelled
-from http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler, context_to_json
+from mailedge_examples.http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler
 
-from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.context import AddressSource, ConnectionContext, TLSTerminator, context_to_json
 from mailedge.events import EventCounters, EventName, GateEvent
 from mailedge.hooks.autoban import AutoBan
 from mailedge.proxy import (

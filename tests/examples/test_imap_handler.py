@@ -15,7 +15,12 @@ import trio
 import trio.testing
 import trustme
 from handler_support import handler_session, outcome_when_cancelled
-from imap_handler import MAX_LINE_LENGTH, IMAPHandler, IMAPSyntaxError, parse_astrings
+from mailedge_examples.imap_handler import (
+    MAX_LINE_LENGTH,
+    IMAPHandler,
+    IMAPSyntaxError,
+    parse_astrings,
+)
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
 from mailedge.hooks import BaseHooks

@@ -9,6 +9,7 @@ from __future__ import annotations
 import email
 import http.client
 import imaplib
+import importlib.util
 import ipaddress
 import json
 import mailbox
@@ -21,15 +22,15 @@ import ssl
 import subprocess
 import sys
 import time
+import types
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TypeVar
 
 import attrs
-import embed
-import mailserver
 import pytest
 import trio
+from mailedge_examples import mailserver
 from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
 
 from mailedge.config import loads_document
@@ -47,6 +48,19 @@ from mailedge.server import Server, serve
 from mailedge.settings import Protocol
 
 EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
+
+
+def load_script(name: str) -> types.ModuleType:
+    """An example script (not part of the mailedge_examples package), loaded from its file."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+embed = load_script("embed")
+
 CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
 CLIENT6 = InetAddress(ipaddress.ip_address("2001:db8::7"), 40123)
 SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)

@@ -20,18 +20,16 @@ import pytest
 import trio
 import trio.testing
 import trustme
-from smtp_handler import (
+from mailedge_examples.smtp_handler import (
     MAX_COMMAND_LINE,
     MAX_TEXT_LINE,
     QUARANTINE_FOLDER,
-    LineReader,
-    LineTooLongError,
     SMTPHandler,
 )
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.hooks.base import BaseHooks, Envelope, HookChain, Verdict
-from mailedge.settings import Protocol
+from mailedge.policy import BaseHooks, Envelope, HookChain, Verdict
+from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings
 from mailedge.streams import IdleTimeoutStream
 
 HOSTNAME = "mx.example"
@@ -509,31 +507,6 @@ async def test_a_bare_lf_neither_ends_the_data_nor_gets_delivered(handler: SMTPH
     assert stored(handler.maildir) == {}
 
 
-async def test_the_line_reader_never_holds_more_than_a_line_and_a_receive() -> None:
-    limit, chunk = 100, 7
-    largest = 0
-
-    class Trickle(trio.abc.ReceiveStream):
-        def __init__(self, data: bytes) -> None:
-            self.data = data
-
-        async def receive_some(self, max_bytes: int | None = None) -> bytes:
-            nonlocal largest
-            await trio.lowlevel.checkpoint()
-            largest = max(largest, reader.buffered)
-            piece, self.data = self.data[:chunk], self.data[chunk:]
-            return piece
-
-        async def aclose(self) -> None:
-            pass
-
-    reader = LineReader(Trickle(b"a" * 10_000 + b"\r\nok\r\n"), receive_size=chunk)
-    with pytest.raises(LineTooLongError):
-        await reader.read_line(limit)
-    assert await reader.read_line(limit) == b"ok"
-    assert 0 < largest < limit + chunk
-
-
 # -- sequence and errors -------------------------------------------------------------------
 
 
@@ -752,8 +725,18 @@ async def test_a_failed_handshake_ends_the_session_quietly(tls_handler: SMTPHand
 async def test_a_stalled_handshake_times_out(
     tmp_path: pathlib.Path, server_ssl: ssl.SSLContext, autojump_clock: trio.testing.MockClock
 ) -> None:
+    # The listener's tlsHandshakeTimeout bounds STARTTLS too.
+    listener = NetworkListener(
+        name="smtp",
+        protocol=Protocol.SMTP,
+        bind=(BindAddress.parse("127.0.0.1:2525"),),
+        tls_handshake_timeout=3,
+    )
     handler = SMTPHandler(
-        hostname=HOSTNAME, maildir=tmp_path, ssl_context=server_ssl, tls_handshake_timeout=3
+        hostname=HOSTNAME,
+        maildir=tmp_path,
+        ssl_context=server_ssl,
+        settings=lambda: Settings(listeners=(listener,)),
     )
 
     async def script(client: Client) -> None:

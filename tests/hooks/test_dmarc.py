@@ -19,9 +19,9 @@ from dns_support import (
     message,
     sign_message,
 )
+from mailedge_examples.smtp_handler import QUARANTINE_FOLDER, SMTPHandler
 from policy_support import RECEIVER as AUTHSERV_ID
 from policy_support import mx, receiving, stored, unfolded
-from smtp_handler import QUARANTINE_FOLDER, SMTPHandler
 
 from mailedge.context import AddressSource
 from mailedge.hooks.dmarc import DMARCHook

@@ -54,9 +54,9 @@ import attrs
 import pytest
 import trio
 import trustme
-from http_handler import HTTPHandler
-from imap_handler import IMAPHandler
-from smtp_handler import SMTPHandler
+from mailedge_examples.http_handler import HTTPHandler
+from mailedge_examples.imap_handler import IMAPHandler
+from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.config import loads
 from mailedge.context import ConnectionContext

@@ -32,7 +32,7 @@ from dns_support import (
     serve_zone,
     standard_zone,
 )
-from smtp_handler import SMTPHandler
+from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.policy import HookChain, Hooks
 

@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Metric, ge
 from prometheus_client.metrics_core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
+from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, context_to_json
 from mailedge.hooks.autoban import AutoBan
 
@@ -40,7 +41,6 @@ __all__ = [
     "CounterSource",
     "GateDecisionsCollector",
     "HTTPHandler",
-    "context_to_json",
 ]
 
 logger = logging.getLogger("mailedge.examples.http")
@@ -115,7 +115,7 @@ class HTTPHandler:
         try:
             await connection.serve()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            connection.log(logging.DEBUG, "client went away")
+            connection.log.debug("client went away")
 
 
 @attrs.frozen
@@ -168,21 +168,12 @@ class _Connection:
     stream: trio.abc.Stream
     context: ConnectionContext
     machine: h11.Connection = attrs.field(init=False)
+    log: ConnectionLogger = attrs.field(init=False)
 
     def __attrs_post_init__(self) -> None:
+        self.log = ConnectionLogger(logger, self.context)
         self.machine = h11.Connection(
             h11.SERVER, max_incomplete_event_size=self.handler.max_request_size
-        )
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        context = self.context
-        logger.log(
-            level,
-            "#%d %s client=%s: " + message,
-            context.connection_id,
-            context.listener,
-            context.client_endpoint,
-            *args,
         )
 
     async def serve(self) -> None:
@@ -216,7 +207,7 @@ class _Connection:
             # The server's idle timeout. Between requests that is just keep-alive running out;
             # in the middle of one it is the server's to report.
             if self.machine.their_state is h11.IDLE and not self.machine.trailing_data[0]:
-                self.log(logging.DEBUG, "idle connection closed")
+                self.log.debug("idle connection closed")
                 return False
             raise
         if isinstance(event, h11.ConnectionClosed):
@@ -231,8 +222,7 @@ class _Connection:
         elif not await self.drain_body():
             reply = _text(413, "request body too large\n", close=True)
         await self.respond(reply, head=request.method == b"HEAD")
-        self.log(
-            logging.DEBUG,
+        self.log.debug(
             "%s %s -> %d",
             request.method.decode("ascii", "replace"),
             request.target.decode("ascii", "replace"),
@@ -276,7 +266,7 @@ class _Connection:
         """The ban admin routes: loopback, direct connections only."""
         refusal = _admin_refusal(self.context, request)
         if refusal is not None:
-            self.log(logging.WARNING, "admin request refused: %s", refusal)
+            self.log.warning("admin request refused: %s", refusal)
             return _text(403, "forbidden\n")
         path, _, query = request.target.partition(b"?")
         autoban = self.handler.autoban
@@ -298,7 +288,7 @@ class _Connection:
                 lifted = await autoban.lift(values[0])
             except ValueError as exc:
                 return _text(400, f"{exc}\n")
-            self.log(logging.WARNING, "admin: lift %r -> %s", values[0], lifted)
+            self.log.warning("admin: lift %r -> %s", values[0], lifted)
             return _json(200 if lifted else 404, {"ip": values[0], "lifted": lifted})
         return _text(404, "not found\n")
 
@@ -321,7 +311,7 @@ class _Connection:
 
     async def reject(self, error: h11.RemoteProtocolError) -> None:
         """Answer a malformed request with h11's suggested status, if a reply is still possible."""
-        self.log(logging.INFO, "malformed request: %s", error)
+        self.log.info("malformed request: %s", error)
         if self.machine.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
         status = error.error_status_hint

@@ -7,7 +7,11 @@ connection context the gate built:
 
 * plaintext LOGIN is refused (``LOGINDISABLED``) until ``context.tls`` is true, and a
   session whose TLS a trusted proxy terminated counts as TLS, since the proxy said so;
-* the logs name the connection id and the real client, never the proxy's address;
+* the logs name the connection id and the real client, never the proxy's address
+  (:class:`mailedge.connlog.ConnectionLogger`);
+* commands are CRLF lines read by :class:`mailedge.lines.LineReader`, and STARTTLS goes
+  through :func:`mailedge.tls.negotiate_starttls`, which drops pipelined plaintext and honours
+  the listener's ``tls_handshake_timeout`` when the handler has ``settings``;
 * a failed LOGIN calls the ``on_auth_failure`` hook with the context, so an
   :class:`~mailedge.hooks.autoban.AutoBan` in ``hooks`` bans the real client, not the proxy.
 
@@ -22,15 +26,17 @@ from __future__ import annotations
 import hmac
 import logging
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import attrs
 import trio
 
+from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext
-from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.hooks import BaseHooks, Hooks
-from mailedge.tls import starttls
+from mailedge.lines import ClientClosed, LineReader, LineTooLongError
+from mailedge.settings import Settings
+from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
 __all__ = [
     "IMAPHandler",
@@ -51,8 +57,6 @@ MAX_LINE_LENGTH = 8192
 MAX_BAD_COMMANDS = 10
 # A few wrong passwords are typos; more on one connection is someone guessing.
 MAX_AUTH_FAILURES = 3
-
-_RECEIVE_SIZE = 4096
 
 # Characters an atom may not contain (RFC 3501 atom-specials, without CTL and SP, which
 # are checked separately). "]" is allowed in an astring, so it is not listed.
@@ -97,10 +101,6 @@ _NO_SUCH_USER = b"\x00" * 32
 
 class IMAPSyntaxError(ValueError):
     """A command's arguments are not valid IMAP; the message is the reply's text."""
-
-
-class _LineTooLongError(Exception):
-    pass
 
 
 def _is_astring_char(char: str) -> bool:
@@ -160,40 +160,6 @@ def _parse_quoted(text: str, position: int) -> tuple[str, int]:
 
 
 @attrs.define
-class _LineReader:
-    """CRLF-terminated lines from a stream, never buffering much more than one line."""
-
-    stream: trio.abc.Stream
-    max_length: int
-    _buffer: bytearray = attrs.field(factory=bytearray)
-
-    async def readline(self) -> bytes | None:
-        """The next line without its terminator; None at end of stream.
-
-        Raises ``_LineTooLongError`` when no terminator arrives within ``max_length`` bytes
-        (the limit counts the terminator).
-        """
-        while True:
-            end = self._buffer.find(b"\n", 0, self.max_length)
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 1]
-                return line.removesuffix(b"\r")
-            if len(self._buffer) >= self.max_length:
-                raise _LineTooLongError
-            data = await self.stream.receive_some(_RECEIVE_SIZE)
-            if not data:
-                return None
-            self._buffer += data
-
-    def discard(self) -> int:
-        """Drop whatever is buffered; return how many bytes that was."""
-        size = len(self._buffer)
-        self._buffer.clear()
-        return size
-
-
-@attrs.define
 class IMAPHandler:
     """A connection handler speaking a minimal IMAP4rev1.
 
@@ -211,13 +177,16 @@ class IMAPHandler:
     max_bad_commands: int = MAX_BAD_COMMANDS
     max_auth_failures: int = MAX_AUTH_FAILURES
     hooks: Hooks = attrs.field(factory=BaseHooks)
+    # The server's current settings (``lambda: gate.settings``), for the listener's
+    # tls_handshake_timeout at STARTTLS; None uses the default timeout.
+    settings: Callable[[], Settings] | None = attrs.field(default=None, repr=False)
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         session = _Session(self, stream, context)
         try:
             await session.run()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
-            session.log(logging.DEBUG, "client went away")
+            session.log.debug("client went away")
 
     def check_password(self, username: str, password: str) -> bool:
         """True when ``password`` is ``username``'s, compared in constant time."""
@@ -235,7 +204,8 @@ class _Session:
     handler: IMAPHandler
     stream: trio.abc.Stream
     context: ConnectionContext
-    reader: _LineReader = attrs.field(init=False)
+    reader: LineReader = attrs.field(init=False)
+    log: ConnectionLogger = attrs.field(init=False)
     # The logged-in user; None in the not-authenticated state.
     user: str | None = None
     bad_commands: int = 0
@@ -246,18 +216,8 @@ class _Session:
     upgraded: bool = False
 
     def __attrs_post_init__(self) -> None:
-        self.reader = _LineReader(self.stream, self.handler.max_line_length)
-
-    def log(self, level: int, message: str, *args: object) -> None:
-        context = self.context
-        logger.log(
-            level,
-            "#%d %s client=%s: " + message,
-            context.connection_id,
-            context.listener,
-            context.client_endpoint,
-            *args,
-        )
+        self.reader = LineReader(self.stream)
+        self.log = ConnectionLogger(logger, self.context)
 
     def capabilities(self) -> str:
         names = ["IMAP4rev1"]
@@ -277,18 +237,18 @@ class _Session:
         )
         while not self.done:
             try:
-                line = await self.reader.readline()
-            except _LineTooLongError:
-                self.log(logging.INFO, "command line longer than %d bytes", self.reader.max_length)
+                line = await self.reader.read_line(self.handler.max_line_length)
+            except LineTooLongError:
+                self.log.info("command line longer than %d bytes", self.handler.max_line_length)
                 await self.send("* BYE Command line too long")
                 break
             except trio.TooSlowError:
                 # The server's idle timeout (its IdleTimeoutStream): announce the autologout.
-                self.log(logging.INFO, "idle for too long; logging out")
+                self.log.info("idle for too long; logging out")
                 await self.send("* BYE Autologout; idle for too long")
                 return
-            if line is None:
-                self.log(logging.DEBUG, "client closed the connection")
+            except ClientClosed:
+                self.log.debug("client closed the connection")
                 return
             await self.dispatch(line)
         if self.upgraded:
@@ -345,7 +305,7 @@ class _Session:
         await self.send(f"{tag} BAD {text}")
         self.bad_commands += 1
         if self.bad_commands >= self.handler.max_bad_commands:
-            self.log(logging.INFO, "%d invalid commands; closing", self.bad_commands)
+            self.log.info("%d invalid commands; closing", self.bad_commands)
             await self.send("* BYE Too many invalid commands")
             self.done = True
 
@@ -364,25 +324,22 @@ class _Session:
             await self.bad(tag, "STARTTLS is not available")
             return
         await self.send(f"{tag} OK Begin TLS negotiation now")
-        # Anything the client sent after STARTTLS in plaintext could have been injected by a
-        # man in the middle; it must never be read as if it came over TLS (CVE-2011-0411).
-        dropped = self.reader.discard()
-        if dropped:
-            self.log(logging.WARNING, "discarded %d plaintext bytes sent after STARTTLS", dropped)
-        try:
-            with trio.fail_after(DEFAULT_TLS_HANDSHAKE_TIMEOUT):
-                stream, context = await starttls(self.stream, self.context, ssl_context)
-        except trio.TooSlowError:
-            self.log(logging.INFO, "STARTTLS handshake timed out")
+        settings = None if self.handler.settings is None else self.handler.settings()
+        upgraded = await negotiate_starttls(
+            self.stream,
+            self.context,
+            ssl_context,
+            plaintext=self.reader,
+            handshake_timeout=listener_handshake_timeout(settings, self.context),
+            log=self.log,
+        )
+        if upgraded is None:
             self.done = True
             return
-        except trio.BrokenResourceError as exc:
-            self.log(logging.INFO, "STARTTLS handshake failed: %s", exc.__cause__ or exc)
-            self.done = True
-            return
-        self.stream, self.context, self.upgraded = stream, context, True
-        self.reader = _LineReader(stream, self.handler.max_line_length)
-        self.log(logging.DEBUG, "STARTTLS done: %s %s", context.tls_version, context.tls_cipher)
+        self.stream, self.context = upgraded
+        self.upgraded = True
+        self.reader = LineReader(self.stream)
+        self.log.context = self.context
 
     async def login(self, tag: str, arguments: str) -> bool:
         """Handle LOGIN and reply to it; True when the client is now logged in.
@@ -395,7 +352,7 @@ class _Session:
             return False
         if not self.context.tls:
             # Checked before parsing: a plaintext password is never even looked at.
-            self.log(logging.INFO, "refused LOGIN without TLS")
+            self.log.info("refused LOGIN without TLS")
             hint = "connect with TLS" if self.handler.ssl_context is None else "use STARTTLS first"
             await self.send(f"{tag} NO [PRIVACYREQUIRED] Plaintext LOGIN is disabled; {hint}")
             return False
@@ -410,7 +367,7 @@ class _Session:
         username, password = values
         if not self.handler.check_password(username, password):
             self.auth_failures += 1
-            self.log(logging.WARNING, "LOGIN failed for user %r", username)
+            self.log.warning("LOGIN failed for user %r", username)
             await self.handler.hooks.on_auth_failure(self.context, username)
             await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed")
             if self.auth_failures >= self.handler.max_auth_failures:
@@ -418,6 +375,6 @@ class _Session:
                 self.done = True
             return False
         self.user = username
-        self.log(logging.INFO, "user %r logged in", username)
+        self.log.info("user %r logged in", username)
         await self.send(f"{tag} OK LOGIN completed")
         return True

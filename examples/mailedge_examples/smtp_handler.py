@@ -3,8 +3,10 @@
 It shows what a mailedge handler gets and how to use it. The stream it is handed has had its
 PROXY header (and, on an implicit-TLS listener, its TLS handshake) dealt with already, and the
 :class:`~mailedge.context.ConnectionContext` names the real client, so the EHLO reply and the
-``Received:`` header carry the client's address, never the proxy's. STARTTLS goes through
-:func:`mailedge.tls.starttls`, which also updates the context.
+``Received:`` header carry the client's address, never the proxy's. What any line protocol
+needs comes from the library: :class:`mailedge.lines.LineReader` (CRLF only, bounded),
+:func:`mailedge.tls.negotiate_starttls` (drops pipelined plaintext, bounds the handshake by
+the listener's ``tls_handshake_timeout``) and :class:`mailedge.connlog.ConnectionLogger`.
 
 It is not a mail server: it accepts any recipient, relays nothing and delivers every message,
 once, into one Maildir. See ``docs/smtp-handler.md``.
@@ -24,6 +26,7 @@ The server layer calls it once per admitted connection::
         maildir=Path("/var/mail/sink"),
         ssl_context=server_ssl_context("cert.pem", "key.pem"),
         hooks=HookChain([SPFHook("mx.example"), DMARCHook("mx.example")]),
+        settings=lambda: gate.settings,
     )
     await handler(stream, context)
 """
@@ -44,15 +47,15 @@ from collections.abc import Awaitable, Callable, Iterable
 import attrs
 import trio
 
+from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, TLSTerminator
-from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
-from mailedge.hooks.base import Action, BaseHooks, Envelope, Hooks, Verdict
-from mailedge.tls import starttls
+from mailedge.lines import ClientClosed, LineReader, LineTooLongError
+from mailedge.names import ENHANCED_STATUS, is_hostname
+from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
+from mailedge.settings import Settings
+from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
 __all__ = [
-    "ClientClosed",
-    "LineReader",
-    "LineTooLongError",
     "Reply",
     "SMTPHandler",
     "Session",
@@ -107,9 +110,6 @@ QUARANTINE_FOLDER = "Junk"
 _BAD_COMMAND_CODES = frozenset({500, 501, 502, 503, 504, 555})
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
-# This server's own name: a plain DNS name, as it appears in the banner and in Received.
-_HOSTNAME = re.compile(rf"{_LABEL}(?:\.{_LABEL})*\.?")
 # A HELO/EHLO argument: a domain (underscores tolerated, real clients send them) or an
 # address literal. Nothing else, so it cannot dress itself up inside the Received header.
 _HELO = re.compile(r"[A-Za-z0-9_-]+(?:\.[A-Za-z0-9_-]+)*\.?|\[[A-Za-z0-9.:]+\]")
@@ -127,85 +127,10 @@ _PARAM_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e]+")
 _SIZE_VALUE = re.compile(r"[0-9]{1,20}")
 # What a TLS version or cipher name may contain when written into a header.
 _UNSAFE_IN_HEADER = re.compile(r"[^A-Za-z0-9_.+/-]")
-# RFC 3463 2: class.subject.detail.
-_ENHANCED_STATUS = re.compile(r"[245]\.[0-9]{1,3}\.[0-9]{1,3}")
 # What may stand in a reply's text: printable ASCII (non-ASCII needs SMTPUTF8's extensions).
 _NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 # A hook's header line: an RFC 5322 field name, a colon, and text without control characters.
 _HOOK_HEADER = re.compile(r"[\x21-\x39\x3b-\x7e]+:[^\x00-\x08\x0a-\x1f\x7f]*")
-
-
-class LineTooLongError(Exception):
-    """A line exceeded the reader's limit. It was read to its CRLF and dropped."""
-
-
-class ClientClosed(Exception):
-    """The client closed its side of the connection (EOF), possibly in mid-line."""
-
-
-class LineReader:
-    """Reads CRLF-terminated lines from a stream, never holding more than a line and a receive.
-
-    Only CRLF ends a line: a bare LF or CR stays inside the line it arrived in, so a client
-    cannot end a command, or the message data, with a lone LF ("SMTP smuggling").
-    """
-
-    def __init__(self, stream: trio.abc.ReceiveStream, *, receive_size: int = RECEIVE_SIZE) -> None:
-        self._stream = stream
-        self._receive_size = receive_size
-        self._buffer = bytearray()
-        # How much of the buffer's head is known to hold no CRLF (its last byte may be the CR).
-        self._searched = 0
-
-    def __repr__(self) -> str:
-        return f"<LineReader buffered={len(self._buffer)}>"
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as lines."""
-        return len(self._buffer)
-
-    def discard_buffered(self) -> int:
-        """Drop everything received but not yet read; return how many bytes that was."""
-        dropped = len(self._buffer)
-        self._buffer.clear()
-        self._searched = 0
-        return dropped
-
-    async def read_line(self, limit: int) -> bytes:
-        """The next line, without its CRLF.
-
-        ``limit`` counts the CRLF, as RFC 5321's limits do. A longer line is still read to its
-        end, holding at most ``limit`` bytes of it at a time, then dropped, and raises
-        :class:`LineTooLongError`; the next call reads the line after it. Raises
-        :class:`ClientClosed` at end of stream.
-        """
-        if limit < 2:
-            raise ValueError("limit must leave room for the CRLF")
-        too_long = False
-        while True:
-            end = self._buffer.find(b"\r\n", max(0, self._searched - 1))
-            if end >= 0:
-                too_long = too_long or end + 2 > limit
-                line = b"" if too_long else bytes(self._buffer[:end])
-                del self._buffer[: end + 2]
-                self._searched = 0
-                if too_long:
-                    raise LineTooLongError(f"line longer than {limit} octets")
-                return line
-            if len(self._buffer) >= limit:
-                # No line this long can be valid: drop it all but a final CR, which may be
-                # the first half of the CRLF that ends it.
-                too_long = True
-                keep_cr = self._buffer.endswith(b"\r")
-                self._buffer.clear()
-                if keep_cr:
-                    self._buffer += b"\r"
-            self._searched = len(self._buffer)
-            data = await self._stream.receive_some(self._receive_size)
-            if not data:
-                raise ClientClosed
-            self._buffer += data
 
 
 def _as_lines(text: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -263,6 +188,8 @@ class Session:
     context: ConnectionContext
     stream: trio.abc.Stream = attrs.field(repr=False)
     reader: LineReader = attrs.field(repr=False)
+    # Names the connection in every line this session logs.
+    log: ConnectionLogger = attrs.field(repr=False)
     # The HELO/EHLO argument; None until the client greets (and again after STARTTLS).
     helo: str | None = None
     esmtp: bool = False
@@ -293,7 +220,8 @@ Command = Callable[[Session, str], Awaitable[Reply | None]]
 
 
 def _check_hostname(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if len(value) > MAX_DOMAIN or not _HOSTNAME.fullmatch(value):
+    # This server's own name, in the banner and in Received: a plain DNS host name.
+    if not is_hostname(value):
         raise ValueError(f"{attribute.name}: {value!r} is not a DNS host name")
 
 
@@ -310,10 +238,9 @@ class SMTPHandler:
     )
     max_recipients: int = attrs.field(default=MAX_RECIPIENTS, validator=attrs.validators.gt(0))
     max_bad_commands: int = attrs.field(default=MAX_BAD_COMMANDS, validator=attrs.validators.gt(0))
-    # The STARTTLS handshake's bound; pass the listener's tls_handshake_timeout to match it.
-    tls_handshake_timeout: float = attrs.field(
-        default=DEFAULT_TLS_HANDSHAKE_TIMEOUT, validator=attrs.validators.gt(0)
-    )
+    # The server's current settings (``lambda: gate.settings``), for the listener's
+    # tls_handshake_timeout at STARTTLS; None uses the default timeout.
+    settings: Callable[[], Settings] | None = None
     # Policy at HELO/EHLO, MAIL FROM and the end of DATA; the default accepts everything.
     hooks: Hooks = attrs.field(factory=BaseHooks)
 
@@ -330,26 +257,29 @@ class SMTPHandler:
         return f"<SMTPHandler {self.hostname} maildir={self.maildir} {starttls}{hooks}>"
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
-        session = Session(context=context, stream=stream, reader=LineReader(stream))
-        log.info("%s: session started", _who(context))
+        session = Session(
+            context=context,
+            stream=stream,
+            reader=LineReader(stream, receive_size=RECEIVE_SIZE),
+            log=ConnectionLogger(log, context),
+        )
+        session.log.info("session started")
         try:
             await self._converse(session)
         except ClientClosed:
-            log.info("%s: client closed the connection", _who(session.context))
+            session.log.info("client closed the connection")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            log.info("%s: connection lost: %r", _who(session.context), exc.__cause__ or exc)
+            session.log.info("connection lost: %r", exc.__cause__ or exc)
         except trio.TooSlowError:
             # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
             # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
-            log.info("%s: idle timeout", _who(session.context))
+            session.log.info("idle timeout")
             await self._goodbye(
                 session, Reply(421, f"4.4.2 {self.hostname} Idle timeout, closing connection")
             )
         except _SessionEnded:
             pass
-        log.info(
-            "%s: session ended, %d message(s) delivered", _who(session.context), session.delivered
-        )
+        session.log.info("session ended, %d message(s) delivered", session.delivered)
 
     async def _converse(self, session: Session) -> None:
         # Connect-time policy (hooks.on_connect) is the server layer's: it runs before this.
@@ -379,7 +309,7 @@ class SMTPHandler:
         verb, _, argument = text.partition(" ")
         command = self._commands().get(verb.upper())
         if command is None:
-            log.debug("%s: unknown command %r", _who(session.context), verb[:32])
+            session.log.debug("unknown command %r", verb[:32])
             return Reply(500, "5.5.1 Command unrecognized")
         return await command(session, argument.strip(" "))
 
@@ -405,9 +335,7 @@ class SMTPHandler:
         session.bad_commands += 1
         if session.bad_commands < self.max_bad_commands:
             return reply
-        log.warning(
-            "%s: %d bad commands in a row, closing", _who(session.context), session.bad_commands
-        )
+        session.log.warning("%d bad commands in a row, closing", session.bad_commands)
         return Reply(421, f"4.7.0 {self.hostname} Too many bad commands, closing connection")
 
     def offers_starttls(self, session: Session) -> bool:
@@ -571,9 +499,8 @@ class SMTPHandler:
                 body += b"\n"
         # These replies end the data, not a command: they never count as bad commands.
         if too_big:
-            log.info(
-                "%s: refused a message of %d octets (limit %d)",
-                _who(session.context),
+            session.log.info(
+                "refused a message of %d octets (limit %d)",
                 size,
                 self.max_message_size,
             )
@@ -629,29 +556,21 @@ class SMTPHandler:
         if self.ssl_context is None:
             return Reply(502, "5.5.1 STARTTLS not available")
         await self._send(session, Reply(220, "2.0.0 Ready to start TLS"))
-        # Anything the client sent after STARTTLS arrived in plaintext but would be read as
-        # if it came through TLS: a man in the middle's injection (CVE-2011-0411). Drop it.
-        dropped = session.reader.discard_buffered()
-        if dropped:
-            log.warning(
-                "%s: dropped %d octets pipelined after STARTTLS", _who(session.context), dropped
-            )
-        try:
-            with trio.fail_after(self.tls_handshake_timeout):
-                stream, context = await starttls(session.stream, session.context, self.ssl_context)
-        except trio.TooSlowError as exc:
-            log.info("%s: TLS handshake timed out", _who(session.context))
-            raise _SessionEnded from exc
-        except trio.BrokenResourceError as exc:
-            log.info("%s: TLS handshake failed: %r", _who(session.context), exc.__cause__ or exc)
-            raise _SessionEnded from exc
-        session.stream = stream
-        session.reader = LineReader(stream)
-        session.context = context
-        session.forget_greeting()
-        log.info(
-            "%s: TLS established (%s, %s)", _who(context), context.tls_version, context.tls_cipher
+        settings = None if self.settings is None else self.settings()
+        upgraded = await negotiate_starttls(
+            session.stream,
+            session.context,
+            self.ssl_context,
+            plaintext=session.reader,
+            handshake_timeout=listener_handshake_timeout(settings, session.context),
+            log=session.log,
         )
+        if upgraded is None:
+            raise _SessionEnded
+        session.stream, session.context = upgraded
+        session.reader = LineReader(session.stream, receive_size=RECEIVE_SIZE)
+        session.log.context = session.context
+        session.forget_greeting()
         return None
 
     # -- policy --------------------------------------------------------------------------
@@ -663,12 +582,11 @@ class SMTPHandler:
         try:
             verdict = await call()
         except Exception:
-            log.exception("%s: %s hook failed", _who(session.context), point)
+            session.log.exception("%s hook failed", point)
             return Verdict.tempfail("Policy check failed, try again later", status="4.3.0")
         if not verdict.accepted:
-            log.info(
-                "%s: %s refused by policy (%s): %s",
-                _who(session.context),
+            session.log.info(
+                "%s refused by policy (%s): %s",
                 point,
                 verdict.action.value,
                 verdict.reason,
@@ -684,12 +602,11 @@ class SMTPHandler:
         try:
             key = await trio.to_thread.run_sync(self.deliver, message, folder)
         except Exception:
-            log.exception("%s: delivery of %s failed", _who(session.context), message_id)
+            session.log.exception("delivery of %s failed", message_id)
             return Reply(451, "4.3.0 Delivery failed, try again later")
         session.delivered += 1
-        log.info(
-            "%s: delivered id=%s key=%s folder=%s from=<%s> recipients=%d size=%d flags=%s",
-            _who(session.context),
+        session.log.info(
+            "delivered id=%s key=%s folder=%s from=<%s> recipients=%d size=%d flags=%s",
             message_id,
             key,
             folder or "INBOX",
@@ -748,7 +665,7 @@ class SMTPHandler:
             await session.stream.send_all(reply.encode())
         except trio.TooSlowError as exc:
             # The client stopped reading; a goodbye would wait just as long.
-            log.info("%s: send timed out", _who(session.context))
+            session.log.info("send timed out")
             raise _SessionEnded from exc
 
     async def _goodbye(self, session: Session, reply: Reply) -> None:
@@ -770,7 +687,7 @@ def _policy_reply(verdict: Verdict) -> Reply | None:
     # A status code of the wrong class (a 5.x.x on a 451) would contradict the reply.
     if (
         verdict.status
-        and _ENHANCED_STATUS.fullmatch(verdict.status)
+        and ENHANCED_STATUS.fullmatch(verdict.status)
         and verdict.status[0] == str(code)[0]
     ):
         status = verdict.status
@@ -797,7 +714,7 @@ def _hook_headers(session: Session, headers: Iterable[str]) -> list[str]:
     lines: list[str] = []
     for header in headers:
         if not _HOOK_HEADER.fullmatch(header):
-            log.warning("%s: dropped a malformed hook header %r", _who(session.context), header)
+            session.log.warning("dropped a malformed hook header %r", header)
             continue
         name, _, value = header.partition(":")
         folded = f"{name}:"
@@ -811,12 +728,6 @@ def _hook_headers(session: Session, headers: Iterable[str]) -> list[str]:
             folded += separator + word
         lines.append(folded)
     return lines
-
-
-def _who(context: ConnectionContext) -> str:
-    client = f"[{context.client_ip}]:{context.client_port}"
-    via = f" via [{context.peer_ip}]" if context.proxied else ""
-    return f"smtp #{context.connection_id} {context.listener} {client}{via}"
 
 
 def _parse_params(text: str | None) -> dict[str, str | None] | None:

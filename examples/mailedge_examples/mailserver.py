@@ -1,0 +1,308 @@
+"""The mailedge example mail server: SMTP, IMAP and HTTP behind one shared ProxyGate.
+
+Run it with ``make serve`` or ``python examples/mailserver.py [--config FILE]`` (a launcher
+for :func:`main`). Without
+``--config`` it uses the embedded default below: loopback only, one direct and one
+PROXY-trusting listener per protocol, and prints a command to try each one.
+
+Signals: SIGHUP reloads the config file (new trusted networks apply to new connections; an
+invalid file keeps the running settings); SIGTERM and SIGINT stop accepting and let open
+sessions finish within the drain deadline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import pathlib
+import ssl
+import sys
+from collections.abc import Mapping, Sequence
+from functools import partial
+from typing import Any
+
+import attrs
+import trio
+
+from mailedge.config import ConfigError, Document, load_document, loads_document
+from mailedge.gate import ProxyGate
+from mailedge.hooks import HookChain, Hooks
+from mailedge.hooks.autoban import AutoBan
+from mailedge.hooks.dmarc import DMARCHook
+from mailedge.hooks.dns import ResolverSettings
+from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
+from mailedge.hooks.spf import SPFHook
+from mailedge.hooks.store import MemoryStore
+from mailedge.networks import format_endpoint
+from mailedge.server import Handler, Server, handle_signals, serve
+from mailedge.settings import NetworkListener, Protocol
+from mailedge.tls import server_ssl_context
+from mailedge_examples.http_handler import HTTPHandler
+from mailedge_examples.imap_handler import IMAPHandler
+from mailedge_examples.smtp_handler import SMTPHandler
+
+log = logging.getLogger("mailedge.examples.mailserver")
+
+# The example's own table in the config file, next to SystemSettings and NetworkListener.
+EXAMPLE_SECTION = "Example"
+
+
+def _demo_listener(protocol: str, port: int, *, proxy: bool) -> str:
+    """One [[NetworkListener]] table of the embedded default, on loopback's both families."""
+    name = f"{protocol}-proxy" if proxy else protocol
+    table = (
+        f'[[NetworkListener]]\nname = "{name}"\nprotocol = "{protocol}"\n'
+        f'bind = ["127.0.0.1:{port}", "[::1]:{port}"]\n'
+    )
+    return table if proxy else table + "overrideProxyTrustedNetworks = []\n"
+
+
+# The demo ports less their thousands: 2xxx listeners are direct, 3xxx behind a proxy.
+_DEMO_PORTS = {"smtp": 525, "imap": 143, "http": 80}
+
+DEFAULT_CONFIG = "\n".join(
+    [
+        """\
+# The embedded default: loopback only. Direct listeners turn PROXY off with an empty
+# override; the proxy listeners trust loopback, as a local HAProxy or nginx would be.
+[SystemSettings]
+proxyTrustedNetworks = ["127.0.0.0/8", "::1"]
+""",
+        *(
+            _demo_listener(protocol, base + port, proxy=proxy)
+            for proxy, base in ((False, 2000), (True, 3000))
+            for protocol, port in _DEMO_PORTS.items()
+        ),
+        """\
+[Example]
+hostname = "mx.mailedge.test"
+users = { demo = "demo-password" }
+""",
+    ]
+)
+
+
+# The name the demo greets with and puts in its certificate and Received headers.
+DEFAULT_HOSTNAME = "mx.mailedge.test"
+# Where delivered mail, the demo certificate and its key live; relative to the cwd.
+DEFAULT_STATE_DIR = ".mailedge-demo"
+
+
+@attrs.frozen
+class ExampleSettings:
+    """The example server's own settings, from the config file's ``[Example]`` table."""
+
+    hostname: str = DEFAULT_HOSTNAME
+    state_dir: pathlib.Path = pathlib.Path(DEFAULT_STATE_DIR)
+    users: Mapping[str, str] = attrs.field(factory=dict, repr=False)
+    # SPF and DMARC need DNS the demo cannot assume, so they are opt-in: with them on and no
+    # resolver reachable, every message would get a 451 temperror.
+    spf: bool = False
+    dmarc: bool = False
+    # "ip" or "ip:port" entries; empty means the system resolver.
+    dns_servers: tuple[str, ...] = ()
+
+    @classmethod
+    def from_table(cls, table: Mapping[str, Any]) -> ExampleSettings:
+        known = {"hostname", "stateDir", "users", "spf", "dmarc", "dnsServers"}
+        for key in table:
+            if key not in known:
+                raise ConfigError(f"unknown key {key!r}", path=EXAMPLE_SECTION)
+        hostname = table.get("hostname", DEFAULT_HOSTNAME)
+        if not isinstance(hostname, str) or not hostname:
+            raise ConfigError(f"expected a host name, got {hostname!r}", path="Example.hostname")
+        state_dir = table.get("stateDir", DEFAULT_STATE_DIR)
+        if not isinstance(state_dir, str):
+            raise ConfigError(f"expected a path, got {state_dir!r}", path="Example.stateDir")
+        users = table.get("users", {})
+        if not isinstance(users, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in users.items()
+        ):
+            raise ConfigError("expected a table of user = password", path="Example.users")
+        flags = {}
+        for key in ("spf", "dmarc"):
+            flags[key] = table.get(key, False)
+            if not isinstance(flags[key], bool):
+                raise ConfigError(f"expected a boolean, got {flags[key]!r}", path=f"Example.{key}")
+        servers = table.get("dnsServers", [])
+        if not isinstance(servers, list) or not all(isinstance(x, str) for x in servers):
+            raise ConfigError("expected a list of 'ip' or 'ip:port'", path="Example.dnsServers")
+        return cls(
+            hostname=hostname,
+            state_dir=pathlib.Path(state_dir),
+            users=users,
+            spf=flags["spf"],
+            dmarc=flags["dmarc"],
+            dns_servers=tuple(servers),
+        )
+
+
+def load(config: str | None) -> tuple[Document, ExampleSettings]:
+    """The config file's settings, or the embedded default's."""
+    if config is None:
+        document = loads_document(DEFAULT_CONFIG, format="toml", extra_sections=[EXAMPLE_SECTION])
+    else:
+        document = load_document(config, extra_sections=[EXAMPLE_SECTION])
+    return document, ExampleSettings.from_table(document.extra.get(EXAMPLE_SECTION, {}))
+
+
+def demo_certificate(state_dir: pathlib.Path, hostname: str) -> tuple[pathlib.Path, pathlib.Path]:
+    """A self-signed certificate for STARTTLS and implicit TLS, made once at first start."""
+    cert, key = state_dir / "demo-cert.pem", state_dir / "demo-key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    private = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hostname)])
+    now = datetime.datetime.now(datetime.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(private.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        # A demo certificate: a year, regenerated by deleting the files.
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(hostname)]), critical=False)
+        .sign(private, hashes.SHA256())
+    )
+    state_dir.mkdir(parents=True, exist_ok=True)
+    key.touch(mode=0o600)
+    key.write_bytes(
+        private.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    cert.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return cert, key
+
+
+def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
+    """A ready-to-paste command that exercises one listener."""
+    target = format_endpoint(host, port)
+    if trusted:
+        return f"mailedge probe {conf.protocol} {target} --client 203.0.113.7:40000"
+    if conf.protocol is Protocol.SMTP:
+        return f"swaks --server {target} --to demo@mailedge.test"
+    if conf.protocol is Protocol.IMAP:
+        # -crlf: IMAP lines end with CRLF, and the handler's reader takes nothing else.
+        return f"openssl s_client -crlf -starttls imap -connect {target} -quiet"
+    return f"curl http://{target}/whoami"
+
+
+def announce(server: Server, out: Any = sys.stdout) -> None:
+    """Print every listener's addresses and a command to try it."""
+    settings = server.settings
+    for conf in settings.listeners:
+        networks = conf.effective_proxy_trusted_networks(settings.system)
+        kind = f"PROXY from {', '.join(map(str, networks))}" if networks else "direct"
+        for host, port in server.addresses[conf.name]:
+            print(
+                f"{conf.name:<11} {conf.protocol:<4} {format_endpoint(host, port):<16} {kind}",
+                file=out,
+            )
+        host, port = server.addresses[conf.name][0]
+        print(f"  try: {try_it(conf, host, port, bool(networks))}", file=out)
+    print("ready", file=out, flush=True)
+
+
+async def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--config", help="a TOML or JSON file; default: the embedded one")
+    parser.add_argument("--log-level", default="INFO", help="DEBUG shows every gate decision")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        document, example = load(args.config)
+    except (ConfigError, OSError) as exc:
+        parser.exit(2, f"mailserver: {exc}\n")
+
+    async with trio.open_nursery() as nursery:
+        server = await nursery.start(partial(run, document, example))
+        announce(server)
+        await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
+
+
+@attrs.frozen
+class Parts:
+    """What the example server is made of, for ``run`` and for tests."""
+
+    gate: ProxyGate
+    handlers: dict[Protocol, Handler]
+    ssl_context: ssl.SSLContext
+    hooks: HookChain
+    autoban: AutoBan
+
+
+def build(document: Document, example: ExampleSettings) -> Parts:
+    """The gate, the policy hooks, one handler per protocol, and the demo TLS context."""
+    cert, key = demo_certificate(example.state_dir, example.hostname)
+    tls = server_ssl_context(str(cert), str(key))
+    store = MemoryStore()
+    # The hooks read the gate's settings at call time, so a SIGHUP reload applies to them too.
+    autoban = AutoBan(lambda: gate.settings, store)
+    # Untrusted PROXY headers count as failures towards a ban of the peer that sent them.
+    gate = ProxyGate(document.settings, on_event=autoban.on_gate_event)
+    policy: list[Hooks] = [
+        # First, so a banned client is refused before it spends any rate budget.
+        autoban,
+        RateLimitHooks(lambda: gate.settings, RateLimiter(store)),
+    ]
+    resolver = ResolverSettings.parse(example.dns_servers)
+    if example.spf:
+        policy.append(SPFHook(receiver=example.hostname, resolver=resolver))
+    if example.dmarc:
+        policy.append(DMARCHook(authserv_id=example.hostname, resolver=resolver))
+    hooks = HookChain(policy)
+    handlers: dict[Protocol, Handler] = {
+        Protocol.SMTP: SMTPHandler(
+            hostname=example.hostname,
+            maildir=example.state_dir / "Maildir",
+            ssl_context=tls,
+            hooks=hooks,
+            # STARTTLS's handshake honours the listener's tlsHandshakeTimeout, reloads too.
+            settings=lambda: gate.settings,
+        ),
+        Protocol.IMAP: IMAPHandler(
+            hostname=example.hostname,
+            users=example.users,
+            ssl_context=tls,
+            hooks=hooks,
+            settings=lambda: gate.settings,
+        ),
+        # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
+        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
+    }
+    return Parts(gate, handlers, tls, hooks, autoban)
+
+
+async def run(
+    document: Document,
+    example: ExampleSettings,
+    *,
+    task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Serve the example until cancelled or shut down; reports the running Server."""
+    parts = build(document, example)
+    await serve(
+        document.settings,
+        parts.handlers,
+        ssl_context=parts.ssl_context,
+        gate=parts.gate,
+        hooks=parts.hooks,
+        task_status=task_status,
+    )
+
+
+if __name__ == "__main__":
+    trio.run(main)
