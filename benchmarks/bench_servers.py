@@ -317,14 +317,20 @@ async def run_gate() -> None:
 
 def _mailedge_settings(timeout: float, max_connections: int) -> Any:
     from mailedge.networks import TrustedNetworks
-    from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+    from mailedge.settings import (
+        BindAddress,
+        ListenerProtocol,
+        NetworkListener,
+        Settings,
+        SystemSettings,
+    )
 
     return Settings(
         system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8"])),
         listeners=(
             NetworkListener(
                 name="smtp",
-                protocol=Protocol.SMTP,
+                protocol=ListenerProtocol.SMTP,
                 bind=(BindAddress.parse(f"{HOST}:0"),),
                 proxy_header_timeout=timeout,
                 max_connections=max_connections,
@@ -345,12 +351,14 @@ async def run_mailedge(
     handler: Callable[[trio.abc.Stream, Any], Any], header_timeout: float, max_connections: int
 ) -> None:
     from mailedge.server import Server, serve
-    from mailedge.settings import Protocol
+    from mailedge.settings import ListenerProtocol
 
     settings = _mailedge_settings(header_timeout, max_connections)
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(
-            lambda task_status: serve(settings, {Protocol.SMTP: handler}, task_status=task_status)
+            lambda task_status: serve(
+                settings, {ListenerProtocol.SMTP: handler}, task_status=task_status
+            )
         )
         _say(f"PORT {server.addresses['smtp'][0][1]}")
 

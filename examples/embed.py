@@ -35,7 +35,7 @@ SETTINGS = mailedge.Settings(
     listeners=(
         mailedge.NetworkListener(
             name="smtp",
-            protocol=mailedge.Protocol.SMTP,
+            protocol=mailedge.ListenerProtocol.SMTP,
             bind=(mailedge.BindAddress.parse("127.0.0.1:2526"),),
         ),
     ),
@@ -45,7 +45,9 @@ SETTINGS = mailedge.Settings(
 async def main() -> None:
     logging.basicConfig(level=logging.INFO)
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(mailedge.serve, SETTINGS, {mailedge.Protocol.SMTP: hello})
+        server = await nursery.start(
+            mailedge.serve, SETTINGS, {mailedge.ListenerProtocol.SMTP: hello}
+        )
         print("listening on", server.addresses["smtp"], flush=True)
         await mailedge.handle_signals(server, config_path=None)
 

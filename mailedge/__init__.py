@@ -8,6 +8,7 @@ produces, and the listeners that run them (:func:`serve`).
 from __future__ import annotations
 
 import importlib
+import warnings
 from typing import TYPE_CHECKING
 
 # The names below are imported on first use, not here: `import mailedge.proxy` must not pull
@@ -22,7 +23,7 @@ _EXPORTS = {
     "GateEvent": "mailedge.events",
     "LogLimiter": "mailedge.events",
     "ProxyGate": "mailedge.gate",
-    "ProxyHeaderRejected": "mailedge.gate",
+    "UntrustedHeaderError": "mailedge.gate",
     "ProxyRejected": "mailedge.gate",
     "InvalidNetworkError": "mailedge.networks",
     "TrustedNetworks": "mailedge.networks",
@@ -34,7 +35,7 @@ _EXPORTS = {
     "BindAddress": "mailedge.settings",
     "HeaderMode": "mailedge.settings",
     "NetworkListener": "mailedge.settings",
-    "Protocol": "mailedge.settings",
+    "ListenerProtocol": "mailedge.settings",
     "Settings": "mailedge.settings",
     "SystemSettings": "mailedge.settings",
     "IdleTimeoutStream": "mailedge.streams",
@@ -54,15 +55,15 @@ if TYPE_CHECKING:
     from mailedge.connlog import ConnectionLogger
     from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
     from mailedge.events import EventName, GateEvent, LogLimiter
-    from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
+    from mailedge.gate import ProxyGate, ProxyRejected, UntrustedHeaderError
     from mailedge.lines import ClientClosed, LineReader, LineTooLongError
     from mailedge.networks import InvalidNetworkError, TrustedNetworks
     from mailedge.server import Handler, Server, handle_signals, refusal, serve
     from mailedge.settings import (
         BindAddress,
         HeaderMode,
+        ListenerProtocol,
         NetworkListener,
-        Protocol,
         Settings,
         SystemSettings,
     )
@@ -75,7 +76,16 @@ if TYPE_CHECKING:
     )
 
 
+# Old names, kept for one release: each warns, then gives the new name's value.
+_RENAMED = {"Protocol": "ListenerProtocol", "ProxyHeaderRejected": "UntrustedHeaderError"}
+
+
 def __getattr__(name: str) -> object:
+    if name in _RENAMED:
+        warnings.warn(
+            f"mailedge.{name} is now mailedge.{_RENAMED[name]}", DeprecationWarning, stacklevel=2
+        )
+        return __getattr__(_RENAMED[name])
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'mailedge' has no attribute {name!r}")
@@ -95,7 +105,7 @@ __all__ = [
     "HeaderMode",
     "InvalidNetworkError",
     "NetworkListener",
-    "Protocol",
+    "ListenerProtocol",
     "Settings",
     "SystemSettings",
     "TrustedNetworks",
@@ -108,7 +118,7 @@ __all__ = [
     "LogLimiter",
     "PrefixedStream",
     "ProxyGate",
-    "ProxyHeaderRejected",
+    "UntrustedHeaderError",
     "ProxyRejected",
     "TLSTerminator",
     # listeners and the server

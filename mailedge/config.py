@@ -42,8 +42,8 @@ from mailedge.settings import (
     BindAddress,
     HeaderMode,
     InvalidSettingError,
+    ListenerProtocol,
     NetworkListener,
-    Protocol,
     RateLimit,
     Settings,
     SystemSettings,
@@ -161,8 +161,8 @@ def _read_seconds(value: object, path: str, syntax: _Syntax) -> float:
     return value
 
 
-def _read_choice(choices: type[Protocol] | type[HeaderMode]) -> Reader:
-    def read(value: object, path: str, syntax: _Syntax) -> Protocol | HeaderMode:
+def _read_choice(choices: type[ListenerProtocol] | type[HeaderMode]) -> Reader:
+    def read(value: object, path: str, syntax: _Syntax) -> ListenerProtocol | HeaderMode:
         names = ", ".join(repr(choice.value) for choice in choices)
         if not isinstance(value, str) or value not in {choice.value for choice in choices}:
             raise _expected(f"one of {names}", value, path, syntax)
@@ -242,7 +242,7 @@ _SYSTEM_KEYS = (_Key("proxyTrustedNetworks", "proxy_trusted_networks", _read_net
 
 _LISTENER_KEYS = (
     _Key("name", "name", _read_string, required=True),
-    _Key("protocol", "protocol", _read_choice(Protocol), required=True),
+    _Key("protocol", "protocol", _read_choice(ListenerProtocol), required=True),
     _Key("bind", "bind", _read_binds, required=True),
     _Key("tls", "tls", _read_bool),
     _Key("overrideProxyTrustedNetworks", "override_proxy_trusted_networks", _read_networks),

@@ -14,7 +14,7 @@ import attrs
 
 from mailedge.networks import format_endpoint
 from mailedge.proxy import IPAddress, ProxyHeader
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 __all__ = ["AddressSource", "ConnectionContext", "TLSTerminator", "context_to_json"]
 
@@ -46,7 +46,7 @@ class ConnectionContext:
 
     connection_id: int
     listener: str
-    protocol: Protocol
+    protocol: ListenerProtocol
 
     # The effective client and server: from the header when proxied, else the socket.
     # v4-mapped IPv6 is always normalised to IPv4.

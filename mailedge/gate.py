@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import warnings
 
 import attrs
 import trio
@@ -50,7 +51,7 @@ from mailedge.proxy import (
 from mailedge.settings import HeaderMode, NetworkListener, Settings
 from mailedge.streams import PrefixedStream
 
-__all__ = ["ProxyGate", "ProxyHeaderRejected", "ProxyRejected"]
+__all__ = ["ProxyGate", "UntrustedHeaderError", "ProxyRejected"]
 
 Endpoint = tuple[IPAddress | str, int]
 
@@ -79,7 +80,7 @@ class ProxyRejected(Exception):
         return self.event.reason
 
 
-class ProxyHeaderRejected(trio.BrokenResourceError):
+class UntrustedHeaderError(trio.BrokenResourceError):
     """Raised from ``receive_some`` when an untrusted peer's first bytes are a PROXY header.
 
     It is a ``BrokenResourceError`` so that a protocol handler treats it like any broken
@@ -510,7 +511,7 @@ class _UntrustedGuardStream(PrefixedStream):
                     break
                 first += data
             if kind is Sniff.V1 or kind is Sniff.V2:
-                raise ProxyHeaderRejected(gate._reject_untrusted_header(conn, first))
+                raise UntrustedHeaderError(gate._reject_untrusted_header(conn, first))
             self._guard = None
             self._prefix = memoryview(bytes(first))
             if not first:
@@ -550,3 +551,15 @@ def _untrusted_advice(conn: _Connection) -> str:
         "SystemSettings (or to the listener's overrideProxyTrustedNetworks); "
         "the header was not honoured"
     )
+
+
+def __getattr__(name: str) -> type[UntrustedHeaderError]:
+    """``ProxyHeaderRejected``, the old name of :class:`UntrustedHeaderError`, for one release."""
+    if name == "ProxyHeaderRejected":
+        warnings.warn(
+            "mailedge.gate.ProxyHeaderRejected is now UntrustedHeaderError",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return UntrustedHeaderError
+    raise AttributeError(f"module 'mailedge.gate' has no attribute {name!r}")

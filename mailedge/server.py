@@ -30,7 +30,7 @@ from mailedge.limits import ConnectionLimits
 from mailedge.names import ENHANCED_STATUS
 from mailedge.networks import format_endpoint
 from mailedge.policy import Action, BaseHooks, Hooks, Verdict
-from mailedge.settings import NetworkListener, Protocol, Settings
+from mailedge.settings import ListenerProtocol, NetworkListener, Settings
 from mailedge.streams import IdleTimeoutStream
 from mailedge.tls import starttls
 
@@ -91,7 +91,7 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 
 def refusal(
-    protocol: Protocol,
+    protocol: ListenerProtocol,
     text: str,
     *,
     action: Action = Action.TEMPFAIL,
@@ -106,11 +106,11 @@ def refusal(
         raise ValueError("an accepting verdict is not a refusal")
     reject = action is Action.REJECT
     text = _CONTROL.sub(" ", text).strip() or ("Refused" if reject else "Try again later")
-    if protocol is Protocol.SMTP:
+    if protocol is ListenerProtocol.SMTP:
         code, default = ("554", "5.7.1") if reject else ("421", "4.7.0")
         valid = status is not None and ENHANCED_STATUS.fullmatch(status) and status[0] == code[0]
         return f"{code} {status if valid else default} {text}\r\n".encode()
-    if protocol is Protocol.IMAP:
+    if protocol is ListenerProtocol.IMAP:
         return f"* BYE {text}\r\n".encode()
     body = f"{text}\n".encode()
     head = (
@@ -125,12 +125,12 @@ def refusal(
     )
 
 
-Handlers = Mapping[Protocol, Handler] | Mapping[str, Handler]
+Handlers = Mapping[ListenerProtocol, Handler] | Mapping[str, Handler]
 
 
-def _handlers(handlers: Handlers) -> dict[Protocol, Handler]:
+def _handlers(handlers: Handlers) -> dict[ListenerProtocol, Handler]:
     """Handlers keyed by protocol, written as the enum or as its text ("smtp")."""
-    return {Protocol(protocol): handler for protocol, handler in handlers.items()}
+    return {ListenerProtocol(protocol): handler for protocol, handler in handlers.items()}
 
 
 def _endpoint(sockaddr: object) -> Endpoint:
@@ -143,7 +143,7 @@ class Server:
     """A running set of listeners sharing one gate. ``serve`` makes one and runs it."""
 
     settings: Settings
-    handlers: dict[Protocol, Handler] = attrs.field(converter=_handlers)
+    handlers: dict[ListenerProtocol, Handler] = attrs.field(converter=_handlers)
     ssl_context: ssl.SSLContext | None = None
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT
     gate: ProxyGate = attrs.field()
@@ -423,7 +423,7 @@ def _show(endpoint: Endpoint) -> str:
 
 async def _refuse(
     stream: trio.abc.Stream,
-    protocol: Protocol,
+    protocol: ListenerProtocol,
     text: str,
     *,
     action: Action = Action.TEMPFAIL,
@@ -449,7 +449,7 @@ async def serve(
 ) -> None:
     """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
 
-    ``handlers`` maps each protocol (``"smtp"`` or ``Protocol.SMTP``) to an async
+    ``handlers`` maps each protocol (``"smtp"`` or ``ListenerProtocol.SMTP``) to an async
     ``(stream, context)`` callable. ``hooks``
     (for instance a :class:`~mailedge.policy.HookChain`) gets ``on_connect`` for every
     connection the gate admits; a refusal is sent in the protocol's words and the connection

@@ -39,7 +39,7 @@ __all__ = [
     "HeaderMode",
     "InvalidSettingError",
     "NetworkListener",
-    "Protocol",
+    "ListenerProtocol",
     "RateLimit",
     "Settings",
     "SystemSettings",
@@ -81,7 +81,7 @@ class UnknownListenerError(KeyError):
         return self.message
 
 
-class Protocol(enum.StrEnum):
+class ListenerProtocol(enum.StrEnum):
     """What a listener speaks after the PROXY header."""
 
     SMTP = "smtp"
@@ -91,7 +91,7 @@ class Protocol(enum.StrEnum):
     @property
     def server_first(self) -> bool:
         """True when the server speaks first (a greeting), so a client may send nothing."""
-        return self is not Protocol.HTTP
+        return self is not ListenerProtocol.HTTP
 
 
 class HeaderMode(enum.StrEnum):
@@ -410,8 +410,8 @@ def _rate_limit(field: str, value: RateLimit | str | None) -> RateLimit | None:
 # attrs' mypy plugin takes only named functions as converters: one per field.
 
 
-def _to_protocol(value: Protocol | str) -> Protocol:
-    return _enum_value(Protocol, "protocol", value)
+def _to_protocol(value: ListenerProtocol | str) -> ListenerProtocol:
+    return _enum_value(ListenerProtocol, "protocol", value)
 
 
 def _to_header_mode(value: HeaderMode | str) -> HeaderMode:
@@ -470,8 +470,8 @@ class NetworkListener:
 
     # Names the listener in events and in Settings.listener(); unique across the settings.
     name: str = attrs.field(validator=_check_name)
-    protocol: Protocol = attrs.field(
-        converter=_to_protocol, validator=_of_type("a Protocol", Protocol)
+    protocol: ListenerProtocol = attrs.field(
+        converter=_to_protocol, validator=_of_type("a ListenerProtocol", ListenerProtocol)
     )
     # One or more addresses: "127.0.0.1:25", ["[::1]:25", ...] or BindAddress values.
     bind: tuple[BindAddress, ...] = attrs.field(converter=_to_bind, validator=_check_bind)
@@ -657,7 +657,16 @@ class Settings:
 
 
 def __getattr__(name: str) -> Any:
-    """The limits and defaults moved to :mod:`mailedge.defaults`; the old names still work."""
+    """Old names that still work for one release, each with a DeprecationWarning.
+
+    ``Protocol`` is now ``ListenerProtocol`` (it collided with ``typing.Protocol``), and the
+    limits and defaults moved to :mod:`mailedge.defaults`.
+    """
+    if name == "Protocol":
+        warnings.warn(
+            "mailedge.settings.Protocol is now ListenerProtocol", DeprecationWarning, stacklevel=2
+        )
+        return ListenerProtocol
     if name in defaults.__all__:
         warnings.warn(
             f"mailedge.settings.{name} moved to mailedge.defaults.{name}",

@@ -16,8 +16,8 @@ from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
     HeaderMode,
+    ListenerProtocol,
     NetworkListener,
-    Protocol,
     RateLimit,
     Settings,
     SystemSettings,
@@ -53,7 +53,7 @@ EXAMPLE = Settings(
     listeners=(
         NetworkListener(
             name="smtp",
-            protocol=Protocol.SMTP,
+            protocol=ListenerProtocol.SMTP,
             bind=(BindAddress.parse("127.0.0.1:2525"), BindAddress.parse("[::1]:2525")),
             override_proxy_trusted_networks=TrustedNetworks(["10.0.0.0/8"]),
         ),
@@ -163,7 +163,7 @@ def test_every_key() -> None:
     assert nginx.proxy_v1_implies_tls is True
     assert nginx.proxy_allow_v1_mixed_family is True
     imap = settings.listener("imap")
-    assert imap.protocol is Protocol.IMAP
+    assert imap.protocol is ListenerProtocol.IMAP
     assert imap.proxy_disabled_explicitly
     assert not imap.effective_proxy_trusted_networks(settings.system)
     every = settings.all_proxy_trusted_networks()

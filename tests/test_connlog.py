@@ -11,14 +11,14 @@ import pytest
 
 from mailedge.connlog import ConnectionLogger, connection_prefix
 from mailedge.context import AddressSource, ConnectionContext
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 
 def make_context(**changes: Any) -> ConnectionContext:
     base = ConnectionContext(
         connection_id=25,
         listener="smtp-proxy",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         client_ip=ipaddress.ip_address("198.51.100.7"),
         client_port=40123,
         server_ip=ipaddress.ip_address("192.0.2.25"),

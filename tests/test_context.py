@@ -11,14 +11,14 @@ import pytest
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator, context_to_json
 from mailedge.proxy import TLV, Command, TLVType, encode_v2, parse_header
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 
 def context(**changes: Any) -> ConnectionContext:
     base = ConnectionContext(
         connection_id=7,
         listener="smtp",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         client_ip=ipaddress.ip_address("198.51.100.7"),
         client_port=40123,
         server_ip=ipaddress.ip_address("192.0.2.25"),

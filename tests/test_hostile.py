@@ -42,15 +42,15 @@ from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.context import ConnectionContext
 from mailedge.events import EventName, GateEvent
-from mailedge.gate import ProxyGate, ProxyHeaderRejected, ProxyRejected
+from mailedge.gate import ProxyGate, ProxyRejected, UntrustedHeaderError
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import V2_SIGNATURE, Command, InetAddress, encode_v1, encode_v2
 from mailedge.server import Handler, Server, serve
 from mailedge.settings import (
     BindAddress,
     HeaderMode,
+    ListenerProtocol,
     NetworkListener,
-    Protocol,
     Settings,
     SystemSettings,
 )
@@ -79,7 +79,7 @@ def client_header(index: int, *, v2: bool = True) -> tuple[bytes, str]:
 
 def listener(name: str = "smtp", **knobs: object) -> NetworkListener:
     knobs.setdefault("bind", (BindAddress.parse("127.0.0.1:0"),))
-    knobs.setdefault("protocol", Protocol.SMTP)
+    knobs.setdefault("protocol", ListenerProtocol.SMTP)
     return NetworkListener(name=name, **knobs)  # type: ignore[arg-type]
 
 
@@ -119,7 +119,7 @@ async def start(
 ) -> Server:
     async def run(task_status: trio.TaskStatus[Server]) -> None:
         await serve(
-            conf, {Protocol.SMTP: handler}, ssl_context=ssl_context, task_status=task_status
+            conf, {ListenerProtocol.SMTP: handler}, ssl_context=ssl_context, task_status=task_status
         )
 
     server: Server = await nursery.start(run)
@@ -612,7 +612,7 @@ async def test_a_burst_of_untrusted_spoofs_never_changes_a_client(
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(send)
-            with pytest.raises(ProxyHeaderRejected):
+            with pytest.raises(UntrustedHeaderError):
                 await stream.receive_some()
         await trio.aclose_forcefully(stream)
         await trio.aclose_forcefully(client)
@@ -969,7 +969,8 @@ import logging, resource, sys
 import trio
 from mailedge.networks import TrustedNetworks
 from mailedge.server import serve
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+from mailedge.settings import BindAddress, NetworkListener, ListenerProtocol
+from mailedge.settings import Settings, SystemSettings
 
 resource.setrlimit(resource.RLIMIT_NOFILE, (48, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 logging.basicConfig(stream=sys.stderr, level=logging.WARNING, format="%(message)s")
@@ -985,7 +986,7 @@ async def main():
         listeners=(
             NetworkListener(
                 name="smtp",
-                protocol=Protocol.SMTP,
+                protocol=ListenerProtocol.SMTP,
                 bind=(BindAddress.parse("127.0.0.1:0"),),
                 proxy_header_timeout=60.0,
             ),
@@ -993,7 +994,9 @@ async def main():
     )
     async with trio.open_nursery() as nursery:
         server = await nursery.start(
-            lambda task_status: serve(conf, {Protocol.SMTP: echo_client}, task_status=task_status)
+            lambda task_status: serve(
+                conf, {ListenerProtocol.SMTP: echo_client}, task_status=task_status
+            )
         )
         print(server.addresses["smtp"][0][1], flush=True)
 

@@ -29,8 +29,8 @@ from mailedge.server import Handler, Server, refusal, serve
 from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
+    ListenerProtocol,
     NetworkListener,
-    Protocol,
     RateLimit,
     Settings,
     SystemSettings,
@@ -42,7 +42,7 @@ SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)
 
 def listener(name: str = "smtp", **knobs: object) -> NetworkListener:
     knobs.setdefault("bind", (BindAddress.parse("127.0.0.1:0"), BindAddress.parse("[::1]:0")))
-    return NetworkListener(name=name, protocol=Protocol.SMTP, **knobs)  # type: ignore[arg-type]
+    return NetworkListener(name=name, protocol=ListenerProtocol.SMTP, **knobs)  # type: ignore[arg-type]
 
 
 def settings(*listeners: NetworkListener) -> Settings:
@@ -74,7 +74,12 @@ async def start(
     nursery: trio.Nursery, conf: Settings, handler: Handler = whoami, **kw: object
 ) -> Server:
     server: Server = await nursery.start(
-        lambda task_status: serve(conf, {Protocol.SMTP: handler}, task_status=task_status, **kw)  # type: ignore[arg-type]
+        lambda task_status: serve(
+            conf,
+            {ListenerProtocol.SMTP: handler},
+            task_status=task_status,
+            **kw,  # type: ignore[arg-type]
+        )
     )
     return server
 
@@ -181,7 +186,9 @@ async def test_per_ip_limit_counts_the_client_not_the_proxy(nursery: trio.Nurser
     # Same client again through the same proxy: refused with 421.
     c = await connect(server)
     await c.send_all(encode_v1(CLIENT, SERVER))
-    assert await read_reply(c) == refusal(Protocol.SMTP, "Too many connections from your address")
+    assert await read_reply(c) == refusal(
+        ListenerProtocol.SMTP, "Too many connections from your address"
+    )
     assert await c.receive_some() == b""
     release.set()
     nursery.cancel_scope.cancel()
@@ -199,7 +206,9 @@ async def test_listener_limit_refuses_with_421(nursery: trio.Nursery) -> None:
     await a.send_all(encode_v1(CLIENT, SERVER))
     await read_reply(a)
     b = await connect(server)
-    assert await read_reply(b) == refusal(Protocol.SMTP, "Too many connections, try again later")
+    assert await read_reply(b) == refusal(
+        ListenerProtocol.SMTP, "Too many connections, try again later"
+    )
     release.set()
     await a.send_all(b"QUIT\r\n")
     assert await read_reply(a) == b"250 QUIT\r\n"
@@ -234,7 +243,7 @@ async def test_graceful_shutdown_lets_sessions_finish(nursery: trio.Nursery) -> 
         finished.set()
 
     server = await start(nursery, settings())
-    server.handlers = {Protocol.SMTP: slow}
+    server.handlers = {ListenerProtocol.SMTP: slow}
     stream = await connect(server)
     await stream.send_all(encode_v1(CLIENT, SERVER))
     await read_reply(stream)
@@ -284,7 +293,7 @@ async def test_reload_keeps_old_settings_on_a_bad_file(
 
 async def test_tls_listener_needs_an_ssl_context() -> None:
     with pytest.raises(ValueError, match="tls = true but no ssl_context"):
-        Server(settings=settings(listener(tls=True)), handlers={Protocol.SMTP: whoami})
+        Server(settings=settings(listener(tls=True)), handlers={ListenerProtocol.SMTP: whoami})
 
 
 async def test_every_protocol_needs_a_handler() -> None:
@@ -294,9 +303,13 @@ async def test_every_protocol_needs_a_handler() -> None:
 
 @pytest.mark.parametrize(
     ("protocol", "start_"),
-    [(Protocol.SMTP, b"421 4.7.0 "), (Protocol.IMAP, b"* BYE "), (Protocol.HTTP, b"HTTP/1.1 503 ")],
+    [
+        (ListenerProtocol.SMTP, b"421 4.7.0 "),
+        (ListenerProtocol.IMAP, b"* BYE "),
+        (ListenerProtocol.HTTP, b"HTTP/1.1 503 "),
+    ],
 )
-async def test_refusals_speak_the_protocol(protocol: Protocol, start_: bytes) -> None:
+async def test_refusals_speak_the_protocol(protocol: ListenerProtocol, start_: bytes) -> None:
     assert refusal(protocol, "busy").startswith(start_)
 
 
@@ -319,7 +332,7 @@ class Refuse(BaseHooks):
 
 
 async def start_protocol(
-    nursery: trio.Nursery, protocol: Protocol, hooks: Hooks, handler: Handler = whoami
+    nursery: trio.Nursery, protocol: ListenerProtocol, hooks: Hooks, handler: Handler = whoami
 ) -> Server:
     conf = settings(
         NetworkListener(
@@ -344,21 +357,21 @@ async def read_all(stream: trio.abc.Stream) -> bytes:
 @pytest.mark.parametrize(
     ("protocol", "verdict", "expected"),
     [
-        (Protocol.SMTP, Verdict.tempfail("slow down"), b"421 4.7.0 slow down\r\n"),
-        (Protocol.SMTP, Verdict.reject("go away"), b"554 5.7.1 go away\r\n"),
+        (ListenerProtocol.SMTP, Verdict.tempfail("slow down"), b"421 4.7.0 slow down\r\n"),
+        (ListenerProtocol.SMTP, Verdict.reject("go away"), b"554 5.7.1 go away\r\n"),
         (
-            Protocol.SMTP,
+            ListenerProtocol.SMTP,
             Verdict.tempfail("banned until 2030-01-01T00:00:00Z"),
             b"421 4.7.0 banned until 2030-01-01T00:00:00Z\r\n",
         ),
-        (Protocol.IMAP, Verdict.tempfail("slow down"), b"* BYE slow down\r\n"),
-        (Protocol.IMAP, Verdict.reject("go away"), b"* BYE go away\r\n"),
+        (ListenerProtocol.IMAP, Verdict.tempfail("slow down"), b"* BYE slow down\r\n"),
+        (ListenerProtocol.IMAP, Verdict.reject("go away"), b"* BYE go away\r\n"),
     ],
 )
 async def test_on_connect_refusals_over_real_sockets(
     nursery: trio.Nursery,
     caplog: pytest.LogCaptureFixture,
-    protocol: Protocol,
+    protocol: ListenerProtocol,
     verdict: Verdict,
     expected: bytes,
 ) -> None:
@@ -391,7 +404,7 @@ async def test_on_connect_refusals_over_real_sockets(
 async def test_on_connect_refusals_over_http(
     nursery: trio.Nursery, verdict: Verdict, status_line: bytes
 ) -> None:
-    server = await start_protocol(nursery, Protocol.HTTP, Refuse("198.51.100.7", verdict))
+    server = await start_protocol(nursery, ListenerProtocol.HTTP, Refuse("198.51.100.7", verdict))
     stream = await connect(server, "edge")
     await stream.send_all(encode_v1(CLIENT, SERVER) + b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
     response = await read_all(stream)
@@ -494,30 +507,30 @@ async def test_default_hooks_accept_everything(nursery: trio.Nursery) -> None:
 @pytest.mark.parametrize(
     ("protocol", "action", "status", "expected"),
     [
-        (Protocol.SMTP, Action.TEMPFAIL, None, b"421 4.7.0 no\r\n"),
-        (Protocol.SMTP, Action.REJECT, None, b"554 5.7.1 no\r\n"),
-        (Protocol.SMTP, Action.TEMPFAIL, "4.7.28", b"421 4.7.28 no\r\n"),
-        (Protocol.SMTP, Action.REJECT, "5.7.23", b"554 5.7.23 no\r\n"),
+        (ListenerProtocol.SMTP, Action.TEMPFAIL, None, b"421 4.7.0 no\r\n"),
+        (ListenerProtocol.SMTP, Action.REJECT, None, b"554 5.7.1 no\r\n"),
+        (ListenerProtocol.SMTP, Action.TEMPFAIL, "4.7.28", b"421 4.7.28 no\r\n"),
+        (ListenerProtocol.SMTP, Action.REJECT, "5.7.23", b"554 5.7.23 no\r\n"),
         # An enhanced code of the wrong class (or not one at all) is replaced.
-        (Protocol.SMTP, Action.TEMPFAIL, "5.7.1", b"421 4.7.0 no\r\n"),
-        (Protocol.SMTP, Action.REJECT, "4.7.1", b"554 5.7.1 no\r\n"),
-        (Protocol.SMTP, Action.REJECT, "5.7.1 injected", b"554 5.7.1 no\r\n"),
-        (Protocol.IMAP, Action.REJECT, None, b"* BYE no\r\n"),
+        (ListenerProtocol.SMTP, Action.TEMPFAIL, "5.7.1", b"421 4.7.0 no\r\n"),
+        (ListenerProtocol.SMTP, Action.REJECT, "4.7.1", b"554 5.7.1 no\r\n"),
+        (ListenerProtocol.SMTP, Action.REJECT, "5.7.1 injected", b"554 5.7.1 no\r\n"),
+        (ListenerProtocol.IMAP, Action.REJECT, None, b"* BYE no\r\n"),
     ],
 )
 async def test_refusal_variants(
-    protocol: Protocol, action: Action, status: str | None, expected: bytes
+    protocol: ListenerProtocol, action: Action, status: str | None, expected: bytes
 ) -> None:
     assert refusal(protocol, "no", action=action, status=status) == expected
 
 
 async def test_refusal_http_variants() -> None:
-    assert refusal(Protocol.HTTP, "busy") == (
+    assert refusal(ListenerProtocol.HTTP, "busy") == (
         b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 5\r\n"
         b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
         b"Content-Length: 5\r\n\r\nbusy\n"
     )
-    assert refusal(Protocol.HTTP, "no", action=Action.REJECT) == (
+    assert refusal(ListenerProtocol.HTTP, "no", action=Action.REJECT) == (
         b"HTTP/1.1 403 Forbidden\r\n"
         b"Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n"
         b"Content-Length: 3\r\n\r\nno\n"
@@ -525,11 +538,11 @@ async def test_refusal_http_variants() -> None:
 
 
 async def test_refusal_text_cannot_end_the_line() -> None:
-    assert refusal(Protocol.SMTP, "a\r\n250 OK\r\n") == b"421 4.7.0 a 250 OK\r\n"
-    assert refusal(Protocol.IMAP, "", action=Action.REJECT) == b"* BYE Refused\r\n"
-    assert refusal(Protocol.SMTP, "\r\n") == b"421 4.7.0 Try again later\r\n"
+    assert refusal(ListenerProtocol.SMTP, "a\r\n250 OK\r\n") == b"421 4.7.0 a 250 OK\r\n"
+    assert refusal(ListenerProtocol.IMAP, "", action=Action.REJECT) == b"* BYE Refused\r\n"
+    assert refusal(ListenerProtocol.SMTP, "\r\n") == b"421 4.7.0 Try again later\r\n"
     with pytest.raises(ValueError, match="not a refusal"):
-        refusal(Protocol.SMTP, "fine", action=Action.ACCEPT)
+        refusal(ListenerProtocol.SMTP, "fine", action=Action.ACCEPT)
 
 
 async def test_tls_terminated_twice_is_diagnosed(
@@ -601,5 +614,5 @@ async def test_the_short_spellings_serve(nursery: trio.Nursery) -> None:
 
 
 async def test_a_protocol_without_a_handler_is_refused() -> None:
-    with pytest.raises(ValueError, match="'pop3' is not a valid Protocol"):
+    with pytest.raises(ValueError, match="'pop3' is not a valid ListenerProtocol"):
         Server(settings=settings(), handlers={"pop3": whoami})

@@ -23,8 +23,8 @@ from mailedge.settings import (
     BindAddress,
     HeaderMode,
     InvalidSettingError,
+    ListenerProtocol,
     NetworkListener,
-    Protocol,
     RateLimit,
     Settings,
     SystemSettings,
@@ -37,7 +37,7 @@ SYSTEM = SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8", "
 def listener(name: str = "smtp", **fields: Any) -> NetworkListener:
     return NetworkListener(
         name=name,
-        protocol=fields.pop("protocol", Protocol.SMTP),
+        protocol=fields.pop("protocol", ListenerProtocol.SMTP),
         bind=fields.pop("bind", (BindAddress.parse("127.0.0.1:2525"),)),
         **fields,
     )
@@ -47,11 +47,11 @@ def listener(name: str = "smtp", **fields: Any) -> NetworkListener:
 
 
 def test_protocols() -> None:
-    assert [protocol.value for protocol in Protocol] == ["smtp", "imap", "http"]
-    assert Protocol("smtp") is Protocol.SMTP
-    assert Protocol.SMTP.server_first
-    assert Protocol.IMAP.server_first
-    assert not Protocol.HTTP.server_first
+    assert [protocol.value for protocol in ListenerProtocol] == ["smtp", "imap", "http"]
+    assert ListenerProtocol("smtp") is ListenerProtocol.SMTP
+    assert ListenerProtocol.SMTP.server_first
+    assert ListenerProtocol.IMAP.server_first
+    assert not ListenerProtocol.HTTP.server_first
 
 
 def test_header_modes() -> None:
@@ -228,8 +228,8 @@ def test_listener_accepts_the_limits() -> None:
             "name: must be non-empty, without whitespace or control characters, got 'smtp in'",
         ),
         ({"name": 7}, "name: expected a string, got 7"),
-        ({"protocol": "pop3"}, "protocol: expected a Protocol, got 'pop3'"),
-        ({"protocol": 25}, "protocol: expected a Protocol, got 25"),
+        ({"protocol": "pop3"}, "protocol: expected a ListenerProtocol, got 'pop3'"),
+        ({"protocol": 25}, "protocol: expected a ListenerProtocol, got 25"),
         ({"bind": ()}, "bind: must list at least one address"),
         (
             {"bind": frozenset([BindAddress.parse("127.0.0.1:25")])},
@@ -369,7 +369,7 @@ def test_listener_repr_shows_what_differs_from_the_defaults() -> None:
     )
     custom = listener(
         "imaps",
-        protocol=Protocol.IMAP,
+        protocol=ListenerProtocol.IMAP,
         bind=(BindAddress.parse("[::]:993"), BindAddress.parse("0.0.0.0:993")),
         tls=True,
         override_proxy_trusted_networks=TrustedNetworks(),
@@ -393,7 +393,7 @@ def test_settings_defaults_are_empty() -> None:
 
 
 def test_listener_lookup() -> None:
-    smtp, imap = listener("smtp"), listener("imap", protocol=Protocol.IMAP)
+    smtp, imap = listener("smtp"), listener("imap", protocol=ListenerProtocol.IMAP)
     settings = Settings(SYSTEM, (smtp, imap))
     assert settings.listener("imap") is imap
     assert settings.effective_proxy_trusted_networks("smtp") == SYSTEM.proxy_trusted_networks
@@ -579,7 +579,7 @@ def test_settings_check_the_auto_ban_type() -> None:
 def test_listener_takes_the_short_spellings() -> None:
     short = NetworkListener(name="smtp", protocol="smtp", bind=["127.0.0.1:2526"])
     assert short == NetworkListener(
-        name="smtp", protocol=Protocol.SMTP, bind=(BindAddress.parse("127.0.0.1:2526"),)
+        name="smtp", protocol=ListenerProtocol.SMTP, bind=(BindAddress.parse("127.0.0.1:2526"),)
     )
     one = NetworkListener(
         name="imap",

@@ -14,7 +14,13 @@ import trustme
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
 from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.lines import LineReader
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, UnknownListenerError
+from mailedge.settings import (
+    BindAddress,
+    ListenerProtocol,
+    NetworkListener,
+    Settings,
+    UnknownListenerError,
+)
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
 LOG = logging.getLogger("test.tls")
@@ -24,7 +30,7 @@ def make_context() -> ConnectionContext:
     return ConnectionContext(
         connection_id=9,
         listener="smtp",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         client_ip=ipaddress.ip_address("198.51.100.7"),
         client_port=40123,
         server_ip=ipaddress.ip_address("192.0.2.25"),
@@ -60,7 +66,7 @@ def client_ssl(ca: trustme.CA) -> ssl.SSLContext:
 def test_the_timeout_is_the_listeners() -> None:
     listener = NetworkListener(
         name="smtp",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         bind=(BindAddress.parse("127.0.0.1:25"),),
         tls_handshake_timeout=2.5,
     )

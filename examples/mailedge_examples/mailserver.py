@@ -36,7 +36,7 @@ from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore
 from mailedge.networks import format_endpoint
 from mailedge.server import Handler, Server, handle_signals, serve
-from mailedge.settings import NetworkListener, Protocol
+from mailedge.settings import ListenerProtocol, NetworkListener
 from mailedge.tls import server_ssl_context
 from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
@@ -190,9 +190,9 @@ def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
     target = format_endpoint(host, port)
     if trusted:
         return f"mailedge probe {conf.protocol} {target} --client 203.0.113.7:40000"
-    if conf.protocol is Protocol.SMTP:
+    if conf.protocol is ListenerProtocol.SMTP:
         return f"swaks --server {target} --to demo@mailedge.test"
-    if conf.protocol is Protocol.IMAP:
+    if conf.protocol is ListenerProtocol.IMAP:
         # -crlf: IMAP lines end with CRLF, and the handler's reader takes nothing else.
         return f"openssl s_client -crlf -starttls imap -connect {target} -quiet"
     return f"curl http://{target}/whoami"
@@ -238,7 +238,7 @@ class Parts:
     """What the example server is made of, for ``run`` and for tests."""
 
     gate: ProxyGate
-    handlers: dict[Protocol, Handler]
+    handlers: dict[ListenerProtocol, Handler]
     ssl_context: ssl.SSLContext
     hooks: HookChain
     autoban: AutoBan
@@ -264,8 +264,8 @@ def build(document: Document, example: ExampleSettings) -> Parts:
     if example.dmarc:
         policy.append(DMARCHook(authserv_id=example.hostname, resolver=resolver))
     hooks = HookChain(policy)
-    handlers: dict[Protocol, Handler] = {
-        Protocol.SMTP: SMTPHandler(
+    handlers: dict[ListenerProtocol, Handler] = {
+        ListenerProtocol.SMTP: SMTPHandler(
             hostname=example.hostname,
             maildir=example.state_dir / "Maildir",
             ssl_context=tls,
@@ -273,7 +273,7 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             # STARTTLS's handshake honours the listener's tlsHandshakeTimeout, reloads too.
             settings=lambda: gate.settings,
         ),
-        Protocol.IMAP: IMAPHandler(
+        ListenerProtocol.IMAP: IMAPHandler(
             hostname=example.hostname,
             users=example.users,
             ssl_context=tls,
@@ -281,7 +281,7 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             settings=lambda: gate.settings,
         ),
         # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
-        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
+        ListenerProtocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
     }
     return Parts(gate, handlers, tls, hooks, autoban)
 

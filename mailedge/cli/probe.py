@@ -52,7 +52,7 @@ from mailedge.proxy import (
     encode_v1,
     encode_v2,
 )
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 __all__ = [
     "DEFAULT_CLIENT",
@@ -227,7 +227,7 @@ class ProbeOptions:
     Inconsistent options raise :class:`ProbeUsageError`.
     """
 
-    protocol: Protocol
+    protocol: ListenerProtocol
     target: Target
     mode: HeaderMode = HeaderMode.V2
     client: InetAddress | None = None
@@ -613,7 +613,11 @@ async def _http_body(conversation: _Conversation, headers: dict[str, str]) -> by
     return await conversation.exactly(int(length))
 
 
-_EXCHANGES = {Protocol.SMTP: _smtp, Protocol.IMAP: _imap, Protocol.HTTP: _http}
+_EXCHANGES = {
+    ListenerProtocol.SMTP: _smtp,
+    ListenerProtocol.IMAP: _imap,
+    ListenerProtocol.HTTP: _http,
+}
 
 
 def _connect_error(error: OSError) -> str:

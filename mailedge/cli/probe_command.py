@@ -27,7 +27,7 @@ from mailedge.cli.probe import (
 )
 from mailedge.cli.probe_report import format_result
 from mailedge.proxy import InetAddress
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 __all__ = ["add_probe_arguments", "options_from_args", "probe_command"]
 
@@ -77,7 +77,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.add_argument(
         "protocol",
-        choices=[str(protocol) for protocol in Protocol],
+        choices=[str(protocol) for protocol in ListenerProtocol],
         metavar="PROTOCOL",
         help="what the listener speaks: smtp, imap or http",
     )
@@ -144,7 +144,7 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
 def options_from_args(args: argparse.Namespace) -> ProbeOptions:
     """The parsed arguments as ProbeOptions; raises ProbeUsageError when they conflict."""
     return ProbeOptions(
-        protocol=Protocol(args.protocol),
+        protocol=ListenerProtocol(args.protocol),
         target=args.target,
         mode=args.mode,
         client=args.client,

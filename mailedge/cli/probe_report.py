@@ -15,7 +15,7 @@ from mailedge.cli.probe import HeaderMode, Outcome, ProbeResult, same_ip
 from mailedge.cli.render import JSONObject, address_to_json, describe_header, header_to_json
 from mailedge.events import escape_bytes
 from mailedge.proxy import ProxyProtocolError, parse_header
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 __all__ = ["explain", "format_result", "result_to_json"]
 
@@ -84,9 +84,9 @@ def _explain_timeout(result: ProbeResult) -> list[str]:
 
 def _why_unseen(result: ProbeResult) -> str:
     protocol = result.options.protocol
-    if protocol is Protocol.IMAP:
+    if protocol is ListenerProtocol.IMAP:
         return "IMAP has no command that shows it"
-    if protocol is Protocol.SMTP:
+    if protocol is ListenerProtocol.SMTP:
         return "its EHLO reply has no [address]"
     return "the /whoami JSON has no client_ip"
 

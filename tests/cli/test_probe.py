@@ -34,7 +34,13 @@ from mailedge.cli.probe_report import format_result
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import Command, Family, InetAddress, parse_header
 from mailedge.server import Handler, Server, serve
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+from mailedge.settings import (
+    BindAddress,
+    ListenerProtocol,
+    NetworkListener,
+    Settings,
+    SystemSettings,
+)
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 
@@ -46,7 +52,7 @@ def listeners() -> tuple[NetworkListener, ...]:
     """
     bind = (BindAddress.parse("127.0.0.1:0"), BindAddress.parse("[::1]:0"))
     made: list[NetworkListener] = []
-    for protocol in Protocol:
+    for protocol in ListenerProtocol:
         made.append(NetworkListener(name=f"{protocol}-proxy", protocol=protocol, bind=bind))
         made.append(
             NetworkListener(
@@ -58,7 +64,10 @@ def listeners() -> tuple[NetworkListener, ...]:
         )
     made.append(
         NetworkListener(
-            name="smtp-impatient", protocol=Protocol.SMTP, bind=bind, proxy_header_timeout=0.05
+            name="smtp-impatient",
+            protocol=ListenerProtocol.SMTP,
+            bind=bind,
+            proxy_header_timeout=0.05,
         )
     )
     return tuple(made)
@@ -71,10 +80,10 @@ async def server(nursery: trio.Nursery, tmp_path: pathlib.Path) -> Server:
         system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8", "::1"])),
         listeners=listeners(),
     )
-    handlers: dict[Protocol, Handler] = {
-        Protocol.SMTP: SMTPHandler(hostname="mx.test", maildir=tmp_path / "Maildir"),
-        Protocol.IMAP: IMAPHandler(hostname="mx.test", users={}),
-        Protocol.HTTP: HTTPHandler(),
+    handlers: dict[ListenerProtocol, Handler] = {
+        ListenerProtocol.SMTP: SMTPHandler(hostname="mx.test", maildir=tmp_path / "Maildir"),
+        ListenerProtocol.IMAP: IMAPHandler(hostname="mx.test", users={}),
+        ListenerProtocol.HTTP: HTTPHandler(),
     }
     started: Server = await nursery.start(partial(serve, settings, handlers))
     return started
@@ -88,7 +97,11 @@ def target(server: Server, listener: str, family: int = 4) -> Target:
 
 
 def options(
-    server: Server, protocol: Protocol, kind: str = "proxy", family: int = 4, **knobs: object
+    server: Server,
+    protocol: ListenerProtocol,
+    kind: str = "proxy",
+    family: int = 4,
+    **knobs: object,
 ) -> ProbeOptions:
     return ProbeOptions(
         protocol=protocol,
@@ -105,7 +118,7 @@ async def test_smtp_through_a_trusted_listener_sees_the_claimed_client(
     server: Server, mode: HeaderMode
 ) -> None:
     client = InetAddress(ipaddress.ip_address("198.51.100.20"), 1234)
-    result = await probe(options(server, Protocol.SMTP, mode=mode, client=client))
+    result = await probe(options(server, ListenerProtocol.SMTP, mode=mode, client=client))
     assert result.outcome is Outcome.COMPLETED
     assert result.client_seen == "198.51.100.20"
     assert result.matched is True
@@ -126,7 +139,7 @@ async def test_smtp_through_a_trusted_listener_sees_the_claimed_client(
 
 
 async def test_smtp_default_client_and_server(server: Server) -> None:
-    opts = options(server, Protocol.SMTP)
+    opts = options(server, ListenerProtocol.SMTP)
     result = await probe(opts)
     assert result.client_seen == str(DEFAULT_CLIENT.ip)
     assert result.matched is True
@@ -142,7 +155,7 @@ async def test_http_with_ssl_and_authority_shows_tls_terminated_by_the_proxy(
     result = await probe(
         options(
             server,
-            Protocol.HTTP,
+            ListenerProtocol.HTTP,
             ssl=True,
             cipher="TLS_AES_128_GCM_SHA256",
             cn="client.example.org",
@@ -182,7 +195,7 @@ async def test_http_with_ssl_and_authority_shows_tls_terminated_by_the_proxy(
 
 
 async def test_ssl_without_certificate_is_not_verified(server: Server) -> None:
-    result = await probe(options(server, Protocol.HTTP, ssl=True, tls_version="TLSv1.2"))
+    result = await probe(options(server, ListenerProtocol.HTTP, ssl=True, tls_version="TLSv1.2"))
     assert result.whoami is not None
     assert result.whoami["tls"] is True
     assert result.whoami["tls_version"] == "TLSv1.2"
@@ -190,7 +203,7 @@ async def test_ssl_without_certificate_is_not_verified(server: Server) -> None:
 
 
 async def test_local_header_is_a_health_check(server: Server) -> None:
-    result = await probe(options(server, Protocol.HTTP, mode=HeaderMode.LOCAL))
+    result = await probe(options(server, ListenerProtocol.HTTP, mode=HeaderMode.LOCAL))
     assert result.outcome is Outcome.COMPLETED
     assert result.whoami is not None
     assert result.whoami["address_source"] == "proxy_local"
@@ -205,7 +218,7 @@ async def test_local_header_is_a_health_check(server: Server) -> None:
 
 
 async def test_imap_completes_but_cannot_check_the_client(server: Server) -> None:
-    result = await probe(options(server, Protocol.IMAP))
+    result = await probe(options(server, ListenerProtocol.IMAP))
     assert result.outcome is Outcome.COMPLETED, result.detail
     assert result.replies[0].startswith("* OK [CAPABILITY IMAP4rev1")
     assert "a1 OK CAPABILITY completed" in result.replies
@@ -218,7 +231,7 @@ async def test_imap_completes_but_cannot_check_the_client(server: Server) -> Non
 
 @pytest.mark.parametrize("mode", [HeaderMode.V1, HeaderMode.V2])
 async def test_ipv6_target_with_an_ipv4_client(server: Server, mode: HeaderMode) -> None:
-    result = await probe(options(server, Protocol.SMTP, family=6, mode=mode))
+    result = await probe(options(server, ListenerProtocol.SMTP, family=6, mode=mode))
     assert result.outcome is Outcome.COMPLETED, result.detail
     assert result.local is not None
     assert result.local.startswith("[::1]:")
@@ -235,7 +248,7 @@ async def test_ipv6_target_with_an_ipv4_client(server: Server, mode: HeaderMode)
 
 async def test_ipv6_target_with_an_ipv6_client(server: Server) -> None:
     client = parse_inet_address("[2001:db8::7]:5000")
-    result = await probe(options(server, Protocol.HTTP, family=6, client=client))
+    result = await probe(options(server, ListenerProtocol.HTTP, family=6, client=client))
     assert result.client_seen == "2001:db8::7"
     assert result.matched is True
     assert result.whoami is not None
@@ -244,7 +257,7 @@ async def test_ipv6_target_with_an_ipv6_client(server: Server) -> None:
 
 async def test_no_header_to_a_trusted_listener_times_out(server: Server) -> None:
     # The listener waits (5 s) for the header it requires; the probe gives up first.
-    result = await probe(options(server, Protocol.SMTP, mode=HeaderMode.NONE, timeout=0.2))
+    result = await probe(options(server, ListenerProtocol.SMTP, mode=HeaderMode.NONE, timeout=0.2))
     assert result.outcome is Outcome.TIMEOUT
     assert result.header == b""
     assert result.exit_code == 1
@@ -256,7 +269,9 @@ async def test_no_header_to_a_trusted_listener_times_out(server: Server) -> None
 async def test_no_header_to_a_trusted_listener_is_closed_after_its_header_timeout(
     server: Server,
 ) -> None:
-    opts = ProbeOptions(Protocol.SMTP, target(server, "smtp-impatient"), mode=HeaderMode.NONE)
+    opts = ProbeOptions(
+        ListenerProtocol.SMTP, target(server, "smtp-impatient"), mode=HeaderMode.NONE
+    )
     result = await probe(opts)
     assert result.outcome is Outcome.CLOSED
     assert result.replies == []
@@ -269,7 +284,7 @@ async def test_no_header_to_a_trusted_listener_is_closed_after_its_header_timeou
 
 async def test_a_host_name_target_uses_the_resolved_address_as_server(server: Server) -> None:
     port = target(server, "smtp-proxy").port
-    result = await probe(ProbeOptions(Protocol.SMTP, Target("localhost", port)))
+    result = await probe(ProbeOptions(ListenerProtocol.SMTP, Target("localhost", port)))
     assert result.outcome is Outcome.COMPLETED, result.detail
     assert result.matched is True
     parsed = parse_header(result.header)
@@ -282,22 +297,22 @@ async def test_a_host_name_target_uses_the_resolved_address_as_server(server: Se
 # --- through a listener with PROXY off -----------------------------------------------------
 
 
-@pytest.mark.parametrize("protocol", list(Protocol))
-async def test_no_header_to_a_direct_listener(server: Server, protocol: Protocol) -> None:
+@pytest.mark.parametrize("protocol", list(ListenerProtocol))
+async def test_no_header_to_a_direct_listener(server: Server, protocol: ListenerProtocol) -> None:
     result = await probe(options(server, protocol, "direct", mode=HeaderMode.NONE))
     assert result.outcome is Outcome.COMPLETED, result.detail
     assert result.header == b""
     assert result.matched is None
     assert result.exit_code == 0
-    if protocol is not Protocol.IMAP:
+    if protocol is not ListenerProtocol.IMAP:
         assert result.client_seen == "127.0.0.1"
         assert "no claim to check: the server sees 127.0.0.1" in format_result(result)
     assert "header sent: none (--no-header)" in format_result(result)
 
 
-@pytest.mark.parametrize("protocol", list(Protocol))
+@pytest.mark.parametrize("protocol", list(ListenerProtocol))
 async def test_header_to_a_listener_with_proxy_off_is_closed(
-    server: Server, protocol: Protocol
+    server: Server, protocol: ListenerProtocol
 ) -> None:
     result = await probe(options(server, protocol, "direct"))
     assert result.outcome is Outcome.CLOSED
@@ -318,7 +333,7 @@ async def test_header_to_a_listener_with_proxy_off_is_closed(
 
 
 async def test_json_output(server: Server) -> None:
-    result = await probe(options(server, Protocol.SMTP, mode=HeaderMode.V1))
+    result = await probe(options(server, ListenerProtocol.SMTP, mode=HeaderMode.V1))
     data = json.loads(format_result(result, json=True))
     assert data["outcome"] == "completed"
     assert data["exit_code"] == 0
@@ -396,7 +411,7 @@ async def test_mismatch_when_the_server_ignores_the_header(nursery: trio.Nursery
                     return
 
     fake = await serve_fake(nursery, careless_smtp)
-    result = await probe(ProbeOptions(Protocol.SMTP, fake, mode=HeaderMode.V1))
+    result = await probe(ProbeOptions(ListenerProtocol.SMTP, fake, mode=HeaderMode.V1))
     assert result.outcome is Outcome.COMPLETED
     assert result.client_seen == "127.0.0.1"
     assert result.matched is False
@@ -413,7 +428,7 @@ async def test_a_protocol_that_is_not_smtp(nursery: trio.Nursery) -> None:
         await stream.receive_some()
 
     fake = await serve_fake(nursery, imap_like)
-    result = await probe(ProbeOptions(Protocol.SMTP, fake))
+    result = await probe(ProbeOptions(ListenerProtocol.SMTP, fake))
     assert result.outcome is Outcome.BAD_REPLY
     assert result.exit_code == 1
     assert f"Is {fake} an SMTP listener?" in format_result(result)
@@ -424,7 +439,7 @@ async def test_a_refusal_banner(nursery: trio.Nursery) -> None:
         await stream.send_all(b"421 4.7.0 Too many connections, try again later\r\n")
 
     fake = await serve_fake(nursery, busy)
-    result = await probe(ProbeOptions(Protocol.SMTP, fake))
+    result = await probe(ProbeOptions(ListenerProtocol.SMTP, fake))
     assert result.outcome is Outcome.REFUSED
     assert result.detail == (
         "the server refused the session: 421 4.7.0 Too many connections, try again later"
@@ -439,7 +454,7 @@ async def test_a_server_that_never_stops_talking(nursery: trio.Nursery) -> None:
             await stream.send_all(b"x" * 65536)
 
     fake = await serve_fake(nursery, flood)
-    result = await probe(ProbeOptions(Protocol.IMAP, fake))
+    result = await probe(ProbeOptions(ListenerProtocol.IMAP, fake))
     assert result.outcome is Outcome.BAD_REPLY
     assert result.detail is not None
     assert "more than 65536 bytes" in result.detail
@@ -450,7 +465,7 @@ async def test_connection_refused() -> None:
         await sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     # Bound, never listening, now closed: nothing accepts on this port.
-    result = await probe(ProbeOptions(Protocol.SMTP, Target("127.0.0.1", port)))
+    result = await probe(ProbeOptions(ListenerProtocol.SMTP, Target("127.0.0.1", port)))
     assert result.outcome is Outcome.CONNECT_FAILED
     assert result.exit_code == 1
     assert result.detail == f"cannot connect to 127.0.0.1:{port}: Connection refused"
@@ -505,7 +520,7 @@ def test_parse_inet_address_rejects(text: str) -> None:
 
 
 def test_build_header_v2_mixed_families_is_v4_mapped_inet6() -> None:
-    opts = ProbeOptions(Protocol.SMTP, Target("::1", 25))
+    opts = ProbeOptions(ListenerProtocol.SMTP, Target("::1", 25))
     server = parse_inet_address("[::1]:25")
     parsed = parse_header(build_header(opts, server))
     assert parsed is not None
@@ -516,7 +531,9 @@ def test_build_header_v2_mixed_families_is_v4_mapped_inet6() -> None:
 
 def test_build_header_uses_server_option() -> None:
     server = parse_inet_address("192.0.2.25:25")
-    opts = ProbeOptions(Protocol.SMTP, Target("127.0.0.1", 3525), mode=HeaderMode.V1, server=server)
+    opts = ProbeOptions(
+        ListenerProtocol.SMTP, Target("127.0.0.1", 3525), mode=HeaderMode.V1, server=server
+    )
     assert build_header(opts, parse_inet_address("127.0.0.1:3525")) == (
         b"PROXY TCP4 203.0.113.7 192.0.2.25 40000 25\r\n"
     )
@@ -531,12 +548,12 @@ def test_a_zone_id_stays_out_of_the_header() -> None:
 
 
 def test_build_header_none() -> None:
-    opts = ProbeOptions(Protocol.HTTP, Target("127.0.0.1", 80), mode=HeaderMode.NONE)
+    opts = ProbeOptions(ListenerProtocol.HTTP, Target("127.0.0.1", 80), mode=HeaderMode.NONE)
     assert build_header(opts, parse_inet_address("127.0.0.1:80")) == b""
 
 
 def test_result_exit_codes() -> None:
-    opts = ProbeOptions(Protocol.SMTP, Target("127.0.0.1", 25))
+    opts = ProbeOptions(ListenerProtocol.SMTP, Target("127.0.0.1", 25))
     completed = ProbeResult(opts, Outcome.COMPLETED)
     assert completed.exit_code == 0
     assert attrs.evolve(completed, matched=True).exit_code == 0

@@ -15,13 +15,13 @@ from mailedge.cli.probe import (
 )
 from mailedge.cli.probe_report import explain, format_result, result_to_json
 from mailedge.proxy import InetAddress
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 SERVER = InetAddress(ipaddress.IPv4Address("127.0.0.1"), 3525)
 
 
 def result(mode: HeaderMode = HeaderMode.V2, **fields: object) -> ProbeResult:
-    options = ProbeOptions(Protocol.SMTP, Target("127.0.0.1", 3525), mode=mode)
+    options = ProbeOptions(ListenerProtocol.SMTP, Target("127.0.0.1", 3525), mode=mode)
     return ProbeResult(
         options,
         fields.pop("outcome", Outcome.COMPLETED),  # type: ignore[arg-type]

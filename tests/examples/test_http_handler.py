@@ -30,7 +30,7 @@ from mailedge.proxy import (
     Transport,
     build_header,
 )
-from mailedge.settings import AutoBanSettings, Protocol, Settings
+from mailedge.settings import AutoBanSettings, ListenerProtocol, Settings
 from mailedge.streams import IdleTimeoutStream
 
 ip = ipaddress.ip_address
@@ -41,7 +41,7 @@ def proxied_ipv4_context() -> ConnectionContext:
     return ConnectionContext(
         connection_id=41,
         listener="web",
-        protocol=Protocol.HTTP,
+        protocol=ListenerProtocol.HTTP,
         client_ip=ip("198.51.100.7"),
         client_port=40123,
         server_ip=ip("192.0.2.80"),
@@ -96,7 +96,7 @@ def direct_ipv6_context() -> ConnectionContext:
     return ConnectionContext(
         connection_id=42,
         listener="web6",
-        protocol=Protocol.HTTP,
+        protocol=ListenerProtocol.HTTP,
         client_ip=ip("2001:db8::7"),
         client_port=51234,
         server_ip=ip("2001:db8::80"),
@@ -164,7 +164,7 @@ def proxy_tls_context() -> ConnectionContext:
     return ConnectionContext(
         connection_id=43,
         listener="web-tls",
-        protocol=Protocol.HTTP,
+        protocol=ListenerProtocol.HTTP,
         client_ip=ip("2001:db8::7"),
         client_port=51234,
         server_ip=ip("2001:db8::443"),

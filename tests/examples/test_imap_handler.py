@@ -26,7 +26,7 @@ from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
 from mailedge.hooks import BaseHooks
 from mailedge.hooks.autoban import AutoBan
 from mailedge.networks import TrustedNetworks
-from mailedge.settings import AutoBanSettings, Protocol, Settings, SystemSettings
+from mailedge.settings import AutoBanSettings, ListenerProtocol, Settings, SystemSettings
 
 HOSTNAME = "imap.example"
 USERS = {"alice": "correct horse", "bob": 'p\u00e4ss "w\\rd'}
@@ -41,7 +41,7 @@ def make_context(**changes: Any) -> ConnectionContext:
     base = ConnectionContext(
         connection_id=17,
         listener="imap",
-        protocol=Protocol.IMAP,
+        protocol=ListenerProtocol.IMAP,
         client_ip=ipaddress.ip_address("198.51.100.7"),
         client_port=40123,
         server_ip=ipaddress.ip_address("192.0.2.143"),

@@ -45,7 +45,7 @@ from mailedge.proxy import (
     encode_v2,
 )
 from mailedge.server import Server, serve
-from mailedge.settings import Protocol
+from mailedge.settings import ListenerProtocol
 
 EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
 
@@ -424,7 +424,9 @@ async def test_the_embedding_example_serves_its_handler(nursery: trio.Nursery) -
     listener = settings.listeners[0]
     port0 = attrs.evolve(listener, bind=(attrs.evolve(listener.bind[0], port=0),))
     running: Server = await nursery.start(
-        partial(serve, attrs.evolve(settings, listeners=(port0,)), {Protocol.SMTP: embed.hello})
+        partial(
+            serve, attrs.evolve(settings, listeners=(port0,)), {ListenerProtocol.SMTP: embed.hello}
+        )
     )
     stream = await trio.open_tcp_stream(*running.addresses["smtp"][0])
     async with stream:

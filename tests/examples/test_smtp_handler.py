@@ -29,7 +29,7 @@ from mailedge_examples.smtp_handler import (
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
 from mailedge.policy import BaseHooks, Envelope, HookChain, Verdict
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings
+from mailedge.settings import BindAddress, ListenerProtocol, NetworkListener, Settings
 from mailedge.streams import IdleTimeoutStream
 
 HOSTNAME = "mx.example"
@@ -43,7 +43,7 @@ def make_context(**changes: Any) -> ConnectionContext:
     base = ConnectionContext(
         connection_id=25,
         listener="smtp",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         client_ip=ipaddress.ip_address(CLIENT_IP),
         client_port=40123,
         server_ip=ipaddress.ip_address("192.0.2.25"),
@@ -728,7 +728,7 @@ async def test_a_stalled_handshake_times_out(
     # The listener's tlsHandshakeTimeout bounds STARTTLS too.
     listener = NetworkListener(
         name="smtp",
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         bind=(BindAddress.parse("127.0.0.1:2525"),),
         tls_handshake_timeout=3,
     )

@@ -13,7 +13,7 @@ from hook_support import PROXY, context, listener, settings
 
 from mailedge.context import AddressSource
 from mailedge.events import EventName, GateEvent
-from mailedge.gate import ProxyGate, ProxyHeaderRejected
+from mailedge.gate import ProxyGate, UntrustedHeaderError
 from mailedge.hooks import Action, HookChain
 from mailedge.hooks.autoban import AutoBan, Ban
 from mailedge.hooks.ratelimit import RateLimit, RateLimitHooks
@@ -362,7 +362,7 @@ async def test_untrusted_headers_through_a_real_gate(
         )
         assert (await ban.on_connect(admitted)).accepted
         await theirs.send_all(encode_v1(client, server))
-        with pytest.raises(ProxyHeaderRejected):
+        with pytest.raises(UntrustedHeaderError):
             await stream.receive_some()
     _, ours = trio.testing.memory_stream_pair()
     _, admitted = await gate.admit(

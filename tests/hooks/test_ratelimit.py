@@ -22,7 +22,7 @@ from mailedge.hooks.ratelimit import (
     address_key,
 )
 from mailedge.hooks.store import MemoryStore
-from mailedge.settings import Protocol, Settings
+from mailedge.settings import ListenerProtocol, Settings
 
 ip = ipaddress.ip_address
 
@@ -141,7 +141,7 @@ async def test_limits_are_per_listener(autojump_clock: trio.testing.MockClock) -
     conf = settings(
         listener("mx", rate_limit_connections=RateLimit.parse("1/1h")),
         listener("submission", rate_limit_connections=RateLimit.parse("1/1h")),
-        listener("imap", Protocol.IMAP),
+        listener("imap", ListenerProtocol.IMAP),
     )
     hooks = hooks_for(conf)
     assert await connects(hooks, "198.51.100.7", 2, listener="mx") == [True, False]

@@ -49,7 +49,13 @@ from mailedge.hooks.dns import ResolverSettings
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import Command, InetAddress, encode_v2
 from mailedge.server import Handler, Server, serve
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+from mailedge.settings import (
+    BindAddress,
+    ListenerProtocol,
+    NetworkListener,
+    Settings,
+    SystemSettings,
+)
 
 __all__ = [
     "CLIENT_TIMEOUT",
@@ -435,7 +441,7 @@ def make_context(
     return ConnectionContext(
         connection_id=25,
         listener=PROXY_LISTENER,
-        protocol=Protocol.SMTP,
+        protocol=ListenerProtocol.SMTP,
         client_ip=ipaddress.ip_address(client_ip if known else PROXY_IP),
         client_port=40000,
         server_ip=SERVER_ADDRESS.ip,
@@ -479,12 +485,12 @@ async def running_smtp(handler: Handler) -> AsyncIterator[dict[str, tuple[str, i
         listeners=(
             NetworkListener(
                 name=PROXY_LISTENER,
-                protocol=Protocol.SMTP,
+                protocol=ListenerProtocol.SMTP,
                 bind=(BindAddress.parse("127.0.0.1:0"),),
             ),
             NetworkListener(
                 name=DIRECT_LISTENER,
-                protocol=Protocol.SMTP,
+                protocol=ListenerProtocol.SMTP,
                 bind=(BindAddress.parse("127.0.0.1:0"),),
                 override_proxy_trusted_networks=TrustedNetworks([]),
             ),
@@ -492,7 +498,7 @@ async def running_smtp(handler: Handler) -> AsyncIterator[dict[str, tuple[str, i
     )
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(
-            functools.partial(serve, settings, {Protocol.SMTP: handler})
+            functools.partial(serve, settings, {ListenerProtocol.SMTP: handler})
         )
         yield {name: endpoints[0] for name, endpoints in server.addresses.items()}
         nursery.cancel_scope.cancel()

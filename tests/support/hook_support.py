@@ -13,7 +13,13 @@ import attrs
 
 from mailedge.context import AddressSource, ConnectionContext
 from mailedge.networks import TrustedNetworks
-from mailedge.settings import BindAddress, NetworkListener, Protocol, Settings, SystemSettings
+from mailedge.settings import (
+    BindAddress,
+    ListenerProtocol,
+    NetworkListener,
+    Settings,
+    SystemSettings,
+)
 
 __all__ = ["PROXY", "context", "listener", "settings"]
 
@@ -25,7 +31,7 @@ def context(
     client: str = "198.51.100.7",
     *,
     listener: str = "smtp",
-    protocol: Protocol = Protocol.SMTP,
+    protocol: ListenerProtocol = ListenerProtocol.SMTP,
     peer: str | None = PROXY,
     source: AddressSource | None = None,
     connection_id: int = 1,
@@ -60,7 +66,7 @@ def context(
 
 
 def listener(
-    name: str = "smtp", protocol: Protocol = Protocol.SMTP, **fields: Any
+    name: str = "smtp", protocol: ListenerProtocol = ListenerProtocol.SMTP, **fields: Any
 ) -> NetworkListener:
     return NetworkListener(
         name=name,

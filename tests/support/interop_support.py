@@ -63,7 +63,7 @@ from mailedge.context import ConnectionContext
 from mailedge.events import EventName, GateEvent
 from mailedge.gate import ProxyGate
 from mailedge.server import Handler, Server, serve
-from mailedge.settings import Protocol, Settings
+from mailedge.settings import ListenerProtocol, Settings
 from mailedge.tls import server_ssl_context
 
 __all__ = [
@@ -748,12 +748,12 @@ async def running_mailedge(
     gate = ProxyGate(settings, on_event=events.append)
     tls = certs.server_context()
     maildir = tmp_path / "Maildir"
-    handlers: dict[Protocol, Handler] = {
-        Protocol.SMTP: SMTPHandler(hostname=HOSTNAME, maildir=maildir, ssl_context=tls),
-        Protocol.IMAP: IMAPHandler(
+    handlers: dict[ListenerProtocol, Handler] = {
+        ListenerProtocol.SMTP: SMTPHandler(hostname=HOSTNAME, maildir=maildir, ssl_context=tls),
+        ListenerProtocol.IMAP: IMAPHandler(
             hostname=HOSTNAME, users={IMAP_USER: IMAP_PASSWORD}, ssl_context=tls
         ),
-        Protocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters),
+        ListenerProtocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters),
     }
     recorded = {protocol: _recording(h, contexts) for protocol, h in handlers.items()}
     async with trio.open_nursery() as nursery:
