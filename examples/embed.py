@@ -29,26 +29,17 @@ async def hello(stream: trio.abc.Stream, context: mailedge.ConnectionContext) ->
 
 
 SETTINGS = mailedge.Settings(
-    system=mailedge.SystemSettings(
-        proxy_trusted_networks=mailedge.TrustedNetworks(["127.0.0.0/8", "::1"])
-    ),
-    listeners=(
-        mailedge.NetworkListener(
-            name="smtp",
-            protocol=mailedge.ListenerProtocol.SMTP,
-            bind=(mailedge.BindAddress.parse("127.0.0.1:2526"),),
-        ),
-    ),
+    system=mailedge.SystemSettings(proxy_trusted_networks=["127.0.0.0/8", "::1"]),
+    listeners=[mailedge.NetworkListener(name="smtp", protocol="smtp", bind="127.0.0.1:2526")],
 )
 
 
 async def main() -> None:
     logging.basicConfig(level=logging.INFO)
     async with trio.open_nursery() as nursery:
-        server = await nursery.start(
-            mailedge.serve, SETTINGS, {mailedge.ListenerProtocol.SMTP: hello}
-        )
+        server = await nursery.start(mailedge.serve, SETTINGS, {"smtp": hello})
         print("listening on", server.addresses["smtp"], flush=True)
+        # SIGTERM drains the sessions, SIGHUP would reload a config file (none here).
         await mailedge.handle_signals(server, config_path=None)
 
 
