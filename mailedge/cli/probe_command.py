@@ -13,7 +13,8 @@ from collections.abc import Callable
 
 import trio
 
-from mailedge.cli.probe import (
+from mailedge.cli.probe import probe
+from mailedge.cli.probe_options import (
     DEFAULT_CLIENT,
     DEFAULT_TIMEOUT,
     DEFAULT_TLS_VERSION,
@@ -23,7 +24,6 @@ from mailedge.cli.probe import (
     Target,
     parse_inet_address,
     parse_target,
-    probe,
 )
 from mailedge.cli.probe_report import format_result
 from mailedge.proxy import InetAddress

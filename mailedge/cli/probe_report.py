@@ -11,7 +11,8 @@ from __future__ import annotations
 import ipaddress
 import json as json_module
 
-from mailedge.cli.probe import HeaderMode, Outcome, ProbeResult, same_ip
+from mailedge.cli.probe import Outcome, ProbeResult, same_ip
+from mailedge.cli.probe_options import HeaderMode
 from mailedge.cli.render import JSONObject, address_to_json, describe_header, header_to_json
 from mailedge.events import escape_bytes
 from mailedge.proxy import ProxyProtocolError, parse_header

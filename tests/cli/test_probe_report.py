@@ -5,14 +5,8 @@ from __future__ import annotations
 import ipaddress
 import json
 
-from mailedge.cli.probe import (
-    HeaderMode,
-    Outcome,
-    ProbeOptions,
-    ProbeResult,
-    Target,
-    build_header,
-)
+from mailedge.cli.probe import Outcome, ProbeResult
+from mailedge.cli.probe_options import HeaderMode, ProbeOptions, Target, build_header
 from mailedge.cli.probe_report import explain, format_result, result_to_json
 from mailedge.proxy import InetAddress
 from mailedge.settings import ListenerProtocol
