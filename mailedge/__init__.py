@@ -20,6 +20,7 @@ _EXPORTS = {
     "ConnectionContext": "mailedge.context",
     "TLSTerminator": "mailedge.context",
     "EventName": "mailedge.events",
+    "GateReason": "mailedge.events",
     "GateEvent": "mailedge.events",
     "LogLimiter": "mailedge.events",
     "ProxyGate": "mailedge.gate",
@@ -54,7 +55,7 @@ if TYPE_CHECKING:
     from mailedge.config import ConfigError, load
     from mailedge.connlog import ConnectionLogger
     from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-    from mailedge.events import EventName, GateEvent, LogLimiter
+    from mailedge.events import EventName, GateEvent, GateReason, LogLimiter
     from mailedge.gate import ProxyGate, ProxyRejected, UntrustedHeaderError
     from mailedge.lines import ClientClosed, LineReader, LineTooLongError
     from mailedge.networks import InvalidNetworkError, TrustedNetworks
@@ -114,6 +115,7 @@ __all__ = [
     "AddressSource",
     "ConnectionContext",
     "EventName",
+    "GateReason",
     "GateEvent",
     "LogLimiter",
     "PrefixedStream",
