@@ -31,6 +31,7 @@ __all__ = [
     "OCTETS",
     "SSL_TEXT_FIELDS",
     "TLV_HEAD",
+    "DISCARDED_LOCAL_LAYOUTS",
     "TLV_STARTS",
     "TYPE_ALPN",
     "TYPE_AUTHORITY",
@@ -360,6 +361,9 @@ class HeaderLayout(NamedTuple):
     # Builds source and destination from the header's bytes into its __dict__: set by
     # version, command and family, so that the first read goes straight to the right code.
     endpoints: Callable[[Fields], None]
+    # Where the TLVs begin (v2: after the family's address block); None when the header has
+    # none to read: v1, and a v2 LOCAL whose protocol block was discarded unread.
+    tlv_start: int | None
 
 
 def _endpoints_builder(version: int, command: Command, family: Family) -> Callable[[Fields], None]:
@@ -388,11 +392,25 @@ def _all_layouts() -> dict[tuple[int, Command, Family, Transport, bool], HeaderL
         if (family is Family.UNSPEC) == (transport is Transport.UNSPEC)
         for normalize in (False, True)
     ]
-    return {key: HeaderLayout(*key, _endpoints_builder(key[0], key[1], key[2])) for key in keys}
+    return {
+        key: HeaderLayout(
+            *key,
+            _endpoints_builder(key[0], key[1], key[2]),
+            None if key[0] == 1 else TLV_STARTS[key[2]],
+        )
+        for key in keys
+    }
 
 
 # Every valid layout, built once: a parsed header points at one of these.
 _LAYOUTS = _all_layouts()
+# A v2 LOCAL header whose family byte is not one we know, or whose length is shorter than its
+# family's address block: the spec has the receiver discard that block, family included, so
+# nothing in it is read. Indexed by normalize_v4_mapped, like the others.
+DISCARDED_LOCAL_LAYOUTS = tuple(
+    HeaderLayout(2, Command.LOCAL, Family.UNSPEC, Transport.UNSPEC, normalize, _no_endpoints, None)
+    for normalize in (False, True)
+)
 
 
 def header_layout(

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import struct
 
-from mailedge.proxy._decode import header_layout
+from mailedge.proxy._decode import DISCARDED_LOCAL_LAYOUTS, header_layout
 from mailedge.proxy._tlv import check_partial_tlvs, check_tlvs, show
 from mailedge.proxy.errors import (
     AddressBlockTooShortError,
@@ -159,6 +159,8 @@ def parse_v2(
         _check_prefix(data, allow_unix, allow_dgram)
         return None
     command = _command(data[12])
+    if command is _LOCAL:
+        return _parse_local(data, max_length, normalize_v4_mapped)
     family, transport, block = _family(data[13], command, allow_unix, allow_dgram)
     total = _check_length(data[14] << 8 | data[15], block, family, max_length)
     if len(data) < total:
@@ -170,6 +172,33 @@ def parse_v2(
     return header, total
 
 
+def _parse_local(
+    data: bytes, max_length: int, normalize_v4_mapped: bool
+) -> tuple[ProxyHeader, int] | None:
+    """A LOCAL header: the proxy's own connection, whose endpoints are the socket's.
+
+    The spec (section 2.2) has the receiver "discard the protocol block including the
+    family which is ignored". So a family byte that is not one of the seven, or a length
+    shorter than the family's address block, is no error: the block is skipped unread. When
+    the family is known and its block fits, the TLVs after it are read and checked as for
+    PROXY, because a CRC32C among them (HAProxy's health checks send one) must be verified.
+    """
+    length = data[14] << 8 | data[15]
+    total = _check_length(length, 0, Family.UNSPEC, max_length)
+    info = _FAMILIES[data[13]]
+    if info is None or length < info[2]:
+        if len(data) < total:
+            return None
+        return make_header(data[:total], DISCARDED_LOCAL_LAYOUTS[normalize_v4_mapped]), total
+    family, transport, block = info
+    if len(data) < total:
+        check_partial_tlvs(data, V2_FIXED_LENGTH + block, total)
+        return None
+    check_tlvs(data, V2_FIXED_LENGTH + block, total)
+    layout = header_layout(2, _LOCAL, family, transport, normalize_v4_mapped)
+    return make_header(data[:total], layout), total
+
+
 def _check_prefix(data: bytes, allow_unix: bool, allow_dgram: bool) -> None:
     """Raise if fewer than 16 bytes (or a bad signature) can no longer be a v2 header."""
     signature = data[: len(V2_SIGNATURE)]
@@ -179,5 +208,5 @@ def _check_prefix(data: bytes, allow_unix: bool, allow_dgram: bool) -> None:
         )
     if len(data) > 12:
         command = _command(data[12])
-        if len(data) > 13:
+        if len(data) > 13 and command is _PROXY:  # LOCAL ignores the family byte
             _family(data[13], command, allow_unix, allow_dgram)

@@ -17,7 +17,6 @@ import attrs
 
 from mailedge.proxy._decode import (
     TLV_HEAD,
-    TLV_STARTS,
     TYPE_ALPN,
     TYPE_AUTHORITY,
     TYPE_CRC32C,
@@ -195,14 +194,15 @@ class ProxyHeader:
 
     @_lazy
     def tlvs(self) -> tuple[TLV, ...]:
-        """Every TLV raw, in wire order (v2 only; empty for v1)."""
-        if self._layout.version == 1:
+        """Every TLV raw, in wire order (v2 only; empty for v1 and a discarded LOCAL block)."""
+        first = self._layout.tlv_start
+        if first is None:
             return ()
         raw = self.raw
         return tuple(
             [
                 new_tlv(type_, raw[start:stop])
-                for type_, start, stop in tlv_spans(raw, TLV_STARTS[raw[13] >> 4], len(raw))
+                for type_, start, stop in tlv_spans(raw, first, len(raw))
             ]
         )
 
@@ -210,10 +210,10 @@ class ProxyHeader:
     def _first_values(self) -> dict[int, bytes]:
         """The value of the first TLV of each type."""
         values: dict[int, bytes] = {}
-        if self._layout.version == 1:
+        pos = self._layout.tlv_start
+        if pos is None:
             return values
         raw = self.raw
-        pos = TLV_STARTS[raw[13] >> 4]
         end = len(raw)
         while pos < end:
             type_, length = _type_length(raw, pos)

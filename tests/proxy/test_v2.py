@@ -14,6 +14,7 @@ from mailedge.proxy import (
     TLV,
     V2_SIGNATURE,
     AddressBlockTooShortError,
+    ChecksumError,
     Command,
     DisallowedFamilyError,
     Family,
@@ -21,11 +22,13 @@ from mailedge.proxy import (
     InetAddress,
     InvalidCommandError,
     InvalidFamilyError,
+    InvalidTLVError,
     InvalidVersionError,
     NotProxyHeaderError,
     ProxyProtocolError,
     Transport,
     UnixAddress,
+    encode_v2,
     parse_header,
 )
 
@@ -154,14 +157,12 @@ def test_local_ignores_the_addresses_and_is_consumed_exactly() -> None:
     assert header.raw == data  # the ignored addresses included
 
 
-@pytest.mark.parametrize("command_byte", [0x20, 0x21])
 @pytest.mark.parametrize("family_byte", range(256))
-def test_every_family_byte(command_byte: int, family_byte: int) -> None:
-    data = v2(command_byte, family_byte, block_for(family_byte))
-    local = command_byte == 0x20
+def test_every_family_byte_under_proxy(family_byte: int) -> None:
+    data = v2(0x21, family_byte, block_for(family_byte))
     if family_byte not in VALID_FAMILY_BYTES:
         expected: type[ProxyProtocolError] | None = InvalidFamilyError
-    elif local or family_byte in (0x00, 0x11, 0x21):
+    elif family_byte in (0x00, 0x11, 0x21):
         expected = None
     else:
         expected = DisallowedFamilyError  # AF_UNIX or DGRAM under PROXY
@@ -177,12 +178,65 @@ def test_every_family_byte(command_byte: int, family_byte: int) -> None:
         # Known as soon as byte 13 is in: no waiting for the length or the block.
         with pytest.raises(expected):
             parse_header(data[:14])
-    # With both opt-ins, exactly the seven valid values pass, under either command.
+    # With both opt-ins, exactly the seven valid values pass.
     if family_byte in VALID_FAMILY_BYTES:
         assert parse_header(data, allow_unix=True, allow_dgram=True) is not None
     else:
         with pytest.raises(InvalidFamilyError):
             parse_header(data, allow_unix=True, allow_dgram=True)
+
+
+# The lengths a LOCAL header is tried with, for a family whose address block is ``block``
+# bytes: none, one short, exactly the block, and the block followed by a NOOP TLV.
+def _local_bodies(block: int) -> list[tuple[bytes, bool]]:
+    """(body, whether the TLVs after a known family's block are read)."""
+    noop = b"\x04\x00\x02ok"
+    bodies = [(b"", block == 0), (bytes(block), True), (bytes(block) + noop, True)]
+    if block:
+        bodies.append((bytes(block - 1), False))
+    return bodies
+
+
+@pytest.mark.parametrize("family_byte", range(256))
+def test_every_family_byte_under_local_is_ignored(family_byte: int) -> None:
+    """Spec 2.2: for LOCAL the receiver uses the real endpoints and "discards the protocol
+    block including the family which is ignored": no family byte and no length is an error."""
+    known = family_byte in VALID_FAMILY_BYTES
+    block = len(block_for(family_byte)) if known else 0
+    # An unknown family byte's block is skipped whatever it holds.
+    garbage = [] if known else [(b"\xff" * 7, False)]
+    for body, readable in [*_local_bodies(block), *garbage]:
+        data = v2(0x20, family_byte, body) + b"EHLO x\r\n"
+        readable = readable and known
+        for options in ({}, {"allow_unix": True, "allow_dgram": True}):
+            result = parse_header(data, **options)
+            assert result is not None, (family_byte, body)
+            header, consumed = result
+            assert consumed == 16 + len(body)
+            assert header.command is Command.LOCAL
+            assert header.source is None and header.destination is None
+            if readable:
+                assert (header.family, header.transport) == (family_byte >> 4, family_byte & 0xF)
+                assert header.tlvs == ((TLV(0x04, b"ok"),) if body.endswith(b"ok") else ())
+            else:
+                assert (header.family, header.transport) == (Family.UNSPEC, Transport.UNSPEC)
+                assert header.tlvs == ()
+                assert header.crc32c_verified is False
+        # Every strict prefix is "need more", never an error.
+        for cut in range(len(data) - len(b"EHLO x\r\n")):
+            assert parse_header(data[:cut]) is None, (family_byte, body, cut)
+
+
+def test_local_still_checks_the_tlvs_after_a_known_block() -> None:
+    """A CRC32C after a LOCAL header's block (HAProxy's checks send one) must match."""
+    good = encode_v2(Command.LOCAL, crc32c=True)
+    result = parse_header(good)
+    assert result is not None and result[0].crc32c_verified
+    bad = good[:-1] + bytes([good[-1] ^ 1])
+    with pytest.raises(ChecksumError):
+        parse_header(bad)
+    with pytest.raises(InvalidTLVError):
+        parse_header(v2(0x20, 0x11, bytes(12) + b"\x04\x00\x09ab"))
 
 
 @pytest.mark.parametrize("command_byte", range(256))
@@ -232,17 +286,14 @@ def test_signature_mismatch_at_every_position(position: int) -> None:
 @pytest.mark.parametrize(
     ("family_byte", "block"), [(0x11, 12), (0x21, 36), (0x31, 216), (0x12, 12), (0x32, 216)]
 )
-@pytest.mark.parametrize("command_byte", [0x20, 0x21])
-def test_address_block_too_short_under_both_commands(
-    command_byte: int, family_byte: int, block: int
-) -> None:
+def test_address_block_too_short_under_proxy(family_byte: int, block: int) -> None:
     options = {"allow_unix": True, "allow_dgram": True}
-    data = v2(command_byte, family_byte, bytes(block - 1))
+    data = v2(0x21, family_byte, bytes(block - 1))
     with pytest.raises(AddressBlockTooShortError, match=f"{block}-byte"):
         parse_header(data, **options)
     with pytest.raises(AddressBlockTooShortError):
         parse_header(data[:16], **options)  # known from the length alone
-    assert parse_header(v2(command_byte, family_byte, bytes(block)), **options) is not None
+    assert parse_header(v2(0x21, family_byte, bytes(block)), **options) is not None
 
 
 def test_length_cap_counts_the_whole_header() -> None:
