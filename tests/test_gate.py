@@ -796,3 +796,16 @@ async def test_the_callers_own_cancellation_is_not_a_timeout(
     assert outer.cancelled_caught and not deadline.cancelled_caught
     assert events == []
     assert list(gate.counters) == []
+
+
+@pytest.mark.parametrize("client", [0x02, 0x04, 0x06])
+async def test_a_certificate_without_client_ssl_is_neither_tls_nor_verified(client: int) -> None:
+    """CERT_CONN or CERT_SESS with verify 0 but no CLIENT_SSL bit: the client did not use TLS,
+    so nothing about a certificate may be believed (the TLS details are read only under TLS)."""
+    run = await run_gate([ssl_header(client, cn="mallory")])
+    ctx = run.context
+    assert ctx is not None and ctx.header is not None
+    assert ctx.header.ssl is not None and ctx.header.ssl.verified  # what the TLV claims
+    assert not ctx.tls
+    assert not ctx.client_cert_verified
+    assert ctx.client_cert_cn is None

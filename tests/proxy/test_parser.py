@@ -10,14 +10,17 @@ from hypothesis import strategies as st
 
 import mailedge.proxy
 from mailedge.proxy import (
+    TLV,
     V1_MAX_LENGTH,
     V2_SIGNATURE,
     AddressBlockTooShortError,
     Command,
+    HeaderTooLongError,
     InetAddress,
     NotProxyHeaderError,
     ProxyHeader,
     ProxyProtocolError,
+    TLVType,
     encode_v1,
     encode_v2,
     parse_header,
@@ -250,3 +253,25 @@ def test_once_bad_always_bad_and_once_good_always_the_same(data: bytes, extra: b
 def test_every_strict_prefix_of_a_valid_header_waits(data: bytes) -> None:
     for size in range(len(data)):
         assert parse_header(data[:size]) is None
+
+
+@pytest.mark.parametrize("family_byte", [0x11, 0x21])
+def test_a_complete_header_over_the_cap_is_refused_on_the_fast_path(family_byte: int) -> None:
+    """A whole PROXY over TCP header, handed over as bytes (the fast path's input), longer
+    than max_v2_length: refused even though every byte of it is there and valid."""
+    source, destination = (
+        (SOURCE, DESTINATION)
+        if family_byte == 0x11
+        else (
+            InetAddress(ipaddress.IPv6Address("2001:db8::1"), 1),
+            InetAddress(ipaddress.IPv6Address("2001:db8::2"), 2),
+        )
+    )
+    header = encode_v2(Command.PROXY, source, destination, tlvs=[TLV(TLVType.NOOP, bytes(300))])
+    assert header[13] == family_byte
+    assert parse_header(header, max_v2_length=len(header)) is not None
+    for cap in (len(header) - 1, 256):
+        with pytest.raises(HeaderTooLongError):
+            parse_header(header, max_v2_length=cap)
+        with pytest.raises(HeaderTooLongError):
+            parse_header(header + b"EHLO x\r\n", max_v2_length=cap)

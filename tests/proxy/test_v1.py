@@ -634,3 +634,23 @@ def test_the_fast_octet_grammar_is_exactly_0_to_255_without_leading_zeros() -> N
             assert (FAST_LINE.fullmatch(line) is not None) == valid, text
             line = f"PROXY TCP6 ::ffff:1.2.3.{text} ::1 1 25\r\n".encode()
             assert (FAST_LINE.fullmatch(line) is not None) == valid, text
+
+
+def test_the_longest_tcp6_line_is_over_the_107_byte_cap() -> None:
+    """Two 45-character IPv6 addresses (an embedded IPv4 each) and 5-digit ports make a
+    116-byte line that the grammar alone accepts: only the length cap refuses it, whatever
+    path (the fast bytes one, or the field-by-field one) reads it."""
+    widest = "ffff:ffff:ffff:ffff:ffff:ffff:255.255.255.255"
+    assert len(widest) == 45
+    line = f"PROXY TCP6 {widest} {widest} 65535 65535\r\n".encode()
+    assert len(line) == 116
+    for data in (line, bytearray(line), memoryview(line), line + b"EHLO x\r\n"):
+        with pytest.raises(HeaderTooLongError):
+            parse_header(data)
+    # At the boundary: 107 bytes parse, 108 do not.
+    fits = f"PROXY TCP6 {widest} ffff:ffff:ffff:ffff:ffff:fff:1.2.3.4 65535 65535\r\n".encode()
+    over = f"PROXY TCP6 {widest} ffff:ffff:ffff:ffff:ffff:ffff:1.2.3.4 65535 65535\r\n".encode()
+    assert (len(fits), len(over)) == (107, 108)
+    assert parse_header(fits) is not None
+    with pytest.raises(HeaderTooLongError):
+        parse_header(over)
