@@ -7,38 +7,30 @@ from ipaddress import IPv4Address, IPv6Address
 
 import attrs
 import pytest
-from codec_support import values
+from codec_support import (
+    DESTINATION4,
+    DESTINATION6,
+    PERMISSIVE,
+    SOURCE4,
+    SOURCE6,
+    SSL,
+    parse,
+    values,
+)
 from hypothesis import given
 from hypothesis import strategies as st
 
 from mailedge.proxy import (
     TLV,
-    ClientFlags,
     Command,
     Family,
     InetAddress,
     ProxyHeader,
-    SSLInfo,
     TLVType,
     encode_v1,
     encode_v2,
     parse_header,
 )
-
-SOURCE4 = InetAddress(IPv4Address("192.0.2.10"), 51234)
-DESTINATION4 = InetAddress(IPv4Address("198.51.100.25"), 25)
-SOURCE6 = InetAddress(IPv6Address("2001:db8::7"), 40000)
-DESTINATION6 = InetAddress(IPv6Address("2001:db8::25"), 587)
-SSL = SSLInfo(ClientFlags.SSL | ClientFlags.CERT_CONN, 0, version="TLSv1.3", cn="alice")
-PERMISSIVE = {"allow_unix": True, "allow_dgram": True, "allow_v1_mixed_family": True}
-
-
-def parse(data: bytes | bytearray, **options: bool) -> ProxyHeader:
-    result = parse_header(data, **options)
-    assert result is not None
-    assert result[1] == len(data)
-    return result[0]
-
 
 # --- what a parsed header holds -------------------------------------------------------------
 
