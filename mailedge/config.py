@@ -32,10 +32,12 @@ import pathlib
 import re
 import tomllib
 from collections.abc import Callable, Collection
+from ipaddress import IPv6Network
 from typing import Any, Literal
 
 import attrs
 
+from mailedge.clients import Nat64Prefixes, parse_nat64_prefix
 from mailedge.networks import InvalidNetworkError, TrustedNetworks, parse_network
 from mailedge.settings import (
     AutoBanSettings,
@@ -212,6 +214,22 @@ def _read_networks(value: object, path: str, syntax: _Syntax) -> TrustedNetworks
     return TrustedNetworks(networks)
 
 
+def _read_nat64_prefixes(value: object, path: str, syntax: _Syntax) -> Nat64Prefixes:
+    prefixes: list[IPv6Network] = []
+    for index, text in enumerate(_read_strings(value, path, syntax)):
+        try:
+            prefix = parse_nat64_prefix(text)
+        except ValueError as error:
+            raise ConfigError(str(error), path=f"{path}[{index}]") from None
+        if prefix in prefixes:
+            first = prefixes.index(prefix)
+            raise ConfigError(
+                f"{text!r} is listed twice (first at [{first}])", path=f"{path}[{index}]"
+            )
+        prefixes.append(prefix)
+    return tuple(prefixes)
+
+
 @attrs.frozen
 class _Key:
     """One key of a table: its name in the file, the field it fills, and how to read it."""
@@ -238,7 +256,10 @@ class _Section:
     noun: str = ""
 
 
-_SYSTEM_KEYS = (_Key("proxyTrustedNetworks", "proxy_trusted_networks", _read_networks),)
+_SYSTEM_KEYS = (
+    _Key("proxyTrustedNetworks", "proxy_trusted_networks", _read_networks),
+    _Key("nat64Prefixes", "nat64_prefixes", _read_nat64_prefixes),
+)
 
 _LISTENER_KEYS = (
     _Key("name", "name", _read_string, required=True),

@@ -1,13 +1,13 @@
 """Every setting's default and bounds, each with the reason it has that value.
 
 :mod:`mailedge.settings` validates against these, :mod:`mailedge.config` names them in its
-messages, and docs/configuration.md quotes them. The clients' IPv6 prefix lives with the rule
-it shapes, in :mod:`mailedge.clients`.
+messages, and docs/configuration.md quotes them. The clients' IPv6 prefix and the NAT64
+prefix length live with the rules they shape, in :mod:`mailedge.clients`.
 """
 
 from __future__ import annotations
 
-from mailedge.clients import DEFAULT_IPV6_PREFIX
+from mailedge.clients import DEFAULT_IPV6_PREFIX, NAT64_PREFIX_LENGTH
 
 __all__ = [
     "DEFAULT_PROXY_HEADER_TIMEOUT",
@@ -34,6 +34,8 @@ __all__ = [
     "DEFAULT_AUTO_BAN_DURATION",
     "MAX_AUTO_BAN_DURATION",
     "DEFAULT_IPV6_PREFIX",
+    "NAT64_PREFIX_LENGTH",
+    "MAX_NAT64_PREFIXES",
 ]
 
 # The spec asks for at least 3 s so that a header delayed by one TCP retransmission still
@@ -95,3 +97,6 @@ MAX_AUTO_BAN_WINDOW = 86400.0
 DEFAULT_AUTO_BAN_DURATION = 3600.0
 # Thirty days: anything longer belongs in a firewall rule, not in memory.
 MAX_AUTO_BAN_DURATION = 30 * 86400.0
+# A site runs one or two NAT64 translators; each prefix costs an integer compare on every IPv6
+# connection that matches no built-in prefix, so a list of hundreds is a mistake.
+MAX_NAT64_PREFIXES = 64

@@ -2,7 +2,9 @@
 
 The per-IP count is keyed on the client the gate recovered, never on a trusted proxy's
 address: behind a proxy every connection comes from the proxy, and counting on it would let
-one noisy client lock everybody out.
+one noisy client lock everybody out. A client behind NAT64 is the IPv4 address it carries
+(:mod:`mailedge.clients`); the operator's extra prefixes come as ``nat64_prefixes``, and a
+slot must be released with the same prefixes it was taken with.
 
 Every connection takes and releases a slot, so the bookkeeping is plain counting on
 integers: no context manager, no hashing of address objects.
@@ -14,7 +16,7 @@ from typing import TypeVar
 
 import attrs
 
-from mailedge.clients import client_key
+from mailedge.clients import Nat64Prefixes, client_key
 from mailedge.proxy import IPAddress
 
 __all__ = ["ConnectionLimits", "client_key"]
@@ -39,8 +41,8 @@ class ConnectionLimits:
     def open_on(self, listener: str) -> int:
         return self._by_listener.get(listener, 0)
 
-    def open_from(self, listener: str, ip: IPAddress) -> int:
-        return self._by_client.get((listener, client_key(ip)), 0)
+    def open_from(self, listener: str, ip: IPAddress, nat64_prefixes: Nat64Prefixes = ()) -> int:
+        return self._by_client.get((listener, client_key(ip, nat64_prefixes=nat64_prefixes)), 0)
 
     def take_listener_slot(self, listener: str, limit: int) -> bool:
         count = self._by_listener.get(listener, 0)
@@ -52,16 +54,20 @@ class ConnectionLimits:
     def release_listener_slot(self, listener: str) -> None:
         _release(self._by_listener, listener)
 
-    def take_client_slot(self, listener: str, ip: IPAddress, limit: int) -> bool:
-        key = (listener, client_key(ip))
+    def take_client_slot(
+        self, listener: str, ip: IPAddress, limit: int, nat64_prefixes: Nat64Prefixes = ()
+    ) -> bool:
+        key = (listener, client_key(ip, nat64_prefixes=nat64_prefixes))
         count = self._by_client.get(key, 0)
         if count >= limit:
             return False
         self._by_client[key] = count + 1
         return True
 
-    def release_client_slot(self, listener: str, ip: IPAddress) -> None:
-        _release(self._by_client, (listener, client_key(ip)))
+    def release_client_slot(
+        self, listener: str, ip: IPAddress, nat64_prefixes: Nat64Prefixes = ()
+    ) -> None:
+        _release(self._by_client, (listener, client_key(ip, nat64_prefixes=nat64_prefixes)))
 
 
 def _release(counts: dict[_Key, int], key: _Key) -> None:

@@ -19,12 +19,13 @@ import enum
 import re
 import warnings
 from collections.abc import Callable, Iterable
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network
 from typing import Any, TypeVar, cast
 
 import attrs
 
 from mailedge import defaults
+from mailedge.clients import Nat64Prefixes, parse_nat64_prefix
 from mailedge.networks import (
     IPAddress,
     NetworkEntry,
@@ -447,6 +448,43 @@ def _to_messages_limit(value: RateLimit | str | None) -> RateLimit | None:
     return _rate_limit("rate_limit_messages", value)
 
 
+def _to_nat64_prefixes(value: Iterable[str | IPv6Network]) -> Nat64Prefixes:
+    if not isinstance(value, list | tuple):
+        return cast(Nat64Prefixes, value)
+    prefixes = []
+    for index, item in enumerate(value):
+        try:
+            prefixes.append(parse_nat64_prefix(item))
+        except (ValueError, TypeError) as error:
+            raise InvalidSettingError("nat64_prefixes", f"[{index}]: {error}") from None
+    return tuple(prefixes)
+
+
+def _check_nat64_prefixes(
+    _instance: object, attribute: attrs.Attribute[Any], value: object
+) -> None:
+    if not isinstance(value, tuple):
+        raise InvalidSettingError(
+            attribute.name, f"expected a tuple of /96 IPv6Network, got {value!r}"
+        )
+    if len(value) > defaults.MAX_NAT64_PREFIXES:
+        raise InvalidSettingError(
+            attribute.name,
+            f"lists {len(value)} prefixes; at most {defaults.MAX_NAT64_PREFIXES} are allowed",
+        )
+    seen: dict[IPv6Network, int] = {}
+    for index, item in enumerate(value):
+        if not isinstance(item, IPv6Network) or item.prefixlen != defaults.NAT64_PREFIX_LENGTH:
+            raise InvalidSettingError(
+                attribute.name, f"[{index}]: expected a /96 IPv6Network, got {item!r}"
+            )
+        if item in seen:
+            raise InvalidSettingError(
+                attribute.name, f"[{index}]: {item} is listed twice (first at [{seen[item]}])"
+            )
+        seen[item] = index
+
+
 def _to_listeners(value: Iterable[NetworkListener]) -> tuple[NetworkListener, ...]:
     return tuple(value) if isinstance(value, list) else cast(tuple[NetworkListener, ...], value)
 
@@ -461,6 +499,12 @@ class SystemSettings:
         default=TrustedNetworks(),
         converter=_to_trusted_networks,
         validator=_check_networks,
+    )
+    # NAT64 prefixes (/96) besides 64:ff9b::/96 and 64:ff9b:1::/48, whose addresses are
+    # counted, limited and banned as the IPv4 client they carry rather than by IPv6 prefix:
+    # behind NAT64 every IPv4 client shares one /64, and would share one ban.
+    nat64_prefixes: Nat64Prefixes = attrs.field(
+        default=(), converter=_to_nat64_prefixes, validator=_check_nat64_prefixes
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import pathlib
 import re
-from ipaddress import ip_address
+from ipaddress import IPv6Network, ip_address
 
 import pytest
 
@@ -700,3 +700,64 @@ def test_extra_sections_are_returned_raw_and_others_still_refused(tmp_path: path
 def test_an_extra_section_must_be_a_table() -> None:
     with pytest.raises(ConfigError, match=r"^Example: expected a table, got 3$"):
         loads_document("Example = 3\n", format="toml", extra_sections=["Example"])
+
+
+# -- SystemSettings.nat64Prefixes ---------------------------------------------------------------
+
+
+def test_nat64_prefixes_load_from_toml_and_json() -> None:
+    toml = '[SystemSettings]\nnat64Prefixes = ["2001:db8:64::/96", "64:ff9b:1:abcd::/96"]\n'
+    json_text = '{"SystemSettings": {"nat64Prefixes": ["2001:db8:64::/96", "64:ff9b:1:abcd::/96"]}}'
+    expected = (IPv6Network("2001:db8:64::/96"), IPv6Network("64:ff9b:1:abcd::/96"))
+    assert loads(toml, format="toml").system.nat64_prefixes == expected
+    assert loads(json_text, format="json").system.nat64_prefixes == expected
+    assert loads("", format="toml").system.nat64_prefixes == ()
+
+
+@pytest.mark.parametrize(
+    ("value", "path", "message"),
+    [
+        (
+            '["2001:db8:64::/96", "2001:db8:64::/64"]',
+            "SystemSettings.nat64Prefixes[1]",
+            "'2001:db8:64::/64' is a /64; a NAT64 prefix must be given as a /96 "
+            "(the IPv4 client in its last 32 bits)",
+        ),
+        (
+            '["64:ff9b::"]',
+            "SystemSettings.nat64Prefixes[0]",
+            "'64:ff9b::' is not a NAT64 prefix: write it with its length, '64:ff9b::/96'",
+        ),
+        (
+            '["2001:db8:64::1/96"]',
+            "SystemSettings.nat64Prefixes[0]",
+            "'2001:db8:64::1/96' is not a NAT64 prefix: expected an IPv6 network such as "
+            "'2001:db8:64::/96', with no bits set after the prefix",
+        ),
+        (
+            '["192.0.2.0/24"]',
+            "SystemSettings.nat64Prefixes[0]",
+            "'192.0.2.0/24' is not a NAT64 prefix: it is IPv4, not IPv6",
+        ),
+        (
+            '["2001:db8:64::/96", "2001:DB8:64::/96"]',
+            "SystemSettings.nat64Prefixes[1]",
+            "'2001:DB8:64::/96' is listed twice (first at [0])",
+        ),
+        (
+            '"2001:db8:64::/96"',
+            "SystemSettings.nat64Prefixes",
+            "expected an array of strings, got '2001:db8:64::/96'; write [\"2001:db8:64::/96\"]",
+        ),
+        ("[96]", "SystemSettings.nat64Prefixes[0]", "expected a string, got 96"),
+    ],
+)
+def test_nat64_prefix_errors_name_the_entry(value: str, path: str, message: str) -> None:
+    error = toml_error(f"[SystemSettings]\nnat64Prefixes = {value}\n")
+    assert error.path == path
+    assert str(error) == f"{path}: {message}"
+
+
+def test_a_misspelt_nat64_key_gets_a_suggestion() -> None:
+    error = toml_error('[SystemSettings]\nnat64Prefix = ["64:ff9b::/96"]\n')
+    assert "unknown key 'nat64Prefix' (did you mean 'nat64Prefixes'?)" in str(error)

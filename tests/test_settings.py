@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from ipaddress import IPv4Address, IPv6Address, ip_address
+from ipaddress import IPv4Address, IPv6Address, IPv6Network, ip_address
 from typing import Any
 
 import attrs
@@ -634,3 +634,41 @@ def test_the_limits_keep_their_old_import_path_for_one_release() -> None:
     assert MAX_IDLE_TIMEOUT == 3600.0
     with pytest.raises(AttributeError):
         mailedge.settings.NO_SUCH_LIMIT  # noqa: B018
+
+
+# -- SystemSettings.nat64_prefixes -----------------------------------------------------------------
+
+
+def test_nat64_prefixes_default_to_none_and_take_text_or_networks() -> None:
+    assert SystemSettings().nat64_prefixes == ()
+    operator = IPv6Network("2001:db8:64::/96")
+    assert SystemSettings(nat64_prefixes=["2001:db8:64::/96"]).nat64_prefixes == (operator,)
+    assert SystemSettings(nat64_prefixes=(operator,)).nat64_prefixes == (operator,)
+    # A value, so that a reload with the same prefixes compares equal.
+    assert SystemSettings(nat64_prefixes=[operator]) == SystemSettings(nat64_prefixes=[operator])
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        (["2001:db8:64::/64"], "nat64_prefixes: [0]: '2001:db8:64::/64' is a /64"),
+        (["64:ff9b::/96", "2001:db8::/32"], "nat64_prefixes: [1]: '2001:db8::/32' is a /32"),
+        (["10.0.0.0/8"], "nat64_prefixes: [0]: '10.0.0.0/8' is not a NAT64 prefix"),
+        (["64:ff9b::"], "nat64_prefixes: [0]: '64:ff9b::' is not a NAT64 prefix"),
+        ([IPv6Network("2001:db8::/64")], "nat64_prefixes: [0]: '2001:db8::/64' is a /64"),
+        ([96], "nat64_prefixes: [0]: a NAT64 prefix is a string or an IPv6Network, not int"),
+        (
+            ["2001:db8:64::/96", "2001:db8:64::/96"],
+            "nat64_prefixes: [1]: 2001:db8:64::/96 is listed twice (first at [0])",
+        ),
+        (
+            [f"2001:db8:{index:x}::/96" for index in range(65)],
+            "nat64_prefixes: lists 65 prefixes; at most 64 are allowed",
+        ),
+        ("2001:db8:64::/96", "nat64_prefixes: expected a tuple of /96 IPv6Network"),
+    ],
+)
+def test_nat64_prefixes_are_checked(value: Any, message: str) -> None:
+    with pytest.raises(InvalidSettingError, match=re.escape(message)) as raised:
+        SystemSettings(nat64_prefixes=value)
+    assert raised.value.field == "nat64_prefixes"

@@ -7,8 +7,9 @@ Routes (GET and HEAD, except where noted):
 * ``/metrics``: the gate's decision counters in the Prometheus text format;
 * ``/admin/bans``: the auto-ban list as JSON, and ``POST /admin/bans/lift?ip=ADDRESS`` to lift
   one. The admin routes answer only direct connections from a loopback address (not proxied,
-  whatever a proxy's header says), with a loopback ``Host`` and no ``Origin`` (so a web page
-  cannot drive them from a browser); anything else gets 403.
+  whatever a proxy's header says), with a loopback ``Host`` (parsed strictly as
+  ``uri-host[:port]``) and no ``Origin`` (so a web page cannot drive them from a browser);
+  anything else gets 403.
 
 HTTP/1.1 is spoken with h11 (sans-IO) over the trio stream the server layer hands over, with
 keep-alive and a bounded request head. ``X-Forwarded-For`` and its relatives are never read:
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import email.utils
 import http
+import ipaddress
 import json
 import logging
+import re
 import urllib.parse
 from collections.abc import Callable, Iterable, Sequence
 
@@ -54,8 +57,19 @@ _RECEIVE_SIZE = 4096
 _ALLOWED_METHODS = (b"GET", b"HEAD")
 
 _ADMIN_PREFIX = b"/admin/"
-# Host names a loopback admin request may carry (a DNS-rebinding page would send its own name).
-_LOOPBACK_HOSTS = frozenset({"localhost", "127.0.0.1", "[::1]"})
+# Host names a loopback admin request may carry (a DNS-rebinding page would send its own name);
+# [::1] is compared as an address, so [0:0::1] is it too.
+_LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1"})
+_LOOPBACK_V6 = ipaddress.IPv6Address("::1")
+# RFC 9110 7.2: Host = uri-host [ ":" port ], with RFC 3986's uri-host = IP-literal /
+# IPv4address / reg-name and port = *DIGIT. IPv4address is a reg-name too, so one group
+# takes both. Nothing else may follow the host: not "localhost:evil.com", not
+# "localhost:80@evil.com". The port's digits are capped at 5 to bound the number.
+_HOST = re.compile(
+    r"(?:\[(?P<literal>[0-9A-Za-z:.]+)\]"
+    r"|(?P<name>(?:[A-Za-z0-9\-._~!$&'()*+,;=]|%[0-9A-Fa-f]{2})*))"
+    r"(?::(?P<port>[0-9]{0,5}))?"
+)
 
 # What the counters look like: ((listener, event name, reason), count), as
 # ``iter(gate.counters)`` yields them. Pass ``lambda: gate.counters``.
@@ -153,11 +167,37 @@ def _admin_refusal(context: ConnectionContext, request: h11.Request) -> str | No
     if _header(request, b"origin") is not None:
         # Browsers send Origin with cross-site POSTs; curl and scripts do not.
         return "has an Origin header"
-    host = _header(request, b"host") or ""
-    name = host.rsplit(":", 1)[0] if not host.endswith("]") else host
-    if name.lower() not in _LOOPBACK_HOSTS:
+    hosts = [value for key, value in request.headers if key == b"host"]
+    if len(hosts) != 1:
+        # RFC 9112 3.2: a request with no Host, or more than one, is a client error.
+        return f"{len(hosts)} Host headers"
+    host = hosts[0].decode("latin-1")
+    if not _is_loopback_host(host):
         return f"Host {host!r} is not a loopback name"
     return None
+
+
+def _is_loopback_host(host: str) -> bool:
+    """True when ``host`` is exactly ``uri-host[:port]`` (RFC 9110) naming a loopback host.
+
+    ``localhost`` (any case), ``127.0.0.1`` or ``[::1]``, with an optional port from 0 to
+    65535. An empty port (``localhost:``) is accepted: RFC 3986's grammar allows it and it
+    names the same host. Anything the grammar does not allow is refused, whatever it starts
+    with.
+    """
+    match = _HOST.fullmatch(host)
+    if match is None:
+        return False
+    port = match["port"]
+    if port and int(port) > 0xFFFF:
+        return False
+    literal = match["literal"]
+    if literal is not None:
+        try:
+            return ipaddress.IPv6Address(literal) == _LOOPBACK_V6
+        except ValueError:  # IPvFuture, or not an address at all
+            return False
+    return match["name"].lower() in _LOOPBACK_NAMES
 
 
 @attrs.define

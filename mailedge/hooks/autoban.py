@@ -37,7 +37,7 @@ from collections.abc import Callable
 
 import attrs
 
-from mailedge.clients import client_label
+from mailedge.clients import client_label, describe_client, embedded_ipv4
 from mailedge.context import ConnectionContext
 from mailedge.defaults import MAX_IPV6_PREFIX
 from mailedge.events import EventName, GateEvent
@@ -110,8 +110,10 @@ class _Exemptions:
     def key(self, settings: Settings, ip: IPAddress) -> str:
         """The ban key for ``ip``: its address, or its IPv6 prefix unless that covers a proxy."""
         prefix = settings.auto_ban.ipv6_prefix
-        if ip.version == 4 or prefix == MAX_IPV6_PREFIX:
-            return client_label(ip, prefix)
+        nat64 = settings.system.nat64_prefixes
+        # NAT64 addresses are banned as the IPv4 client they carry, never by IPv6 prefix.
+        if ip.version == 4 or prefix == MAX_IPV6_PREFIX or embedded_ipv4(ip, nat64) is not None:
+            return client_label(ip, prefix, nat64)
         if settings is not self._settings:
             self._settings = settings
             self._covering = frozenset(
@@ -217,7 +219,11 @@ class AutoBan(BaseHooks):
         if existing is not None:
             return self._ban(existing)
         count = await self.store.hit(_FAIL + key, policy.window, policy.failures)
-        logger.debug("autoban: failure %d/%d for %s: %s", count, policy.failures, key, reason)
+        # A NAT64 client in both forms: "64:ff9b::c633:6407 (as 198.51.100.7)".
+        shown = key
+        if embedded_ipv4(ip, settings.system.nat64_prefixes) is not None:
+            shown = describe_client(ip, nat64_prefixes=settings.system.nat64_prefixes)
+        logger.debug("autoban: failure %d/%d for %s: %s", count, policy.failures, shown, reason)
         if count < policy.failures:
             return None
         value = json.dumps({"reason": reason, "failures": count})
@@ -226,7 +232,7 @@ class AutoBan(BaseHooks):
         ban = self._ban(Entry(_BAN + key, value, policy.duration))
         logger.warning(
             "autoban: banned %s until %s (%g s) after %d failures within %g s; last: %s",
-            key,
+            shown,
             ban.until_text,
             policy.duration,
             count,
@@ -297,8 +303,8 @@ class AutoBan(BaseHooks):
             settings = self.settings()
             keys = {
                 self._exemptions.key(settings, parsed),
-                client_label(parsed, settings.auto_ban.ipv6_prefix),
-                client_label(parsed, MAX_IPV6_PREFIX),
+                client_label(parsed, settings.auto_ban.ipv6_prefix, settings.system.nat64_prefixes),
+                client_label(parsed, MAX_IPV6_PREFIX, settings.system.nat64_prefixes),
             }
         lifted = False
         for key in sorted(keys):

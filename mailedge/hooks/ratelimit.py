@@ -25,7 +25,7 @@ from collections.abc import Callable
 
 import attrs
 
-from mailedge.clients import DEFAULT_IPV6_PREFIX
+from mailedge.clients import DEFAULT_IPV6_PREFIX, Nat64Prefixes, describe_client
 from mailedge.clients import client_label as address_key
 from mailedge.context import ConnectionContext
 from mailedge.hooks.store import GCRAResult, MemoryStore, RateStore
@@ -70,13 +70,15 @@ class RateLimiter:
         limit: RateLimit,
         *,
         ipv6_prefix: int = DEFAULT_IPV6_PREFIX,
+        nat64_prefixes: Nat64Prefixes = (),
     ) -> GCRAResult:
         """Count one event for ``ip`` (aggregated by ``ipv6_prefix``) under ``scope``.
 
         ``scope`` separates independent limits ("conn:smtp", "msg:smtp"); the same client
-        has one budget per scope.
+        has one budget per scope. An address under a NAT64 prefix (the built-in ones, or
+        ``nat64_prefixes``) counts as the IPv4 client it carries.
         """
-        key = f"rl:{scope}:{address_key(ip, ipv6_prefix)}"
+        key = f"rl:{scope}:{address_key(ip, ipv6_prefix, nat64_prefixes)}"
         return await self.store.gcra(key, limit.emission_interval, limit.burst_tolerance)
 
 
@@ -126,6 +128,7 @@ class RateLimitHooks(BaseHooks):
             context.client_ip,
             limit,
             ipv6_prefix=conf.rate_limit_ipv6_prefix,
+            nat64_prefixes=settings.system.nat64_prefixes,
         )
         if not result.allowed:
             logger.info(
@@ -133,7 +136,11 @@ class RateLimitHooks(BaseHooks):
                 context,
                 kind,
                 limit,
-                address_key(context.client_ip, conf.rate_limit_ipv6_prefix),
+                describe_client(
+                    context.client_ip,
+                    conf.rate_limit_ipv6_prefix,
+                    settings.system.nat64_prefixes,
+                ),
                 result.retry_after,
             )
         return result

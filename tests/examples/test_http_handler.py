@@ -748,3 +748,76 @@ async def test_admin_without_autoban_is_404(autojump_clock: trio.testing.MockClo
         assert (await admin(client, "/admin/bans/lift?ip=::1", method="POST")).status == 404
     async with session(HTTPHandler(), direct_ipv6_context()) as client:
         assert (await admin(client, "/admin/bans")).status == 403
+
+
+# The Host check parses uri-host[:port] strictly (RFC 9110 7.2): a loopback name followed by
+# anything the grammar does not allow is not a loopback name.
+@pytest.mark.parametrize(
+    "host",
+    [
+        "localhost:evil.com",
+        "localhost:80@evil.com",
+        "localhost@evil.com",
+        "localhost:99999",
+        "localhost:65536",
+        "localhost:123456",
+        "local host",
+        "localhost:80:80",
+        "localhost :80",
+        "localhost:+80",
+        "localhost/",
+        "localhost.",
+        "localhost.evil.com",
+        "127.0.0.1:80:80",
+        "127.0.0.01",
+        "[::1]:80:80",
+        "[::1]evil.com",
+        "[::1%25eth0]",
+        "[v1.fe]",
+        "[::2]",
+        "::1",
+        ":80",
+        "",
+    ],
+)
+async def test_admin_refuses_a_host_that_only_starts_like_loopback(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture, host: str
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        response = await admin(client, "/admin/bans/lift?ip=198.51.100.7", method="POST", host=host)
+        assert response.status == 403
+    assert len(await autoban.bans()) == 2
+    assert f"admin request refused: Host {host!r} is not a loopback name" in caplog.text
+
+
+@pytest.mark.parametrize(
+    "host",
+    [
+        "[::1]:8080",
+        "[0:0:0:0:0:0:0:1]",
+        "localhost:65535",
+        "localhost:0",
+        "localhost:080",
+        # An empty port is allowed by RFC 3986's grammar (port = *DIGIT) and names the same
+        # host, so it is accepted.
+        "localhost:",
+        "127.0.0.1:",
+    ],
+)
+async def test_admin_accepts_every_loopback_host_the_grammar_allows(
+    autojump_clock: trio.testing.MockClock, host: str
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        assert (await admin(client, "/admin/bans", host=host)).status == 200
+
+
+async def test_admin_refuses_an_http_10_request_without_host(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    autoban = await admin_autoban()
+    async with session(HTTPHandler(autoban=autoban), loopback_context()) as client:
+        await client.send(b"GET /admin/bans HTTP/1.0\r\n\r\n")
+        assert (await client.response()).status == 403
+    assert "admin request refused: 0 Host headers" in caplog.text
