@@ -315,7 +315,11 @@ class Server:
                 return  # the gate has logged and counted it
             deadline.deadline = math.inf  # the hook and the handshake have their own
             client = context.client_ip
-            held = self.limits.take_client_slot(conf.name, client, conf.max_connections_per_ip)
+            # Read once, so that a reload between take and release cannot change the key.
+            nat64 = self.gate.settings.system.nat64_prefixes
+            held = self.limits.take_client_slot(
+                conf.name, client, conf.max_connections_per_ip, nat64
+            )
             # A LOCAL or UNKNOWN header names no client; the proxy's own checks are not limited.
             if not held and context.client_known:
                 logger.warning(
@@ -331,7 +335,7 @@ class Server:
                 await self._serve(conf, stream, context, deadline)
             finally:
                 if held:
-                    self.limits.release_client_slot(conf.name, client)
+                    self.limits.release_client_slot(conf.name, client, nat64)
         # Cancelled by its own deadline: a header the gate has reported, or a peer that
         # stopped reading what the handler sent.
         if deadline.cancelled_caught and context is not None:

@@ -620,3 +620,34 @@ async def test_the_short_spellings_serve(nursery: trio.Nursery) -> None:
 async def test_a_protocol_without_a_handler_is_refused() -> None:
     with pytest.raises(ValueError, match="'pop3' is not a valid ListenerProtocol"):
         Server(settings=settings(), handlers={"pop3": whoami})
+
+
+async def test_per_ip_limit_counts_each_ipv4_client_behind_an_operators_nat64_prefix(
+    nursery: trio.Nursery,
+) -> None:
+    release = trio.Event()
+
+    async def hold(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await whoami(stream, context)
+        await release.wait()
+
+    conf = attrs.evolve(
+        settings(listener(max_connections_per_ip=1)),
+        system=SystemSettings(
+            proxy_trusted_networks=["127.0.0.0/8", "::1"], nat64_prefixes=["2001:db8:64::/96"]
+        ),
+    )
+    server = await start(nursery, conf, hold)
+    server_address = InetAddress(ipaddress.ip_address("2001:db8::25"), 25)
+    replies = []
+    # Two IPv4 clients behind the operator's NAT64 (one /64), then the first one again.
+    for client in ("2001:db8:64::c633:6407", "2001:db8:64::c633:6408", "2001:db8:64::c633:6407"):
+        stream = await connect(server)
+        source = InetAddress(ipaddress.ip_address(client), 40000)
+        await stream.send_all(encode_v2(Command.PROXY, source, server_address))
+        replies.append(await read_reply(stream))
+    assert replies[0].startswith(b"220 2001:db8:64::c633:6407")
+    assert replies[1].startswith(b"220 2001:db8:64::c633:6408")
+    assert replies[2] == refusal(ListenerProtocol.SMTP, "Too many connections from your address")
+    release.set()
+    nursery.cancel_scope.cancel()
