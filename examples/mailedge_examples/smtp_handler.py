@@ -52,6 +52,7 @@ from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
 from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
+from mailedge.server import SessionEnded
 from mailedge.settings import Settings
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
@@ -270,6 +271,14 @@ class SMTPHandler:
             session.log.info("client closed the connection")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.log.info("connection lost: %r", exc.__cause__ or exc)
+        except SessionEnded as exc:
+            # The server ended the session (a ban): RFC 5321 3.8 lets it close with 421.
+            session.log.info("ended by the server: %s", exc.reason)
+            reason = " ".join(_CONTROL.sub(" ", exc.reason).split())
+            reason = _NOT_REPLY_TEXT.sub("?", reason)[:MAX_POLICY_REASON]
+            await self._goodbye(
+                session, Reply(421, f"4.7.0 {self.hostname} {reason}, closing connection")
+            )
         except trio.TooSlowError:
             # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
             # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
