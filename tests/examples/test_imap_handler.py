@@ -31,7 +31,7 @@ from mailedge.hooks.autoban import AutoBan
 from mailedge.hooks.store import MemoryStore
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import ClientFlags, Command, InetAddress, SSLInfo, encode_v2
-from mailedge.server import Server, serve
+from mailedge.server import Handler, Server, serve
 from mailedge.settings import (
     AutoBanSettings,
     ListenerProtocol,
@@ -670,7 +670,7 @@ async def start_ban_server(
 ) -> tuple[Server, CountingIMAPHandler]:
     hooks = HookChain([autoban])
     imap = CountingIMAPHandler(HOSTNAME, USERS, hooks=hooks)
-    handlers = {
+    handlers: dict[ListenerProtocol, Handler] = {
         ListenerProtocol.IMAP: imap,
         ListenerProtocol.SMTP: SMTPHandler(hostname="mx.example", maildir=maildir, hooks=hooks),
     }
