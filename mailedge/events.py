@@ -248,8 +248,8 @@ class LogLimiter:
         """Call ``write`` to log one line of kind ``key`` (listener, event, reason) at ``now``,
         unless its kind has had its share of this window; True when it was written.
 
-        ``log`` method's counterpart for lines that are not gate events (the server's
-        refusals). The notes about held-back lines go to ``log`` at ``level``.
+        What :meth:`log` does, for lines that are not gate events (the server's refusals).
+        The notes about held-back lines go to the logger ``log``, at ``level``.
         """
         state = self._windows.get(key)
         if state is None or now - state[0] >= self.window:
