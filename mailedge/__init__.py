@@ -40,6 +40,7 @@ _EXPORTS = {
     "Settings": "mailedge.settings",
     "SystemSettings": "mailedge.settings",
     "IdleTimeoutStream": "mailedge.streams",
+    "SessionEnded": "mailedge.streams",
     "PrefixedStream": "mailedge.streams",
     "server_ssl_context": "mailedge.tls",
     "starttls": "mailedge.tls",
@@ -68,7 +69,7 @@ if TYPE_CHECKING:
         Settings,
         SystemSettings,
     )
-    from mailedge.streams import IdleTimeoutStream, PrefixedStream
+    from mailedge.streams import IdleTimeoutStream, PrefixedStream, SessionEnded
     from mailedge.tls import (
         listener_handshake_timeout,
         negotiate_starttls,
@@ -126,6 +127,7 @@ __all__ = [
     # listeners and the server
     "Handler",
     "IdleTimeoutStream",
+    "SessionEnded",
     "Server",
     "handle_signals",
     "refusal",

@@ -235,12 +235,28 @@ class LogLimiter:
         if level <= logging.DEBUG:
             event.write_log()
             return
-        key = (event.listener, event.name.value, event.reason)
+        self.admit((event.listener, event.name.value, event.reason), level, now, event.write_log)
+
+    def admit(
+        self,
+        key: tuple[str, str, str],
+        level: int,
+        now: float,
+        write: Callable[[], None],
+        log: logging.Logger = logger,
+    ) -> bool:
+        """Call ``write`` to log one line of kind ``key`` (listener, event, reason) at ``now``,
+        unless its kind has had its share of this window; True when it was written.
+
+        What :meth:`log` does, for lines that are not gate events (the server's refusals).
+        The notes about held-back lines go to the logger ``log``, at ``level``.
+        """
         state = self._windows.get(key)
         if state is None or now - state[0] >= self.window:
             if state is not None and state[2]:
                 _log_about(
-                    event,
+                    log,
+                    key,
                     level,
                     "%d more such events in %g s were counted, not logged",
                     state[2],
@@ -248,31 +264,29 @@ class LogLimiter:
                 )
             state = self._windows[key] = [now, 0, 0]
         state[1] += 1
-        if state[1] <= self.burst:
-            event.write_log()
-            if state[1] == self.burst:
-                _log_about(
-                    event,
-                    level,
-                    "%d such events within %g s; further ones are counted, not logged, until "
-                    "the window ends",
-                    self.burst,
-                    self.window,
-                )
-        else:
+        if state[1] > self.burst:
             state[2] += 1
+            return False
+        write()
+        if state[1] == self.burst:
+            _log_about(
+                log,
+                key,
+                level,
+                "%d such events within %g s; further ones are counted, not logged, until "
+                "the window ends",
+                self.burst,
+                self.window,
+            )
+        return True
 
 
-def _log_about(event: GateEvent, level: int, text: str, *args: object) -> None:
+def _log_about(
+    log: logging.Logger, key: tuple[str, str, str], level: int, text: str, *args: object
+) -> None:
     """A line about a kind of event (its name, listener and reason), not about one event."""
-    logger.log(
-        level,
-        "%s listener=%s reason=%s: " + text,
-        event.name,
-        event.listener,
-        event.reason,
-        *args,
-    )
+    listener, name, reason = key
+    log.log(level, "%s listener=%s reason=%s: " + text, name, listener, reason, *args)
 
 
 @attrs.define(repr=False)

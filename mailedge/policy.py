@@ -6,7 +6,13 @@ Hooks run at the points where mail servers decide, in this order for one SMTP se
 2. ``on_helo``: for HELO/EHLO (again after STARTTLS, since RFC 3207 resets the session);
 3. ``on_mail_from``: for each MAIL FROM;
 4. ``on_data``: at the end of DATA, with the whole message, before it is stored;
-5. ``on_auth_failure``: whenever a login fails (IMAP LOGIN, SMTP AUTH), for bans.
+5. ``on_auth_attempt``: before every login's password is checked (IMAP LOGIN, SMTP AUTH): a
+   refusal means the password is not even looked at (a banned client guesses nothing);
+6. ``on_auth_failure``: whenever a login fails (IMAP LOGIN, SMTP AUTH), for bans.
+
+One more is not about a connection: ``on_start(sessions)``, called once by each server that
+runs the hooks, hands them the server's :class:`Sessions`, so that a policy can end open
+sessions (a new ban ends every session of the banned client, on every listener).
 
 Every hook is async, takes the :class:`~mailedge.context.ConnectionContext`, and returns a
 :class:`Verdict`; the protocol handler turns it into the protocol's reply. A hook may
@@ -23,8 +29,9 @@ from typing import Protocol as TypingProtocol
 import attrs
 
 from mailedge.context import ConnectionContext
+from mailedge.networks import IPAddress, IPNetwork
 
-__all__ = ["Action", "BaseHooks", "Envelope", "HookChain", "Hooks", "Verdict"]
+__all__ = ["Action", "BaseHooks", "Envelope", "HookChain", "Hooks", "Sessions", "Verdict"]
 
 
 class Action(enum.Enum):
@@ -77,8 +84,24 @@ class Envelope:
     rcpt_to: tuple[str, ...]
 
 
+class Sessions(TypingProtocol):
+    """What a server lets its hooks do to the sessions it has open; it implements this.
+
+    A server passes its own to every hook through ``on_start``. A policy that learns a client
+    must go (a ban, made here or, through a shared store, by another process) calls ``end``.
+    """
+
+    def end(self, client: IPAddress | IPNetwork, reason: str) -> int:
+        """End every open session of ``client`` (an address, or a network such as a ban's
+        IPv6 /64), on every listener, with the protocol's goodbye (SMTP ``421``, IMAP
+        ``* BYE``) carrying ``reason``. Returns how many sessions it ended. Does not wait."""
+        ...
+
+
 class Hooks(TypingProtocol):
     """What a policy implements; :class:`HookChain` runs several in order."""
+
+    def on_start(self, sessions: Sessions) -> None: ...
 
     async def on_connect(self, context: ConnectionContext) -> Verdict: ...
 
@@ -92,11 +115,16 @@ class Hooks(TypingProtocol):
         self, context: ConnectionContext, envelope: Envelope, message: bytes
     ) -> Verdict: ...
 
+    async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict: ...
+
     async def on_auth_failure(self, context: ConnectionContext, username: str) -> None: ...
 
 
 class BaseHooks:
     """Accepts everything; subclass it and override the points you care about."""
+
+    def on_start(self, sessions: Sessions) -> None:
+        return None
 
     async def on_connect(self, context: ConnectionContext) -> Verdict:
         return Verdict.accept()
@@ -110,6 +138,9 @@ class BaseHooks:
     async def on_data(
         self, context: ConnectionContext, envelope: Envelope, message: bytes
     ) -> Verdict:
+        return Verdict.accept()
+
+    async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict:
         return Verdict.accept()
 
     async def on_auth_failure(self, context: ConnectionContext, username: str) -> None:
@@ -141,6 +172,10 @@ class HookChain(BaseHooks):
             flags=frozenset().union(*(v.flags for v in accepted), verdict.flags),
         )
 
+    def on_start(self, sessions: Sessions) -> None:
+        for hook in self.hooks:
+            hook.on_start(sessions)
+
     async def on_connect(self, context: ConnectionContext) -> Verdict:
         return await self._first_refusal(lambda hook: hook.on_connect(context))
 
@@ -154,6 +189,9 @@ class HookChain(BaseHooks):
         self, context: ConnectionContext, envelope: Envelope, message: bytes
     ) -> Verdict:
         return await self._first_refusal(lambda hook: hook.on_data(context, envelope, message))
+
+    async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict:
+        return await self._first_refusal(lambda hook: hook.on_auth_attempt(context, username))
 
     async def on_auth_failure(self, context: ConnectionContext, username: str) -> None:
         for hook in self.hooks:

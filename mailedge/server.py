@@ -5,11 +5,17 @@ the bound addresses through ``task_status.started``, and runs until cancelled or
 Each accepted connection gets its own task, in which the slow work happens: the PROXY
 header under its timeout, the connection limits and the ``on_connect`` hook, the TLS
 handshake under its own timeout, then the protocol handler. The accept loop only accepts.
+
+Every session with a known client is listed in :class:`OpenSessions`, by that client, so a
+policy can end a client's sessions on every listener at once (a ban does, through
+``Hooks.on_start``): the handler's next read raises :class:`SessionEnded`, and it says goodbye.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import enum
 import errno
 import ipaddress
 import logging
@@ -23,18 +29,26 @@ from collections.abc import Awaitable, Callable, Collection, Mapping
 import attrs
 import trio
 
+from mailedge.clients import Nat64Prefixes, client_key
 from mailedge.config import ConfigError, load_document
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.limits import ConnectionLimits
 from mailedge.names import ENHANCED_STATUS
-from mailedge.networks import format_endpoint
+from mailedge.networks import IPAddress, IPNetwork, format_endpoint
 from mailedge.policy import Action, BaseHooks, Hooks, Verdict
 from mailedge.settings import ListenerProtocol, NetworkListener, Settings
-from mailedge.streams import IdleTimeoutStream
+from mailedge.streams import IdleTimeoutStream, SessionEnded
 from mailedge.tls import starttls
 
-__all__ = ["Handler", "Server", "refusal", "serve"]
+__all__ = [
+    "Handler",
+    "OpenSessions",
+    "Refusal",
+    "Server",
+    "refusal",
+    "serve",
+]
 
 logger = logging.getLogger("mailedge.server")
 
@@ -75,6 +89,14 @@ ACCEPT_PAUSE = 0.1
 
 # A refusal is one short line; a peer that will not take it within a second gets closed.
 REFUSAL_SEND_TIMEOUT = 1.0
+
+# A session a policy ends (a ban) gets this long to say goodbye before it is cancelled: a
+# handler reading is told at once; one stuck sending to a peer that does not read, or in a
+# slow hook, is cut here, so a banned client's sessions are gone within a second.
+SESSION_END_GRACE = 1.0
+
+# The log limiter's event name for the server's refusals (its keys are listener, event, reason).
+REFUSED_EVENT = "connect.refused"
 
 # The on_connect hook is a store lookup or two; 10 s covers a slow shared store and bounds a
 # hung one, which would otherwise hold a connection slot with nothing said to the client.
@@ -125,6 +147,93 @@ def refusal(
     )
 
 
+class Refusal(enum.StrEnum):
+    """Why the server refused a connection after accepting it; ``Server.refused`` counts them."""
+
+    # The listener had maxConnections open.
+    LISTENER_FULL = "listener_full"
+    # The client had maxConnectionsPerIp open on the listener.
+    CLIENT_FULL = "client_full"
+    # An on_connect hook refused (a ban, a rate limit) or failed.
+    ON_CONNECT = "on_connect"
+
+
+@attrs.define(eq=False, repr=False)
+class _Live:
+    """One open session as the registry holds it."""
+
+    scope: trio.CancelScope
+    stream: IdleTimeoutStream | None = None
+    # Why a policy ended it; None while it runs.
+    ended: str | None = None
+
+    def end(self, reason: str) -> None:
+        if self.ended is not None:
+            return
+        self.ended = reason
+        if self.stream is not None:
+            self.stream.end(reason)
+        self.scope.deadline = min(self.scope.deadline, trio.current_time() + SESSION_END_GRACE)
+
+
+@attrs.define(repr=False)
+class OpenSessions:
+    """The open sessions with a known client, by client; a :class:`~mailedge.policy.Sessions`.
+
+    ``end(client, reason)`` ends those of one client (an address) or of a network (a ban's
+    IPv6 /64), matched with :func:`~mailedge.clients.client_key` at the network's prefix, the
+    rule bans are keyed by. It does not wait: each session's handler is told at its next read
+    (at once, if it is reading), and its scope is cancelled ``SESSION_END_GRACE`` later.
+    """
+
+    # The operator's NAT64 prefixes as the settings say now (the server passes its gate's), so
+    # that a ban on an IPv4 client ends its sessions that came through them.
+    nat64_prefixes: Callable[[], Nat64Prefixes] = attrs.field(default=tuple, kw_only=True)
+    _by_client: dict[IPAddress, set[_Live]] = attrs.field(factory=dict, init=False)
+
+    def __repr__(self) -> str:
+        return f"<OpenSessions {len(self)} of {len(self._by_client)} clients>"
+
+    def __len__(self) -> int:
+        return sum(map(len, self._by_client.values()))
+
+    def add(self, client: IPAddress, live: _Live) -> None:
+        self._by_client.setdefault(client, set()).add(live)
+
+    def discard(self, client: IPAddress, live: _Live) -> None:
+        lives = self._by_client.get(client)
+        if lives is not None:
+            lives.discard(live)
+            if not lives:
+                del self._by_client[client]
+
+    def end(self, client: IPAddress | IPNetwork, reason: str) -> int:
+        match = _client_matcher(client, self.nat64_prefixes())
+        ended = 0
+        for ip, lives in list(self._by_client.items()):
+            if match(ip):
+                for live in lives:
+                    if live.ended is None:
+                        live.end(reason)
+                        ended += 1
+        return ended
+
+
+def _client_matcher(
+    client: IPAddress | IPNetwork, nat64: Nat64Prefixes
+) -> Callable[[IPAddress], bool]:
+    """Whether a session's client is ``client``, or in it, by the rule of clients.client_key."""
+    if isinstance(client, ipaddress.IPv4Address | ipaddress.IPv6Address):
+        client = ipaddress.ip_network(client)
+    if isinstance(client, ipaddress.IPv4Network):
+        low, high = int(client.network_address), int(client.broadcast_address)
+        # client_key is the IPv4 address for IPv4 clients (and IPv4 clients in IPv6 dress).
+        return lambda ip: low <= client_key(ip, nat64_prefixes=nat64) <= high
+    prefix = client.prefixlen
+    wanted = client_key(client.network_address, prefix, nat64)
+    return lambda ip: client_key(ip, prefix, nat64) == wanted
+
+
 Handlers = Mapping[ListenerProtocol, Handler] | Mapping[str, Handler]
 
 
@@ -152,11 +261,23 @@ class Server:
     hooks: Hooks = attrs.field(factory=BaseHooks)
     # Bound addresses by listener name, filled in once every listener is bound.
     addresses: dict[str, list[Endpoint]] = attrs.field(factory=dict, init=False)
+    # The open sessions by client, which the hooks get through on_start to end them.
+    sessions: OpenSessions = attrs.field(init=False)
+    # Connections refused after accept, by (listener, Refusal), every one counted; their log
+    # lines go through the gate's log limiter, so a client reconnecting in a loop cannot
+    # flood the log.
+    refused: collections.Counter[tuple[str, str]] = attrs.field(
+        factory=collections.Counter, init=False
+    )
     _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
 
     @gate.default
     def _default_gate(self) -> ProxyGate:
         return ProxyGate(self.settings)
+
+    @sessions.default
+    def _open_sessions(self) -> OpenSessions:
+        return OpenSessions(nat64_prefixes=lambda: self.gate.settings.system.nat64_prefixes)
 
     def __attrs_post_init__(self) -> None:
         for conf in self.settings.listeners:
@@ -216,6 +337,7 @@ class Server:
                     await trio.aclose_forcefully(listener)
             raise
 
+        self.hooks.on_start(self.sessions)
         async with trio.open_nursery() as sessions:
             with self._accepting:
                 async with trio.open_nursery() as accepting:
@@ -273,7 +395,9 @@ class Server:
             peer = _endpoint(sockaddr)
             conf = self.gate.settings.listener(name)
             if not self.limits.take_listener_slot(name, conf.max_connections):
-                logger.warning(
+                self._log_refusal(
+                    name,
+                    Refusal.LISTENER_FULL,
                     "listener %s: %d connections open, refusing %s",
                     name,
                     conf.max_connections,
@@ -322,7 +446,9 @@ class Server:
             )
             # A LOCAL or UNKNOWN header names no client; the proxy's own checks are not limited.
             if not held and context.client_known:
-                logger.warning(
+                self._log_refusal(
+                    conf.name,
+                    Refusal.CLIENT_FULL,
                     "listener %s: %d connections open from %s, refusing %r",
                     conf.name,
                     conf.max_connections_per_ip,
@@ -331,15 +457,24 @@ class Server:
                 )
                 await _refuse(stream, conf.protocol, "Too many connections from your address")
                 return
+            live: _Live | None = None
+            if context.client_known:
+                live = _Live(deadline)
+                self.sessions.add(client, live)
             try:
-                await self._serve(conf, stream, context, deadline)
+                await self._serve(conf, stream, context, deadline, live)
             finally:
                 if held:
                     self.limits.release_client_slot(conf.name, client, nat64)
-        # Cancelled by its own deadline: a header the gate has reported, or a peer that
-        # stopped reading what the handler sent.
+                if live is not None:
+                    self.sessions.discard(client, live)
+        # Cancelled by its own deadline: a header the gate has reported, a peer that stopped
+        # reading what the handler sent, or a session ended that did not finish in time.
         if deadline.cancelled_caught and context is not None:
-            logger.info("%r: timed out (the peer stopped reading)", context)
+            if live is not None and live.ended is not None:
+                logger.info("%r: ended (%s), cancelled after the grace", context, live.ended)
+            else:
+                logger.info("%r: timed out (the peer stopped reading)", context)
 
     async def _serve(
         self,
@@ -347,12 +482,15 @@ class Server:
         stream: trio.abc.Stream,
         context: ConnectionContext,
         session: trio.CancelScope,
+        live: _Live | None,
     ) -> None:
         # Hooks that keep BaseHooks' on_connect accept everyone: skip the call and its timeout.
         if type(self.hooks).on_connect is not BaseHooks.on_connect:
             verdict = await self._on_connect(context)
             if not verdict.accepted:
-                logger.warning(
+                self._log_refusal(
+                    conf.name,
+                    Refusal.ON_CONNECT,
                     "listener %s: on_connect refused %r: %s %s",
                     conf.name,
                     context,
@@ -377,10 +515,19 @@ class Server:
                 level = logging.WARNING if context.proxied else logging.INFO
                 logger.log(level, "%r: %s", context, _handshake_failure(exc, context, conf))
                 return
+        if live is not None and live.ended is not None:
+            # Ended before its handler ran: the server still speaks the protocol here.
+            logger.info("%r: ended before its handler: %s", context, live.ended)
+            await _refuse(stream, conf.protocol, live.ended)
+            return
+        handler_stream = IdleTimeoutStream(stream, conf.idle_timeout, session)
+        if live is not None:
+            live.stream = handler_stream
         try:
-            await self.handlers[conf.protocol](
-                IdleTimeoutStream(stream, conf.idle_timeout, session), context
-            )
+            await self.handlers[conf.protocol](handler_stream, context)
+        except SessionEnded as exc:
+            # The handler did not catch it: the connection is closed without a goodbye.
+            logger.info("%r: ended: %s", context, exc.reason)
         except trio.TooSlowError:
             logger.info("%r: timed out", context)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
@@ -388,6 +535,18 @@ class Server:
         except Exception:
             # One session's bug must not take the listener down with it.
             logger.exception("%r: handler failed", context)
+
+    def _log_refusal(self, listener: str, kind: Refusal, message: str, *args: object) -> None:
+        """Count a refusal, and log its WARNING unless its kind is flooding the log."""
+        self.refused[listener, kind] += 1
+        if logger.isEnabledFor(logging.WARNING):
+            self.gate.log_limiter.admit(
+                (listener, REFUSED_EVENT, kind),
+                logging.WARNING,
+                trio.current_time(),
+                lambda: logger.warning(message, *args),
+                logger,
+            )
 
     async def _on_connect(self, context: ConnectionContext) -> Verdict:
         try:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import trio
 
-__all__ = ["IdleTimeoutStream", "PrefixedStream"]
+__all__ = ["IdleTimeoutStream", "PrefixedStream", "SessionEnded"]
 
 # The most a session's deadline may run past the idle timeout (see IdleTimeoutStream): a
 # second is nothing against a timeout of minutes, and spares a deadline update per send.
@@ -48,6 +48,19 @@ class PrefixedStream(trio.abc.Stream):
         await self.transport_stream.aclose()
 
 
+class SessionEnded(trio.TooSlowError):
+    """A policy ended the session (a ban): raised by every read from then on.
+
+    A ``trio.TooSlowError``, so that a handler that answers the idle timeout with a goodbye
+    (SMTP ``421``, IMAP ``* BYE``) already says one; a handler that catches this first can
+    give ``reason``. The server cancels the session a grace period after it was ended.
+    """
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class IdleTimeoutStream(trio.abc.Stream):
     """Ends a session whose peer neither sends nor reads for ``timeout`` seconds.
 
@@ -62,6 +75,9 @@ class IdleTimeoutStream(trio.abc.Stream):
     reading then has the session cancelled, since a goodbye it does not read would wait just
     as long. Every receive keeps the session's deadline past its own, so an idle client
     always meets the receive's ``TooSlowError`` first.
+
+    ``end(reason)`` ends the session from outside (a ban): the read in progress, and every
+    later one, raises :class:`SessionEnded`, and sends no longer move the session's deadline.
     """
 
     def __init__(
@@ -77,11 +93,23 @@ class IdleTimeoutStream(trio.abc.Stream):
         # too close: one deadline update per half-slack seconds of a busy session instead
         # of one per operation. A stalled send is cut within timeout + slack.
         self._slack = min(IDLE_SLACK, timeout / 8)
+        # Why the session was ended from outside, once it has been.
+        self.ended: str | None = None
+        # The scope of the read in progress, if any; cancelling a finished one does nothing.
+        self._reading: trio.CancelScope | None = None
+
+    def end(self, reason: str) -> None:
+        """Make the read in progress, and every later one, raise :class:`SessionEnded`."""
+        self.ended = reason
+        if self._reading is not None:
+            self._reading.cancel()
 
     def __repr__(self) -> str:
         return f"<IdleTimeoutStream {self.timeout:g}s over {self.transport_stream!r}>"
 
     def _keep_session_ahead(self, session: trio.CancelScope) -> None:
+        if self.ended is not None:
+            return  # once ended, the session's deadline is its grace, and no send moves it
         # Keep the session's deadline between timeout + slack/2 and timeout + slack from
         # now: moved when it falls behind, and pulled in from anything later (the server
         # hands the session over with no deadline at all).
@@ -93,10 +121,15 @@ class IdleTimeoutStream(trio.abc.Stream):
     # timeout, without the context-manager layers that fail_after adds every time.
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self.ended is not None:
+            await trio.lowlevel.checkpoint()
+            raise SessionEnded(self.ended)
         if self.session is not None:
             self._keep_session_ahead(self.session)
-        with trio.CancelScope(deadline=trio.current_time() + self.timeout):
+        with trio.CancelScope(deadline=trio.current_time() + self.timeout) as self._reading:
             return await self.transport_stream.receive_some(max_bytes)
+        if self.ended is not None:
+            raise SessionEnded(self.ended)
         raise trio.TooSlowError
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:

@@ -19,7 +19,7 @@ import trustme
 
 from mailedge import server as server_module
 from mailedge.context import ConnectionContext
-from mailedge.events import EventName
+from mailedge.events import LOG_BURST, EventName
 from mailedge.hooks import Action, BaseHooks, HookChain, Hooks, Verdict
 from mailedge.hooks.autoban import AutoBan
 from mailedge.hooks.ratelimit import RateLimitHooks
@@ -35,6 +35,7 @@ from mailedge.settings import (
     Settings,
     SystemSettings,
 )
+from mailedge.streams import SessionEnded
 
 CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
 SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)
@@ -650,4 +651,174 @@ async def test_per_ip_limit_counts_each_ipv4_client_behind_an_operators_nat64_pr
     assert replies[1].startswith(b"220 2001:db8:64::c633:6408")
     assert replies[2] == refusal(ListenerProtocol.SMTP, "Too many connections from your address")
     release.set()
+
+
+# -- ending open sessions (a ban) -----------------------------------------------------------------
+
+
+async def echo_until_ended(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+    """Greets, echoes, and answers the server's end of the session with a 421 and its reason."""
+    await stream.send_all(f"220 {context.client_ip}\r\n".encode())
+    try:
+        while data := await stream.receive_some():
+            await stream.send_all(data)
+    except SessionEnded as exc:
+        await stream.send_all(f"421 {exc.reason}\r\n".encode())
+
+
+def client(ip: str, port: int = 40000) -> InetAddress:
+    return InetAddress(ipaddress.ip_address(ip), port)
+
+
+async def open_session(server: Server, who: InetAddress, name: str = "smtp") -> trio.SocketStream:
+    stream = await connect(server, name)
+    to = SERVER if who.ip.version == 4 else client("2001:db8::25", 25)
+    await stream.send_all(encode_v2(Command.PROXY, who, to))
+    assert await read_reply(stream) == f"220 {who.ip}\r\n".encode()
+    return stream
+
+
+async def test_a_ban_ends_every_session_in_its_ipv6_prefix_and_no_other(
+    nursery: trio.Nursery,
+) -> None:
+    conf = attrs.evolve(
+        settings(listener("smtp"), listener("submission")),
+        auto_ban=AutoBanSettings(failures=1),
+    )
+    autoban = AutoBan(lambda: conf)
+    server = await start(
+        nursery,
+        conf,
+        echo_until_ended,
+        hooks=HookChain([autoban]),
+    )
+    doomed = [
+        await open_session(server, client("2001:db8:1:2::1")),
+        await open_session(server, client("2001:db8:1:2::2"), "submission"),
+        await open_session(server, client("2001:db8:1:2:ffff::9")),
+    ]
+    spared = [
+        await open_session(server, client("2001:db8:1:3::1")),
+        await open_session(server, client("198.51.100.8"), "submission"),
+    ]
+    assert len(server.sessions) == 5
+    ban = await autoban.record_failure("2001:db8:1:2::1", "failed login")
+    assert ban is not None and ban.key == "2001:db8:1:2::/64"
+    # Every session in the /64, on both listeners, is told within a second, and closed.
+    with trio.fail_after(1):
+        for stream in doomed:
+            assert await read_all(stream) == f"421 banned until {ban.until_text}\r\n".encode()
+    for stream in spared:
+        await stream.send_all(b"still here\r\n")
+        assert await read_reply(stream) == b"still here\r\n"
+    assert len(server.sessions) == 2
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_ban_on_an_ipv4_client_ends_its_sessions_through_an_operators_nat64(
+    nursery: trio.Nursery,
+) -> None:
+    conf = attrs.evolve(
+        settings(listener("smtp")),
+        system=SystemSettings(
+            proxy_trusted_networks=["127.0.0.0/8", "::1"], nat64_prefixes=["2001:db8:64::/96"]
+        ),
+        auto_ban=AutoBanSettings(failures=1),
+    )
+    autoban = AutoBan(lambda: conf)
+    server = await start(nursery, conf, echo_until_ended, hooks=HookChain([autoban]))
+    doomed = await open_session(server, client("2001:db8:64::c633:6407"))
+    spared = await open_session(server, client("2001:db8:64::c633:6408"))
+    ban = await autoban.record_failure("2001:db8:64::c633:6407", "failed login")
+    assert ban is not None and ban.key == "198.51.100.7"
+    with trio.fail_after(1):
+        assert await read_all(doomed) == f"421 banned until {ban.until_text}\r\n".encode()
+    await spared.send_all(b"still here\r\n")
+    assert await read_reply(spared) == b"still here\r\n"
+    nursery.cancel_scope.cancel()
+
+
+async def test_an_ended_session_is_told_even_by_a_handler_that_knows_only_the_idle_timeout(
+    nursery: trio.Nursery,
+) -> None:
+    async def idle_aware(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await stream.send_all(f"220 {context.client_ip}\r\n".encode())
+        try:
+            await stream.receive_some()
+        except trio.TooSlowError:
+            await stream.send_all(b"421 timed out\r\n")
+
+    server = await start(nursery, settings(), idle_aware)
+    stream = await open_session(server, CLIENT)
+    with trio.fail_after(1):
+        assert server.sessions.end(CLIENT.ip, "banned") == 1
+        assert await read_all(stream) == b"421 timed out\r\n"
+    nursery.cancel_scope.cancel()
+
+
+async def test_an_ended_session_that_does_not_finish_is_cancelled_after_the_grace(
+    nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge.server")
+
+    async def stubborn(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await stream.send_all(f"220 {context.client_ip}\r\n".encode())
+        await trio.sleep_forever()  # never reads, so it is never told
+
+    monkeypatch.setattr(server_module, "SESSION_END_GRACE", 0.05)
+    server = await start(nursery, settings(), stubborn)
+    stream = await open_session(server, CLIENT)
+    assert server.sessions.end(ipaddress.ip_network("198.51.100.0/24"), "banned") == 1
+    # Ending twice ends nothing more.
+    assert server.sessions.end(CLIENT.ip, "banned") == 0
+    with trio.fail_after(1):
+        assert await read_all(stream) == b""
+    assert "ended (banned), cancelled after the grace" in caplog.text
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_session_ended_before_its_handler_gets_the_protocols_goodbye(
+    nursery: trio.Nursery,
+) -> None:
+    class EndsItself(BaseHooks):
+        """Ends the session's own client while on_connect runs: the handler must not run."""
+
+        sessions: server_module.OpenSessions | None = None
+
+        def on_start(self, sessions: object) -> None:
+            assert isinstance(sessions, server_module.OpenSessions)
+            self.sessions = sessions
+
+        async def on_connect(self, context: ConnectionContext) -> Verdict:
+            assert self.sessions is not None
+            assert self.sessions.end(context.client_ip, "banned meanwhile") == 1
+            return Verdict.accept()
+
+    server = await start(nursery, settings(), hooks=EndsItself())
+    stream = await connect(server)
+    await stream.send_all(encode_v1(CLIENT, SERVER))
+    with trio.fail_after(1):
+        assert await read_all(stream) == b"421 4.7.0 banned meanwhile\r\n"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_refusal_storm_is_logged_in_part_and_counted_in_full(
+    nursery: trio.Nursery, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="mailedge")
+    conf = attrs.evolve(settings(), auto_ban=AutoBanSettings(failures=1))
+    autoban = AutoBan(lambda: conf)
+    await autoban.record_failure(CLIENT.ip, "failed login")
+    server = await start(nursery, conf, hooks=HookChain([autoban]))
+    for _ in range(200):
+        stream = await connect(server)
+        await stream.send_all(encode_v1(CLIENT, SERVER))
+        assert (await read_all(stream)).startswith(b"421 4.7.0 banned until ")
+        await stream.aclose()
+        _clients.remove(stream)
+    refusals = [r for r in caplog.records if "on_connect refused" in r.getMessage()]
+    assert len(refusals) == LOG_BURST
+    assert server.refused["smtp", server_module.Refusal.ON_CONNECT] == 200
+    [note] = [r for r in caplog.records if "further ones are counted, not logged" in r.getMessage()]
+    assert note.getMessage().startswith("connect.refused listener=smtp reason=on_connect: ")
     nursery.cancel_scope.cancel()

@@ -13,7 +13,10 @@ connection context the gate built:
   through :func:`mailedge.tls.negotiate_starttls`, which drops pipelined plaintext and honours
   the listener's ``tls_handshake_timeout`` when the handler has ``settings``;
 * a failed LOGIN calls the ``on_auth_failure`` hook with the context, so an
-  :class:`~mailedge.hooks.autoban.AutoBan` in ``hooks`` bans the real client, not the proxy.
+  :class:`~mailedge.hooks.autoban.AutoBan` in ``hooks`` bans the real client, not the proxy;
+* every LOGIN asks the ``on_auth_attempt`` hook first, so a banned client is refused
+  (``NO [UNAVAILABLE]``) without its password being checked, even on a session opened before
+  the ban; and a session the server ends (a ban) says ``* BYE`` with the reason.
 
 The server layer has already run the PROXY gate (and the handshake, on an implicit-TLS
 listener); it closes the stream after the handler returns, and bounds idle time with a stream
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import ssl
 from collections.abc import Callable, Mapping
 
@@ -35,7 +39,9 @@ from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext
 from mailedge.hooks import BaseHooks, Hooks
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
+from mailedge.policy import Action, Verdict
 from mailedge.settings import Settings
+from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
 __all__ = [
@@ -93,6 +99,9 @@ _MAILBOX_COMMANDS = frozenset(
         "UNSUBSCRIBE",
     }
 )
+
+# A hook's reason goes into a response line; nothing in it may end the line.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]+")
 
 # Compared against when the user does not exist, so that a wrong user name costs the same
 # comparison as a wrong password.
@@ -242,6 +251,11 @@ class _Session:
                 self.log.info("command line longer than %d bytes", self.handler.max_line_length)
                 await self.send("* BYE Command line too long")
                 break
+            except SessionEnded as exc:
+                # The server ended the session (a ban): say why, as RFC 3501 7.1.5 allows.
+                self.log.info("ended by the server: %s", exc.reason)
+                await self.send(f"* BYE {_CONTROL.sub(' ', exc.reason)}")
+                return
             except trio.TooSlowError:
                 # The server's idle timeout (its IdleTimeoutStream): announce the autologout.
                 self.log.info("idle for too long; logging out")
@@ -365,16 +379,39 @@ class _Session:
             await self.bad(tag, "LOGIN takes a user name and a password")
             return False
         username, password = values
+        # Policy first (a ban): a refused client's password is never checked.
+        verdict = await self.auth_verdict(username)
+        if not verdict.accepted:
+            code = "UNAVAILABLE" if verdict.action is Action.TEMPFAIL else "CONTACTADMIN"
+            reason = _CONTROL.sub(" ", verdict.reason).strip() or "Login refused"
+            self.log.warning("LOGIN for user %r refused by policy: %s", username, reason)
+            await self.send(f"{tag} NO [{code}] {reason}")
+            # Not a failed login (no password was checked), but it counts towards the
+            # session's limit, so that a refused client cannot go on sending LOGINs.
+            await self.count_auth_failure()
+            return False
         if not self.handler.check_password(username, password):
-            self.auth_failures += 1
             self.log.warning("LOGIN failed for user %r", username)
             await self.handler.hooks.on_auth_failure(self.context, username)
             await self.send(f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed")
-            if self.auth_failures >= self.handler.max_auth_failures:
-                await self.send("* BYE Too many authentication failures")
-                self.done = True
+            await self.count_auth_failure()
             return False
         self.user = username
         self.log.info("user %r logged in", username)
         await self.send(f"{tag} OK LOGIN completed")
         return True
+
+    async def auth_verdict(self, username: str) -> Verdict:
+        """The ``on_auth_attempt`` verdict; a hook that fails refuses for now (fails closed)."""
+        try:
+            return await self.handler.hooks.on_auth_attempt(self.context, username)
+        except Exception:
+            self.log.exception("on_auth_attempt hook failed")
+            return Verdict.tempfail("Login temporarily unavailable, try again later")
+
+    async def count_auth_failure(self) -> None:
+        """One more refused login on this session; the last allowed one ends it."""
+        self.auth_failures += 1
+        if self.auth_failures >= self.handler.max_auth_failures:
+            await self.send("* BYE Too many authentication failures")
+            self.done = True

@@ -270,6 +270,8 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             maildir=example.state_dir / "Maildir",
             ssl_context=tls,
             hooks=hooks,
+            # AUTH PLAIN over TLS, with the same users as IMAP; bans are checked first.
+            users=example.users,
             # STARTTLS's handshake honours the listener's tlsHandshakeTimeout, reloads too.
             settings=lambda: gate.settings,
         ),

@@ -19,6 +19,11 @@ are written into the stored message, and a ``quarantine`` flag files it in the M
 ``.Junk`` instead of the inbox. ``on_connect`` is the server layer's, before the banner.
 See ``docs/hooks-spf-dmarc.md``.
 
+With ``users``, AUTH PLAIN (RFC 4954) is offered once the session has TLS. Each attempt asks
+``on_auth_attempt`` first: a refusal (a ban) is answered ``454 4.7.0`` and no password is
+checked; a wrong password is ``535 5.7.8`` and goes to ``on_auth_failure``. A session the
+server ends (a ban) is closed with ``421 4.7.0`` and the reason.
+
 The server layer calls it once per admitted connection::
 
     handler = SMTPHandler(
@@ -33,8 +38,11 @@ The server layer calls it once per admitted connection::
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import email.utils
+import hmac
 import logging
 import mailbox
 import os
@@ -42,7 +50,7 @@ import pathlib
 import re
 import secrets
 import ssl
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 
 import attrs
 import trio
@@ -53,6 +61,7 @@ from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
 from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
 from mailedge.settings import Settings
+from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
 __all__ = [
@@ -69,6 +78,8 @@ __all__ = [
     "MAX_PATH",
     "DEFAULT_MAX_MESSAGE_SIZE",
     "MAX_BAD_COMMANDS",
+    "MAX_AUTH_FAILURES",
+    "MAX_AUTH_LINE",
     # policy
     "QUARANTINE_FLAG",
     "QUARANTINE_FOLDER",
@@ -93,6 +104,10 @@ DEFAULT_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
 # RFC 5321 sets no limit; ten failures in a row is a scanner or the wrong protocol, and
 # RFC 5321 3.8 lets the server end such a session with 421.
 MAX_BAD_COMMANDS = 10
+# A few wrong passwords are typos; more on one session is someone guessing (as in IMAP).
+MAX_AUTH_FAILURES = 3
+# RFC 4954 4: a server must accept an authentication exchange line of 12288 octets.
+MAX_AUTH_LINE = 12288
 # One receive: room for a pipelined batch of commands, and the reader's bound past one line.
 RECEIVE_SIZE = 8192
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; a hook's reason gets what is left
@@ -131,6 +146,11 @@ _UNSAFE_IN_HEADER = re.compile(r"[^A-Za-z0-9_.+/-]")
 _NOT_REPLY_TEXT = re.compile(r"[^\x20-\x7e]")
 # A hook's header line: an RFC 5322 field name, a colon, and text without control characters.
 _HOOK_HEADER = re.compile(r"[\x21-\x39\x3b-\x7e]+:[^\x00-\x08\x0a-\x1f\x7f]*")
+
+
+# Compared against when the user does not exist, so that a wrong user name costs the same
+# comparison as a wrong password.
+_NO_SUCH_USER = b"\x00" * 32
 
 
 def _as_lines(text: str | tuple[str, ...]) -> tuple[str, ...]:
@@ -197,6 +217,9 @@ class Session:
     # Consecutive replies with ``bad_command`` set.
     bad_commands: int = 0
     delivered: int = 0
+    # The user AUTH authenticated, and the refused AUTH attempts so far.
+    user: str | None = None
+    auth_failures: int = 0
     # The greeting's accepting verdict, whose headers and flags go into each transaction.
     greeting_verdict: Verdict = attrs.field(factory=Verdict.accept, repr=False)
 
@@ -241,8 +264,10 @@ class SMTPHandler:
     # The server's current settings (``lambda: gate.settings``), for the listener's
     # tls_handshake_timeout at STARTTLS; None uses the default timeout.
     settings: Callable[[], Settings] | None = None
-    # Policy at HELO/EHLO, MAIL FROM and the end of DATA; the default accepts everything.
+    # Policy at HELO/EHLO, MAIL FROM, AUTH and the end of DATA; the default accepts everything.
     hooks: Hooks = attrs.field(factory=BaseHooks)
+    # user name -> password for AUTH PLAIN, offered over TLS only; empty: no AUTH.
+    users: Mapping[str, str] = attrs.field(factory=dict, repr=False)
 
     def __attrs_post_init__(self) -> None:
         # Creates the directory with cur/, new/ and tmp/ if it is missing; it leaves an
@@ -270,6 +295,14 @@ class SMTPHandler:
             session.log.info("client closed the connection")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.log.info("connection lost: %r", exc.__cause__ or exc)
+        except SessionEnded as exc:
+            # The server ended the session (a ban): RFC 5321 3.8 lets it close with 421.
+            session.log.info("ended by the server: %s", exc.reason)
+            reason = " ".join(_CONTROL.sub(" ", exc.reason).split())
+            reason = _NOT_REPLY_TEXT.sub("?", reason)[:MAX_POLICY_REASON]
+            await self._goodbye(
+                session, Reply(421, f"4.7.0 {self.hostname} {reason}, closing connection")
+            )
         except trio.TooSlowError:
             # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
             # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
@@ -325,6 +358,7 @@ class SMTPHandler:
             "QUIT": self.cmd_quit,
             "VRFY": self.cmd_vrfy,
             "STARTTLS": self.cmd_starttls,
+            "AUTH": self.cmd_auth,
         }
 
     def _judge(self, session: Session, reply: Reply) -> Reply:
@@ -360,6 +394,9 @@ class SMTPHandler:
         ]
         if self.offers_starttls(session):
             keywords.append("STARTTLS")
+        if self.users and session.context.tls:
+            # RFC 4954 4: no plaintext password mechanism without TLS.
+            keywords.append("AUTH PLAIN")
         keywords.append("SMTPUTF8")
         return Reply(250, (self._hello(session), *keywords))
 
@@ -573,6 +610,63 @@ class SMTPHandler:
         session.forget_greeting()
         return None
 
+    async def cmd_auth(self, session: Session, argument: str) -> Reply:
+        """AUTH PLAIN (RFC 4954, RFC 4616): policy first, then the password."""
+        if not self.users:
+            return Reply(502, "5.5.1 AUTH not available")
+        if not session.context.tls:
+            return Reply(538, "5.7.11 Encryption required for requested authentication mechanism")
+        if session.helo is None or not session.esmtp:
+            return Reply(503, "5.5.1 Send EHLO first")
+        if session.user is not None:
+            return Reply(503, "5.5.1 Already authenticated")
+        if session.transaction is not None:
+            return Reply(503, "5.5.1 AUTH is not allowed during a mail transaction")
+        mechanism, _, response = argument.partition(" ")
+        if mechanism.upper() != "PLAIN":
+            return Reply(504, "5.5.4 Unrecognized authentication type")
+        if not response:
+            await self._send(session, Reply(334, ""))
+            try:
+                line = await session.reader.read_line(MAX_AUTH_LINE)
+            except LineTooLongError:
+                return Reply(500, "5.5.6 Authentication exchange line is too long")
+            response = line.decode("ascii", "replace")
+            if response == "*":
+                return Reply(501, "5.0.0 Authentication cancelled")
+        credentials = _decode_plain(response)
+        if credentials is None:
+            return Reply(501, "5.5.2 Cannot decode the PLAIN response")
+        username, password = credentials
+        # Policy first (a ban): a refused client's password is never checked.
+        verdict = await self._consult(
+            session, "AUTH", lambda: self.hooks.on_auth_attempt(session.context, username)
+        )
+        if not verdict.accepted:
+            # RFC 4954 6: 454 4.7.0 is the temporary authentication failure, which a ban is;
+            # 535 would tell the client its password is wrong, which nobody checked.
+            reply = _auth_refusal(verdict)
+        elif not self.check_password(username, password):
+            session.log.warning("AUTH failed for user %r", username[:64])
+            await self.hooks.on_auth_failure(session.context, username)
+            reply = Reply(535, "5.7.8 Authentication credentials invalid", bad_command=False)
+        else:
+            session.user = username
+            session.log.info("user %r authenticated", username)
+            return Reply(235, "2.7.0 Authentication successful")
+        session.auth_failures += 1
+        if session.auth_failures >= MAX_AUTH_FAILURES:
+            await self._send(session, reply)
+            return Reply(421, f"4.7.0 {self.hostname} Too many authentication failures")
+        return reply
+
+    def check_password(self, username: str, password: str) -> bool:
+        """True when ``password`` is ``username``'s, compared in constant time."""
+        expected = self.users.get(username)
+        reference = _NO_SUCH_USER if expected is None else expected.encode()
+        matches = hmac.compare_digest(reference, password.encode())
+        return matches and expected is not None
+
     # -- policy --------------------------------------------------------------------------
 
     async def _consult(
@@ -697,6 +791,32 @@ def _policy_reply(verdict: Verdict) -> Reply | None:
     reason = _NOT_REPLY_TEXT.sub("?", reason)[:MAX_POLICY_REASON]
     # Not a bad command: the client said nothing wrong, the policy said no.
     return Reply(code, f"{status} {reason or fallback}", bad_command=False)
+
+
+def _auth_refusal(verdict: Verdict) -> Reply:
+    """454 4.7.0 for a TEMPFAIL (a ban), 535 5.7.8 for a REJECT, with the verdict's reason."""
+    reply = _policy_reply(verdict)
+    assert reply is not None
+    _, _, reason = reply.lines[0].partition(" ")
+    if verdict.action is Action.TEMPFAIL:
+        return Reply(454, f"4.7.0 {reason}", bad_command=False)
+    return Reply(535, f"5.7.8 {reason}", bad_command=False)
+
+
+def _decode_plain(response: str) -> tuple[str, str] | None:
+    """RFC 4616's ``[authzid] NUL authcid NUL passwd``, as (user, password); None if invalid.
+
+    ``=`` is the empty response (RFC 4954 4). An authorization identity other than the user
+    itself is refused: this example lets no one act for another.
+    """
+    try:
+        decoded = base64.b64decode("" if response == "=" else response, validate=True)
+        parts = decoded.decode("utf-8").split("\x00")
+    except (binascii.Error, ValueError):
+        return None
+    if len(parts) != 3 or not parts[1] or parts[0] not in ("", parts[1]):
+        return None
+    return parts[1], parts[2]
 
 
 def _adopt(transaction: Transaction, *verdicts: Verdict) -> None:

@@ -16,6 +16,16 @@ every decision so that a reload applies at once. A banned client is refused by `
 right after the gate, with a TEMPFAIL "banned until <time>" that the server turns into the
 protocol's refusal (SMTP 421, IMAP ``* BYE``, HTTP 503).
 
+A ban also stops the guessing on sessions opened before it:
+
+- ``on_auth_attempt`` refuses a banned client the same way, before a handler checks any
+  password (the handler answers SMTP ``454 4.7.0`` or IMAP ``NO``);
+- a new ban ends every open session it covers, on every listener of every server that ran
+  ``on_start`` with these hooks (:meth:`AutoBan.enforce`, through
+  :class:`~mailedge.policy.Sessions`). A ban made by another process sharing the store
+  reaches this one's sessions through :meth:`AutoBan.ban_learned`: the seam a shared
+  store's notification (Redis pub/sub, say) calls.
+
 Trusted proxies are never banned, nor counted: every address in the server-wide
 ``proxyTrustedNetworks`` *and* in every listener's ``overrideProxyTrustedNetworks``
 (:meth:`~mailedge.settings.Settings.all_proxy_trusted_networks`) is exempt. Stalwart exempts
@@ -44,7 +54,7 @@ from mailedge.events import EventName, GateEvent
 from mailedge.hooks.store import Entry, MemoryStore, RateStore
 from mailedge.hooks.support import SettingsSource, TrustedProxies
 from mailedge.networks import IPAddress, IPNetwork, normalize_ip, parse_network
-from mailedge.policy import BaseHooks, Verdict
+from mailedge.policy import BaseHooks, Sessions, Verdict
 from mailedge.settings import Settings
 
 __all__ = ["DEFAULT_MAX_PENDING", "AutoBan", "Ban"]
@@ -127,6 +137,10 @@ class _Exemptions:
         return str(network)
 
 
+def _banned_text(ban: Ban) -> str:
+    return f"banned until {ban.until_text}"
+
+
 def _parse_target(target: str | IPAddress | IPNetwork) -> IPAddress | IPNetwork:
     if isinstance(target, ipaddress.IPv4Address | ipaddress.IPv6Address):
         return normalize_ip(target)
@@ -157,6 +171,8 @@ class AutoBan(BaseHooks):
     _exemptions: _Exemptions = attrs.field(factory=_Exemptions, init=False)
     # Gate events dropped because the queue was full.
     dropped: int = attrs.field(default=0, init=False)
+    # The servers running these hooks (on_start), whose sessions a ban ends.
+    _sessions: list[Sessions] = attrs.field(factory=list, init=False)
 
     @_pending.default
     def _make_pending(self) -> collections.deque[tuple[IPAddress, str]]:
@@ -164,6 +180,11 @@ class AutoBan(BaseHooks):
 
     def __repr__(self) -> str:
         return f"<AutoBan store={self.store!r} pending={len(self._pending)}>"
+
+    def on_start(self, sessions: Sessions) -> None:
+        """A server runs these hooks: a ban from now on ends its sessions too."""
+        if not any(known is sessions for known in self._sessions):
+            self._sessions.append(sessions)
 
     # -- failures -----------------------------------------------------------------------------
 
@@ -239,6 +260,7 @@ class AutoBan(BaseHooks):
             policy.window,
             reason,
         )
+        self.enforce(ban)
         return ban
 
     # -- bans ---------------------------------------------------------------------------------
@@ -270,16 +292,60 @@ class AutoBan(BaseHooks):
         return None if entry is None else self._ban(entry)
 
     async def on_connect(self, context: ConnectionContext) -> Verdict:
+        return await self._refuse_banned(context, "connection")
+
+    async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict:
+        """Refuse a banned client's login before its password is checked: on a session
+        opened before the ban, this is what stops the guessing."""
+        return await self._refuse_banned(context, "login")
+
+    async def _refuse_banned(self, context: ConnectionContext, what: str) -> Verdict:
         await self.flush()
         if not self.settings().auto_ban.enable or not context.client_known:
             return Verdict.accept()
         ban = await self.banned(context.client_ip)
         if ban is None:
             return Verdict.accept()
-        logger.debug("autoban: refusing %r: %s is banned (%s)", context, ban.key, ban.reason)
+        logger.debug(
+            "autoban: refusing the %s of %r: %s is banned (%s)", what, context, ban.key, ban.reason
+        )
         # TEMPFAIL rather than REJECT: the ban ends, and a legitimate sender caught by it
         # should retry then rather than bounce its mail.
-        return Verdict.tempfail(f"banned until {ban.until_text}")
+        return Verdict.tempfail(_banned_text(ban))
+
+    # -- ending the sessions a ban covers ---------------------------------------------------
+
+    def enforce(self, ban: Ban) -> int:
+        """End every open session ``ban`` covers, in every server running these hooks.
+
+        Called for each ban this object makes. Returns how many sessions were ended.
+        """
+        if not self._sessions:
+            return 0
+        try:
+            target = _parse_target(ban.key)
+        except ValueError:
+            # Another writer's key in a shared store: it covers nothing this server can name.
+            logger.warning("autoban: cannot end the sessions of ban key %r", ban.key)
+            return 0
+        ended = sum(sessions.end(target, _banned_text(ban)) for sessions in self._sessions)
+        if ended:
+            logger.warning("autoban: ended %d open session(s) of %s", ended, ban.key)
+        return ended
+
+    async def ban_learned(self, key: str) -> int:
+        """A ban with ``key`` ("198.51.100.7", "2001:db8:1:2::/64") was made elsewhere.
+
+        The seam for a shared store: whatever tells this process of another's ban (a Redis
+        pub/sub message on the ban key, say) calls this, and the ban's sessions here end as
+        if it were made here. Reads the ban from the store (nothing happens when it is not
+        there, or no longer); returns how many sessions were ended.
+        """
+        await self.flush()
+        entry = await self.store.get(_BAN + key)
+        if entry is None:
+            return 0
+        return self.enforce(self._ban(entry))
 
     async def bans(self) -> list[Ban]:
         """Every active ban, the soonest to end first."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
+import pathlib
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -21,12 +23,22 @@ from mailedge_examples.imap_handler import (
     IMAPSyntaxError,
     parse_astrings,
 )
+from mailedge_examples.smtp_handler import SMTPHandler
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.hooks import BaseHooks
+from mailedge.hooks import BaseHooks, HookChain, Verdict
 from mailedge.hooks.autoban import AutoBan
+from mailedge.hooks.store import MemoryStore
 from mailedge.networks import TrustedNetworks
-from mailedge.settings import AutoBanSettings, ListenerProtocol, Settings, SystemSettings
+from mailedge.proxy import ClientFlags, Command, InetAddress, SSLInfo, encode_v2
+from mailedge.server import Handler, Server, serve
+from mailedge.settings import (
+    AutoBanSettings,
+    ListenerProtocol,
+    NetworkListener,
+    Settings,
+    SystemSettings,
+)
 
 HOSTNAME = "imap.example"
 USERS = {"alice": "correct horse", "bob": 'p\u00e4ss "w\\rd'}
@@ -626,3 +638,169 @@ async def test_failed_logins_ban_the_real_client_not_the_proxy(
     assert ban.reason == "failed login for 'alice' on listener imap"
     other = attrs.evolve(context, client_ip=ipaddress.ip_address("198.51.100.8"))
     assert (await autoban.on_connect(other)).accepted
+
+
+# Bans on sessions already open: over real sockets, behind a proxy that terminated TLS
+
+
+@attrs.define
+class CountingIMAPHandler(IMAPHandler):
+    """Counts every password check, so a test can see that a banned client got none."""
+
+    checks: list[str] = attrs.field(factory=list)
+
+    def check_password(self, username: str, password: str) -> bool:
+        self.checks.append(username)
+        return super().check_password(username, password)
+
+
+def ban_settings() -> Settings:
+    return Settings(
+        system=SystemSettings(TrustedNetworks(["127.0.0.1"])),
+        listeners=(
+            NetworkListener(name="imap", protocol=ListenerProtocol.IMAP, bind="127.0.0.1:0"),
+            NetworkListener(name="smtp", protocol=ListenerProtocol.SMTP, bind="127.0.0.1:0"),
+        ),
+        auto_ban=AutoBanSettings(failures=3, window=600.0, duration=3600.0),
+    )
+
+
+async def start_ban_server(
+    nursery: trio.Nursery, conf: Settings, autoban: AutoBan, maildir: pathlib.Path
+) -> tuple[Server, CountingIMAPHandler]:
+    hooks = HookChain([autoban])
+    imap = CountingIMAPHandler(HOSTNAME, USERS, hooks=hooks)
+    handlers: dict[ListenerProtocol, Handler] = {
+        ListenerProtocol.IMAP: imap,
+        ListenerProtocol.SMTP: SMTPHandler(hostname="mx.example", maildir=maildir, hooks=hooks),
+    }
+    server: Server = await nursery.start(functools.partial(serve, conf, handlers, hooks=hooks))
+    return server, imap
+
+
+@pytest.fixture
+async def sockets() -> AsyncIterator[list[trio.SocketStream]]:
+    """The test's client sockets, closed when it ends, pass or fail."""
+    opened: list[trio.SocketStream] = []
+    yield opened
+    for stream in opened:
+        await trio.aclose_forcefully(stream)
+
+
+async def proxied(
+    server: Server, listener: str, ip: str, sockets: list[trio.SocketStream]
+) -> Client:
+    """A client at ``ip`` behind the proxy at 127.0.0.1, whose TLS the proxy terminated."""
+    host, port = server.addresses[listener][0]
+    stream = await trio.open_tcp_stream(host, port)
+    sockets.append(stream)
+    source = InetAddress(ipaddress.ip_address(ip), 40000)
+    destination = InetAddress(ipaddress.ip_address("192.0.2.143"), 993)
+    ssl_info = SSLInfo(client=ClientFlags.SSL, verify=0, version="TLSv1.3")
+    await stream.send_all(encode_v2(Command.PROXY, source, destination, ssl=ssl_info))
+    client = Client(stream)
+    greeting = await client.line()
+    assert greeting.startswith(("* OK", "220 "))
+    return client
+
+
+async def test_a_ban_ends_the_clients_open_sessions_on_every_listener(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, sockets: list[trio.SocketStream]
+) -> None:
+    conf = ban_settings()
+    autoban = AutoBan(lambda: conf)
+    server, imap = await start_ban_server(nursery, conf, autoban, tmp_path / "Maildir")
+    # Five IMAP sessions and an SMTP one from the guesser, opened before any ban.
+    guesser = [await proxied(server, "imap", "198.51.100.7", sockets) for _ in range(5)]
+    guesser_smtp = await proxied(server, "smtp", "198.51.100.7", sockets)
+    other = await proxied(server, "imap", "198.51.100.8", sockets)
+    other_smtp = await proxied(server, "smtp", "198.51.100.8", sockets)
+    # Three wrong passwords, on three sessions: the third bans.
+    for tag, client in zip("abc", guesser[:3], strict=True):
+        assert (await client.command(f"{tag} LOGIN alice guess"))[-1] == (
+            f"{tag} NO [AUTHENTICATIONFAILED] Authentication failed"
+        )
+    [ban] = await autoban.bans()
+    assert ban.key == "198.51.100.7"
+    # Every session of the banned client says goodbye within a second, then closes.
+    with trio.fail_after(1):
+        for client in guesser:
+            assert await client.line() == f"* BYE banned until {ban.until_text}"
+            assert await client.closed()
+        line = await guesser_smtp.line()
+        assert line == f"421 4.7.0 mx.example banned until {ban.until_text}, closing connection"
+        assert await guesser_smtp.closed()
+    # Three passwords were checked: the three wrong ones, nothing after.
+    assert imap.checks == ["alice"] * 3
+    # Another client behind the same proxy keeps its sessions, and logs in.
+    assert (await other.command('d LOGIN alice "correct horse"'))[-1] == "d OK LOGIN completed"
+    await other_smtp.send("NOOP\r\n")
+    assert await other_smtp.line() == "250 2.0.0 OK"
+    assert len(server.sessions) == 2
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_ban_made_elsewhere_refuses_the_login_before_the_password_is_checked(
+    nursery: trio.Nursery, tmp_path: pathlib.Path, sockets: list[trio.SocketStream]
+) -> None:
+    """Two processes sharing one store: the other one bans; this one has a session open."""
+    conf = ban_settings()
+    store = MemoryStore()
+    here = AutoBan(lambda: conf, store)
+    elsewhere = AutoBan(lambda: conf, store)  # not started by any server here
+    server, imap = await start_ban_server(nursery, conf, here, tmp_path / "Maildir")
+    old = await proxied(server, "imap", "198.51.100.7", sockets)
+    second = await proxied(server, "imap", "198.51.100.7", sockets)
+    for _ in range(3):
+        await elsewhere.record_failure("198.51.100.7", "failed login")
+    [ban] = await here.bans()
+    # The right password, on a session opened before the ban: refused, and never checked.
+    assert await old.command('a LOGIN alice "correct horse"') == [
+        f"a NO [UNAVAILABLE] banned until {ban.until_text}"
+    ]
+    assert imap.checks == []
+    # The seam a shared store's notification calls: the sessions here end as for a local ban.
+    assert await here.ban_learned(ban.key) == 2
+    with trio.fail_after(1):
+        for client in (old, second):
+            assert await client.line() == f"* BYE banned until {ban.until_text}"
+            assert await client.closed()
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_banned_client_cannot_log_in_without_a_server(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The handler alone (no server to end sessions): a ban still stops every LOGIN."""
+    conf = Settings(
+        system=SystemSettings(TrustedNetworks(["10.0.0.2"])),
+        auto_ban=AutoBanSettings(failures=1),
+    )
+    autoban = AutoBan(lambda: conf)
+    handler = CountingIMAPHandler(HOSTNAME, USERS, hooks=autoban)
+    async with session(handler, proxy_tls_context()) as client:
+        await client.line()
+        await client.command("a LOGIN alice guess")
+        assert handler.checks == ["alice"]
+        reply = await client.command('b LOGIN alice "correct horse"')
+        assert reply[-1].startswith("b NO [UNAVAILABLE] banned until ")
+        assert handler.checks == ["alice"]
+        # Refused attempts count towards the session's limit: the third ends it.
+        reply = await client.command('c LOGIN alice "correct horse"')
+        assert reply[-1].startswith("c NO [UNAVAILABLE] banned until ")
+        assert await client.line() == "* BYE Too many authentication failures"
+        assert await client.closed()
+    assert handler.checks == ["alice"]
+
+
+async def test_a_failing_auth_hook_refuses_for_now(autojump_clock: trio.testing.MockClock) -> None:
+    class Broken(BaseHooks):
+        async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict:
+            raise RuntimeError("store unreachable")
+
+    handler = CountingIMAPHandler(HOSTNAME, USERS, hooks=Broken())
+    async with session(handler, proxy_tls_context()) as client:
+        await client.line()
+        reply = await client.command('a LOGIN alice "correct horse"')
+    assert reply == ["a NO [UNAVAILABLE] Login temporarily unavailable, try again later"]
+    assert handler.checks == []

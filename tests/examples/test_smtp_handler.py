@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import email
 import email.message
 import email.utils
@@ -1211,3 +1212,111 @@ def test_the_repr_names_the_hooks(tmp_path: pathlib.Path) -> None:
         f"<SMTPHandler mx.example maildir={tmp_path / 'Maildir'} no-starttls "
         "hooks=<HookChain ['BaseHooks']>>"
     )
+
+
+# -- AUTH PLAIN, and the ban check before it -------------------------------------------------------
+
+
+def plain(user: str, password: str, authzid: str = "") -> str:
+    return base64.b64encode(f"{authzid}\0{user}\0{password}".encode()).decode()
+
+
+@attrs.define
+class AuthHooks(BaseHooks):
+    """Refuses logins once ``banned``; records failures."""
+
+    banned: bool = False
+    failures: list[str] = attrs.field(factory=list)
+
+    async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict:
+        return Verdict.tempfail("banned until 2030-01-01T00:00:00Z") if self.banned else Verdict()
+
+    async def on_auth_failure(self, context: ConnectionContext, username: str) -> None:
+        self.failures.append(username)
+
+
+@attrs.define(repr=False)
+class CountingSMTPHandler(SMTPHandler):
+    checks: list[str] = attrs.field(factory=list)
+
+    def check_password(self, username: str, password: str) -> bool:
+        self.checks.append(username)
+        return super().check_password(username, password)
+
+
+def auth_handler(tmp_path: pathlib.Path, hooks: AuthHooks) -> CountingSMTPHandler:
+    return CountingSMTPHandler(
+        hostname=HOSTNAME,
+        maildir=tmp_path / "Maildir",
+        hooks=hooks,
+        users={"alice": "correct horse"},
+    )
+
+
+PROXY_TLS = {"tls": True, "tls_terminated_by": TLSTerminator.PROXY, "tls_version": "TLSv1.3"}
+
+
+async def test_auth_plain_over_tls(tmp_path: pathlib.Path) -> None:
+    hooks = AuthHooks()
+    handler = auth_handler(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert "250-AUTH PLAIN" in await client.command("EHLO client.example")
+        assert await client.command("AUTH LOGIN") == ["504 5.5.4 Unrecognized authentication type"]
+        assert await client.command("AUTH PLAIN !!") == [
+            "501 5.5.2 Cannot decode the PLAIN response"
+        ]
+        assert await client.command(f"AUTH PLAIN {plain('alice', 'guess')}") == [
+            "535 5.7.8 Authentication credentials invalid"
+        ]
+        # Without an initial response, the server asks for it.
+        assert await client.command("AUTH PLAIN") == ["334 "]
+        assert await client.command(plain("alice", "correct horse")) == [
+            "235 2.7.0 Authentication successful"
+        ]
+        assert await client.command(f"AUTH PLAIN {plain('alice', 'x')}") == [
+            "503 5.5.1 Already authenticated"
+        ]
+
+    await converse(handler, make_context(**PROXY_TLS), script)
+    assert hooks.failures == ["alice"]
+    assert handler.checks == ["alice", "alice"]
+
+
+async def test_auth_is_not_offered_without_tls(tmp_path: pathlib.Path) -> None:
+    handler = auth_handler(tmp_path, AuthHooks())
+
+    async def script(client: Client) -> None:
+        assert await client.reply() == BANNER
+        assert "250-AUTH PLAIN" not in await client.command("EHLO client.example")
+        assert await client.command(f"AUTH PLAIN {plain('alice', 'correct horse')}") == [
+            "538 5.7.11 Encryption required for requested authentication mechanism"
+        ]
+
+    await converse(handler, make_context(), script)
+    assert handler.checks == []
+
+
+async def test_a_banned_client_gets_454_and_its_password_is_not_checked(
+    tmp_path: pathlib.Path,
+) -> None:
+    hooks = AuthHooks(banned=True)
+    handler = auth_handler(tmp_path, hooks)
+
+    async def script(client: Client) -> None:
+        await client.start()
+        for _ in range(2):
+            assert await client.command(f"AUTH PLAIN {plain('alice', 'correct horse')}") == [
+                "454 4.7.0 banned until 2030-01-01T00:00:00Z"
+            ]
+        # The third refused attempt ends the session.
+        assert await client.command(f"AUTH PLAIN {plain('alice', 'correct horse')}") == [
+            "454 4.7.0 banned until 2030-01-01T00:00:00Z"
+        ]
+        assert await client.reply() == ["421 4.7.0 mx.example Too many authentication failures"]
+        await client.assert_closed()
+
+    await converse(handler, make_context(**PROXY_TLS), script)
+    assert handler.checks == []
+    assert hooks.failures == []

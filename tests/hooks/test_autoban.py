@@ -422,3 +422,73 @@ async def test_in_a_chain_before_the_rate_limits(autojump_clock: trio.testing.Mo
     await hooks.on_auth_failure(client, "alice")
     verdict = await hooks.on_connect(client)
     assert (verdict.action, verdict.reason) == (Action.TEMPFAIL, f"banned until {until_text(600)}")
+
+
+# -- bans on open sessions ------------------------------------------------------------------------
+
+
+class RecordingSessions:
+    """A server's Sessions as AutoBan sees it: records what it is asked to end."""
+
+    def __init__(self) -> None:
+        self.ended: list[tuple[object, str]] = []
+
+    def end(self, client: object, reason: str) -> int:
+        self.ended.append((client, reason))
+        return 2
+
+
+async def test_a_banned_clients_login_is_refused(autojump_clock: trio.testing.MockClock) -> None:
+    ban = autoban()
+    guesser = context("198.51.100.7")
+    assert (await ban.on_auth_attempt(guesser, "alice")).accepted
+    await fail(ban, "198.51.100.7", 3)
+    verdict = await ban.on_auth_attempt(guesser, "alice")
+    assert verdict.action is Action.TEMPFAIL
+    assert verdict.reason == f"banned until {until_text(600)}"
+    # Other clients, and a client the gate does not know, log in as before.
+    assert (await ban.on_auth_attempt(context("198.51.100.8"), "alice")).accepted
+    # A proxy's LOCAL health check names no client; its address is the proxy's, never banned.
+    local = context("198.51.100.7", source=AddressSource.PROXY_LOCAL)
+    assert (await ban.on_auth_attempt(local, "alice")).accepted
+
+
+async def test_a_new_ban_ends_the_sessions_it_covers(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="mailedge.hooks.autoban")
+    ban = autoban(policy(failures=1))
+    first, second = RecordingSessions(), RecordingSessions()
+    HookChain([ban]).on_start(first)
+    ban.on_start(second)
+    ban.on_start(second)  # twice is once
+    await fail(ban, "2001:db8:1:2::99", 1)
+    expected = (ipaddress.ip_network("2001:db8:1:2::/64"), f"banned until {until_text(600)}")
+    assert first.ended == [expected]
+    assert second.ended == [expected]
+    assert "ended 4 open session(s) of 2001:db8:1:2::/64" in caplog.text
+    # Failures during the ban make no new ban, and end nothing more.
+    await fail(ban, "2001:db8:1:2::99", 1)
+    assert len(first.ended) == 1
+
+
+async def test_a_ban_learned_from_a_shared_store_ends_the_sessions_here(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    store = MemoryStore()
+    here = autoban(store=store)
+    elsewhere = autoban(store=store)
+    sessions = RecordingSessions()
+    here.on_start(sessions)
+    [*_, made] = await fail(elsewhere, "198.51.100.7", 3)
+    assert made is not None
+    assert sessions.ended == []  # nothing told this process yet
+    assert await here.ban_learned(made.key) == 2
+    assert sessions.ended == [(ip("198.51.100.7"), f"banned until {until_text(600)}")]
+    # A ban that is gone by the time the news arrives ends nothing.
+    await here.lift(made.key)
+    assert await here.ban_learned(made.key) == 0
+    # Another writer's key that names no address or network: logged, and nothing ended.
+    await store.set("ab:ban:not-an-address", "{}", 60.0)
+    assert await here.ban_learned("not-an-address") == 0
+    assert len(sessions.ended) == 1
