@@ -35,6 +35,7 @@ from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext
 from mailedge.hooks import BaseHooks, Hooks
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
+from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
@@ -237,11 +238,17 @@ class _Session:
         )
         while not self.done:
             try:
-                line = await self.reader.read_line(self.handler.max_line_length)
+                # Between commands the session is idle: shutdown ends it (ShuttingDown).
+                with awaiting_command():
+                    line = await self.reader.read_line(self.handler.max_line_length)
             except LineTooLongError:
                 self.log.info("command line longer than %d bytes", self.handler.max_line_length)
                 await self.send("* BYE Command line too long")
                 break
+            except ShuttingDown:
+                self.log.info("server shutting down; logging out")
+                await self.send(f"* BYE {self.handler.hostname} shutting down")
+                return
             except trio.TooSlowError:
                 # The server's idle timeout (its IdleTimeoutStream): announce the autologout.
                 self.log.info("idle for too long; logging out")

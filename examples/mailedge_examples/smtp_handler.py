@@ -43,6 +43,7 @@ import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Iterable
+from contextlib import nullcontext
 
 import attrs
 import trio
@@ -52,6 +53,7 @@ from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
 from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
+from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
@@ -270,6 +272,12 @@ class SMTPHandler:
             session.log.info("client closed the connection")
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             session.log.info("connection lost: %r", exc.__cause__ or exc)
+        except ShuttingDown:
+            # RFC 5321 3.8: a server that must shut down answers 421 and closes.
+            session.log.info("server shutting down")
+            await self._goodbye(
+                session, Reply(421, f"4.3.2 {self.hostname} Service shutting down, closing")
+            )
         except trio.TooSlowError:
             # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
             # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
@@ -286,7 +294,11 @@ class SMTPHandler:
         await self._send(session, Reply(220, f"{self.hostname} ESMTP mailedge example"))
         while True:
             try:
-                line = await session.reader.read_line(MAX_COMMAND_LINE)
+                # Between transactions the session is idle: shutdown ends it with 421
+                # (ShuttingDown); a transaction in progress gets the drain time.
+                idle = awaiting_command() if session.transaction is None else nullcontext()
+                with idle:
+                    line = await session.reader.read_line(MAX_COMMAND_LINE)
             except LineTooLongError:
                 reply: Reply | None = Reply(500, "5.5.2 Line too long")
             else:
