@@ -25,12 +25,14 @@ from __future__ import annotations
 
 import hmac
 import logging
+import pathlib
 import ssl
 from collections.abc import Callable, Mapping
 
 import attrs
 import trio
 
+import mailedge_examples.imap_inbox as imap_inbox
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext
 from mailedge.hooks import BaseHooks, Hooks
@@ -181,6 +183,9 @@ class IMAPHandler:
     # The server's current settings (``lambda: gate.settings``), for the listener's
     # tls_handshake_timeout at STARTTLS; None uses the default timeout.
     settings: Callable[[], Settings] | None = attrs.field(default=None, repr=False)
+    # A Maildir to serve, read-only, as every user's INBOX (the SMTP handler's); None: no
+    # mailboxes at all. See mailedge_examples.imap_inbox.
+    maildir: pathlib.Path | None = None
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         session = _Session(self, stream, context)
@@ -215,6 +220,8 @@ class _Session:
     done: bool = False
     # True once STARTTLS replaced ``stream`` with a TLS stream this session owns.
     upgraded: bool = False
+    # The selected INBOX's snapshot; None in the authenticated state.
+    inbox: imap_inbox.Inbox | None = None
 
     def __attrs_post_init__(self) -> None:
         self.reader = LineReader(self.stream)
@@ -302,8 +309,10 @@ class _Session:
             case _ if command in _MAILBOX_COMMANDS:
                 if self.user is None:
                     await self.bad(tag, f"{command} is not valid before LOGIN")
-                else:
+                elif self.handler.maildir is None:
                     await self.send(f"{tag} NO [CANNOT] This example server has no mailboxes")
+                else:
+                    await self.mailbox(tag, command, arguments, self.handler.maildir)
             case _:
                 await self.bad(tag, "Unknown command")
 
@@ -385,3 +394,104 @@ class _Session:
         self.log.info("user %r logged in", username)
         await self.send(f"{tag} OK LOGIN completed")
         return True
+
+    # -- the read-only INBOX (mailedge_examples.imap_inbox) ------------------------------------
+
+    async def mailbox(self, tag: str, command: str, arguments: str, maildir: pathlib.Path) -> None:
+        """A command of the authenticated or selected state, on the read-only INBOX."""
+        try:
+            match command:
+                case "SELECT" | "EXAMINE":
+                    await self.select(tag, command, arguments, maildir)
+                case "LIST" | "LSUB":
+                    await self.list_inbox(tag, command, arguments)
+                case "CLOSE" | "UNSELECT" | "CHECK":
+                    self.selected()
+                    if command != "CHECK":
+                        self.inbox = None
+                    await self.send(f"{tag} OK {command} completed")
+                case "FETCH" | "SEARCH":
+                    await self.fetch_or_search(tag, command, arguments, uid=False)
+                case "UID":
+                    name, _, rest = arguments.partition(" ")
+                    await self.fetch_or_search(tag, name.upper(), rest, uid=True)
+                case _:
+                    await self.send(f"{tag} NO [CANNOT] The INBOX is read-only; no {command} here")
+        except imap_inbox.RequestError as exc:
+            await self.bad(tag, str(exc))
+
+    def selected(self) -> imap_inbox.Inbox:
+        if self.inbox is None:
+            raise imap_inbox.RequestError("No mailbox selected; SELECT or EXAMINE INBOX first")
+        return self.inbox
+
+    async def select(self, tag: str, command: str, arguments: str, maildir: pathlib.Path) -> None:
+        try:
+            values = parse_astrings(arguments)
+        except IMAPSyntaxError as exc:
+            raise imap_inbox.RequestError(str(exc)) from None
+        if len(values) != 1:
+            raise imap_inbox.RequestError(f"{command} takes one mailbox name")
+        self.inbox = None
+        if values[0].upper() != imap_inbox.INBOX:
+            await self.send(f"{tag} NO [NONEXISTENT] This example server has only INBOX")
+            return
+        inbox = await trio.to_thread.run_sync(imap_inbox.scan, maildir)
+        self.inbox = inbox
+        await self.send("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)")
+        await self.send("* OK [PERMANENTFLAGS ()] The INBOX is read-only")
+        await self.send(f"* {len(inbox.messages)} EXISTS")
+        await self.send("* 0 RECENT")
+        await self.send(f"* OK [UIDVALIDITY {inbox.uid_validity}] UIDs valid")
+        await self.send(f"* OK [UIDNEXT {inbox.uid_next}] Predicted next UID")
+        await self.send(f"{tag} OK [READ-ONLY] {command} completed")
+
+    async def list_inbox(self, tag: str, command: str, arguments: str) -> None:
+        try:
+            values = parse_astrings(arguments)
+        except IMAPSyntaxError as exc:
+            raise imap_inbox.RequestError(str(exc)) from None
+        if len(values) != 2:
+            raise imap_inbox.RequestError(f"{command} takes a reference and a mailbox pattern")
+        pattern = values[1]
+        if pattern == "":
+            await self.send(f'* {command} (\\Noselect) "/" ""')
+        elif pattern in ("*", "%") or pattern.upper() == imap_inbox.INBOX:
+            await self.send(f'* {command} (\\HasNoChildren) "/" INBOX')
+        await self.send(f"{tag} OK {command} completed")
+
+    async def fetch_or_search(self, tag: str, command: str, arguments: str, *, uid: bool) -> None:
+        if command not in ("FETCH", "SEARCH"):
+            raise imap_inbox.RequestError("This example server has UID FETCH and UID SEARCH")
+        inbox = self.selected()
+        name = f"UID {command}" if uid else command
+        if command == "SEARCH":
+            if arguments.strip().upper() != "ALL":
+                raise imap_inbox.RequestError("This example server searches only ALL")
+            found = (str(m.uid if uid else n) for n, m in enumerate(inbox.messages, 1))
+            await self.send(" ".join(["* SEARCH", *found]))
+            await self.send(f"{tag} OK {name} completed")
+            return
+        numbers, _, items_text = arguments.partition(" ")
+        items = imap_inbox.parse_fetch_items(items_text)
+        largest = inbox.uid_next - 1 if uid else len(inbox.messages)
+        wanted = imap_inbox.parse_sequence_set(numbers, largest)
+        chosen = inbox.by_uid(wanted) if uid else inbox.by_sequence(wanted)
+        if not uid and len(chosen) != len(wanted):
+            raise imap_inbox.RequestError("No such message")
+        needs_body = any(
+            item not in ("UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE") for item in items
+        )
+        for number, message in chosen:
+            body = None
+            if needs_body:
+                try:
+                    body = await trio.to_thread.run_sync(message.path.read_bytes)
+                except FileNotFoundError:
+                    body = b""  # removed since SELECT: an empty message, as IMAP servers do
+            text, literal = imap_inbox.fetch_response(number, message, items, uid=uid, body=body)
+            if literal is None:
+                await self.send(text)
+            else:
+                await self.stream.send_all(text.encode() + b"\r\n" + literal + b")\r\n")
+        await self.send(f"{tag} OK {name} completed")

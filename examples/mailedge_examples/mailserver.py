@@ -374,6 +374,8 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             ssl_context=tls,
             hooks=hooks,
             settings=lambda: gate.settings,
+            # The SMTP handler's deliveries, read-only, as every user's INBOX.
+            maildir=example.state_dir / "Maildir",
         ),
         # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
         ListenerProtocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),

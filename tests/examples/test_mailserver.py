@@ -718,3 +718,67 @@ def test_example_table_errors_name_the_file_and_suggest(tmp_path: pathlib.Path) 
     assert str(caught.value) == (
         f"{config}: Example: unknown key 'hostnme' (did you mean 'hostname'?)"
     )
+
+
+def test_send_with_swaks_and_read_it_back_with_imaplib(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n'
+        "overrideProxyTrustedNetworks = []\n\n"
+        '[[NetworkListener]]\nname = "imap"\nprotocol = "imap"\nbind = ["127.0.0.1:0"]\n'
+        "overrideProxyTrustedNetworks = []\n\n"
+        f'[Example]\nstateDir = "{tmp_path}"\nusers = {{ demo = "demo-password" }}\n'
+    )
+    script = Script(tmp_path, "--config", str(config))
+    try:
+        for subject in ("first", "second"):
+            sent = subprocess.run(
+                [
+                    "swaks",
+                    "--server",
+                    "{}:{}".format(*script.address("smtp")),
+                    "--from",
+                    "newcomer@example.org",
+                    "--to",
+                    "demo@mailedge.test",
+                    "--header",
+                    f"Subject: {subject}",
+                    "--body",
+                    f"the {subject} message",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        imap = imaplib.IMAP4(*script.address("imap"), timeout=CLIENT_TIMEOUT)
+        try:
+            imap.starttls(trust_demo_cert(tmp_path))
+            imap.login("demo", "demo-password")
+            # SELECT works too, but says READ-ONLY, which imaplib reports as an error.
+            with pytest.raises(imaplib.IMAP4.readonly):
+                imap.select("INBOX")
+            typ, count = imap.select("INBOX", readonly=True)
+            assert (typ, count) == ("OK", [b"2"])
+            typ, found = imap.search(None, "ALL")
+            assert found == [b"1 2"]
+            typ, data = imap.fetch("1", "(RFC822)")
+            first = data[0]
+            assert isinstance(first, tuple)
+            assert email.message_from_bytes(first[1])["Subject"] == "first"
+            typ, data = imap.uid("FETCH", "2", "(FLAGS RFC822.SIZE BODY.PEEK[])")
+            second = data[0]
+            assert isinstance(second, tuple)
+            assert b"UID 2" in second[0] and b"FLAGS ()" in second[0]
+            size = int(re.search(rb"RFC822.SIZE (\d+)", second[0])[1])  # type: ignore[index]
+            assert size == len(second[1])
+            assert b"the second message" in second[1]
+            # Read-only: nothing can change the Maildir.
+            typ, data = imap.store("1", "+FLAGS", "\\Deleted")
+            assert typ == "NO" and b"read-only" in data[0]  # type: ignore[operator]
+        finally:
+            imap.logout()
+        assert len(maildir(tmp_path)) == 2
+    finally:
+        script.close()
