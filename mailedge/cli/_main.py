@@ -7,13 +7,14 @@ listed in :func:`subcommands`; :func:`main` parses the command line and runs one
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailedge.cli.decode import add_decode_arguments, decode_command
 from mailedge.cli.probe_command import add_probe_arguments, probe_command
 
-__all__ = ["Subcommand", "build_parser", "main", "subcommands"]
+__all__ = ["Subcommand", "build_parser", "main", "subcommands", "version"]
 
 
 @dataclass(frozen=True)
@@ -44,12 +45,21 @@ def subcommands() -> list[Subcommand]:
     ]
 
 
+def version() -> str:
+    """The installed distribution's version, from its metadata (pyproject.toml's)."""
+    try:
+        return importlib.metadata.version("mailedge")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser for ``mailedge`` and all its subcommands."""
     parser = argparse.ArgumentParser(
         prog="mailedge",
         description="Tools for the network edge of a mail server behind a PROXY protocol proxy.",
     )
+    parser.add_argument("--version", action="version", version=f"mailedge {version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for subcommand in subcommands():
         sub = commands.add_parser(
