@@ -25,7 +25,7 @@ from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 import attrs
 import trio
 
-from mailedge.config import ConfigError, load_document
+from mailedge.config import ConfigError, listener_changes, load_document, rebind_problem
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.limits import ConnectionLimits
@@ -253,10 +253,13 @@ class Server:
 
     def reload(self, settings: Settings) -> None:
         """Apply new settings to new connections. Listeners are not rebound."""
-        old = {conf.name: conf.bind for conf in self.settings.listeners}
-        new = {conf.name: conf.bind for conf in settings.listeners}
-        if old != new:
-            raise ValueError("a reload cannot add, remove or rebind listeners; restart instead")
+        problem = rebind_problem(self.settings, settings)
+        if problem is not None:
+            raise ValueError(
+                f"a reload cannot add, remove or rebind listeners ({problem}); restart instead"
+            )
+        for change in listener_changes(self.settings, settings):
+            logger.info("reload: %s", change)
         self.settings = settings
         self.gate.reload(settings)
 
@@ -608,13 +611,16 @@ async def handle_signals(
     config_path: str | os.PathLike[str] | None,
     *,
     extra_sections: Collection[str] = (),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """SIGHUP reloads ``config_path``; SIGTERM and SIGINT shut the server down gracefully.
 
     A second SIGTERM or SIGINT closes the sessions still draining at once. Returns when the
-    server has stopped.
+    server has stopped. With ``nursery.start``, it returns once the signals are caught, so
+    that "ready" is printed only when a signal can no longer kill the process.
     """
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
+        task_status.started()
         async with trio.open_nursery() as nursery:
 
             async def until_stopped() -> None:

@@ -29,7 +29,13 @@ from typing import Any
 import attrs
 import trio
 
-from mailedge.config import ConfigError, Document, load_document, loads_document
+from mailedge.config import (
+    ConfigError,
+    Document,
+    load_document,
+    loads_document,
+    require_listeners,
+)
 from mailedge.gate import ProxyGate
 from mailedge.hooks import HookChain, Hooks
 from mailedge.hooks.autoban import AutoBan
@@ -151,6 +157,7 @@ def load(config: str | None) -> tuple[Document, ExampleSettings]:
     else:
         document = load_document(config, extra_sections=[EXAMPLE_SECTION])
     try:
+        require_listeners(document.settings)
         example = ExampleSettings.from_table(document.extra.get(EXAMPLE_SECTION, {}))
     except ConfigError as error:
         # Named like mailedge's own sections' errors: the file first.
@@ -309,8 +316,6 @@ async def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         document, example = load(args.config)
-    except FileNotFoundError:
-        parser.exit(2, f"mailserver: there is no config file {args.config!r}\n")
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"mailserver: {exc}\n")
 
@@ -318,8 +323,11 @@ async def main(argv: Sequence[str] | None = None) -> int:
     try:
         async with trio.open_nursery() as nursery:
             server = await nursery.start(partial(run, document, example))
+            # Signals are caught before "ready": a SIGHUP right after it reloads, not kills.
+            await nursery.start(
+                partial(handle_signals, server, args.config, extra_sections=[EXAMPLE_SECTION])
+            )
             announce(server, example)
-            await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
     except* BindError as group:
         failed = next(e for e in group.exceptions if isinstance(e, BindError))
     if failed is not None:

@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from mailedge.cli.check import add_check_arguments, check_command
 from mailedge.cli.decode import add_decode_arguments, decode_command
 from mailedge.cli.probe_command import add_probe_arguments, probe_command
+
+# A shell's status for a command killed by SIGPIPE (128 + 13): what `head` leaves behind.
+EXIT_BROKEN_PIPE = 141
 
 __all__ = ["Subcommand", "build_parser", "main", "subcommands", "version"]
 
@@ -41,6 +47,12 @@ def subcommands() -> list[Subcommand]:
             help="connect to a listener as a proxy would and show what the server sees",
             add_arguments=add_probe_arguments,
             run=probe_command,
+        ),
+        Subcommand(
+            name="check",
+            help="validate a config file and show, per listener, what is in effect",
+            add_arguments=add_check_arguments,
+            run=check_command,
         ),
     ]
 
@@ -74,4 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     """The ``mailedge`` console script. Returns the exit status."""
     args = build_parser().parse_args(argv)
     run: Callable[[argparse.Namespace], int] = args.run
-    return run(args)
+    try:
+        status = run(args)
+        # Flushed here, so a reader that went away is noticed here (see below).
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `mailedge decode ... | head`: the reader has all it wanted. Say nothing, and keep
+        # the interpreter's final flush from failing on the same pipe.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_BROKEN_PIPE
+    return status

@@ -689,7 +689,7 @@ def test_an_idle_imap_session_gets_bye_at_shutdown(tmp_path: pathlib.Path) -> No
     ("args", "message"),
     [
         (["--log-level", "verbose"], "invalid choice: 'VERBOSE'"),
-        (["--config", "missing.toml"], "there is no config file 'missing.toml'"),
+        (["--config", "missing.toml"], "missing.toml: there is no such config file (relative to"),
     ],
 )
 def test_bad_arguments_are_one_sentence_not_a_traceback(
@@ -782,3 +782,33 @@ def test_send_with_swaks_and_read_it_back_with_imaplib(tmp_path: pathlib.Path) -
         assert len(maildir(tmp_path)) == 2
     finally:
         script.close()
+
+
+def test_sighup_logs_what_changed_and_which_listener_cannot_rebind(
+    script: Script, script_config: pathlib.Path
+) -> None:
+    good = script_config.read_text()
+    script_config.write_text(good.replace('"10.0.0.0/8"', '"127.0.0.0/8"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reloaded settings")
+    assert "reload: listener smtp: trusted networks [10.0.0.0/8] -> [127.0.0.0/8]" in (
+        script.log.read_text()
+    )
+    script_config.write_text(good.replace('"127.0.0.1:0"', '"127.0.0.1:1"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reload of")
+    assert "listener 'smtp' binds 127.0.0.1:1 instead of 127.0.0.1:0" in script.log.read_text()
+
+
+def test_a_config_without_listeners_is_refused(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "empty.toml"
+    config.write_text('[SystemSettings]\nproxyTrustedNetworks = ["10.0.0.0/8"]\n')
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mailserver.py"), "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{config}: there are no [[NetworkListener]] tables" in done.stderr
