@@ -17,7 +17,9 @@ from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
 from mailedge_examples.smtp_handler import SMTPHandler
 
+from mailedge.cli._main import build_parser
 from mailedge.cli.probe import Outcome, ProbeResult, probe
+from mailedge.cli.probe_command import options_from_args
 from mailedge.cli.probe_options import (
     DEFAULT_CLIENT,
     HeaderMode,
@@ -508,3 +510,16 @@ async def test_a_reply_naming_the_claimed_client_is_not_blamed_on_trust(
     assert "the header was used, and trust is not the problem" in out
     assert "trusted networks" not in out
     nursery.cancel_scope.cancel()
+
+
+async def test_source_connects_from_the_given_address(server: Server) -> None:
+    source = ipaddress.ip_address("127.0.0.2")
+    result = await probe(options(server, ListenerProtocol.SMTP, source=source))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.local is not None and result.local.startswith("127.0.0.2:")
+    assert result.matched is True
+
+
+def test_source_is_a_command_line_option() -> None:
+    parsed = build_parser().parse_args(["probe", "smtp", "127.0.0.1:25", "--source", "10.0.0.5"])
+    assert options_from_args(parsed).source == ipaddress.ip_address("10.0.0.5")
