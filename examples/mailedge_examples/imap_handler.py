@@ -1,9 +1,9 @@
 """An example IMAP handler: the not-authenticated state of IMAP4rev1, done carefully.
 
 It greets, answers CAPABILITY, NOOP and LOGOUT, upgrades with STARTTLS, and checks LOGIN
-against a fixed table of users. It has no mailboxes: once logged in, a client can only ask
-for capabilities, NOOP and LOGOUT. What it shows is how a protocol handler uses the
-connection context the gate built:
+against a fixed table of users. Given a ``maildir``, a logged-in client can read it as a
+read-only INBOX (:mod:`mailedge_examples.imap_inbox`); without one it has no mailboxes. What
+it shows is how a protocol handler uses the connection context the gate built:
 
 * plaintext LOGIN is refused (``LOGINDISABLED``) until ``context.tls`` is true, and a
   session whose TLS a trusted proxy terminated counts as TLS, since the proxy said so;
