@@ -1,10 +1,14 @@
-# The two commands of the quick start (`make test`, and `make serve` once the listeners land)
-# create the venv themselves, so a fresh clone needs nothing else.
+# The two commands of the quick start (`make serve` and `make test`) create the venv
+# themselves, so a fresh clone needs nothing else. `make serve` installs only what serving
+# needs (the [server] extra); `make test` and the other targets add the dev toolchain.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# Reinstall when the project's metadata changes; the stamp records the last install.
+# Reinstall when the project's metadata changes; each stamp records the last install.
 STAMP := $(VENV)/.mailedge-installed
+SERVE_STAMP := $(VENV)/.mailedge-server-installed
+# Arguments for the example server: make serve ARGS="--log-level DEBUG".
+ARGS ?=
 
 .PHONY: venv lint test serve bench fuzz clean
 
@@ -12,7 +16,13 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(SERVE_STAMP)
+
+$(SERVE_STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[server]'
+	touch $(SERVE_STAMP)
 
 venv: $(STAMP)
 
@@ -54,6 +64,7 @@ fuzz: venv
 clean:
 	rm -rf $(VENV) $(BENCH_VENV) .mypy_cache .pytest_cache .ruff_cache .hypothesis .fuzz-corpus
 
-# The example mail server on its embedded default (loopback only); Ctrl-C drains and stops.
-serve: venv
-	$(BIN)/python examples/mailserver.py
+# The example mail server on its embedded default (loopback only); Ctrl-C drains and stops,
+# a second Ctrl-C stops at once. Only the [server] extra is installed for it.
+serve: $(SERVE_STAMP)
+	$(BIN)/python examples/mailserver.py $(ARGS)

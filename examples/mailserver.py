@@ -6,8 +6,10 @@ Options: ``--config FILE`` (TOML or JSON; default: the embedded loopback-only on
 
 from __future__ import annotations
 
+import sys
+
 import trio
 from mailedge_examples.mailserver import main
 
 if __name__ == "__main__":
-    trio.run(main)
+    sys.exit(trio.run(main))

@@ -28,6 +28,7 @@ _EXPORTS = {
     "ProxyRejected": "mailedge.gate",
     "InvalidNetworkError": "mailedge.networks",
     "TrustedNetworks": "mailedge.networks",
+    "BindError": "mailedge.server",
     "Handler": "mailedge.server",
     "Server": "mailedge.server",
     "handle_signals": "mailedge.server",
@@ -60,7 +61,7 @@ if TYPE_CHECKING:
     from mailedge.gate import ProxyGate, ProxyRejected, UntrustedHeaderError
     from mailedge.lines import ClientClosed, LineReader, LineTooLongError
     from mailedge.networks import InvalidNetworkError, TrustedNetworks
-    from mailedge.server import Handler, Server, handle_signals, refusal, serve
+    from mailedge.server import BindError, Handler, Server, handle_signals, refusal, serve
     from mailedge.settings import (
         BindAddress,
         HeaderMode,
@@ -125,6 +126,7 @@ __all__ = [
     "ProxyRejected",
     "TLSTerminator",
     # listeners and the server
+    "BindError",
     "Handler",
     "IdleTimeoutStream",
     "SessionEnded",

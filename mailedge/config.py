@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import errno
 import json
 import os
 import pathlib
@@ -38,7 +39,12 @@ from typing import Any, Literal
 import attrs
 
 from mailedge.clients import Nat64Prefixes, parse_nat64_prefix
-from mailedge.networks import InvalidNetworkError, TrustedNetworks, parse_network
+from mailedge.networks import (
+    InvalidNetworkError,
+    TrustedNetworks,
+    format_endpoint,
+    parse_network,
+)
 from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
@@ -51,7 +57,18 @@ from mailedge.settings import (
     SystemSettings,
 )
 
-__all__ = ["ConfigError", "Document", "load", "load_document", "loads", "loads_document"]
+__all__ = [
+    "ConfigError",
+    "ConfigFileNotFoundError",
+    "Document",
+    "listener_changes",
+    "load",
+    "load_document",
+    "loads",
+    "loads_document",
+    "require_listeners",
+    "rebind_problem",
+]
 
 Format = Literal["toml", "json"]
 
@@ -94,6 +111,17 @@ class ConfigError(ValueError):
         return ConfigError(
             self.detail, path=self.path, file=file, line=self.line, column=self.column
         )
+
+
+class ConfigFileNotFoundError(FileNotFoundError):
+    """The config file does not exist: a ``FileNotFoundError`` whose message is a sentence."""
+
+    def __init__(self, file: str) -> None:
+        super().__init__(errno.ENOENT, "no such config file", file)
+
+    def __str__(self) -> str:
+        where = "" if os.path.isabs(self.filename) else f" (relative to {os.getcwd()})"
+        return f"{self.filename}: there is no such config file{where}"
 
 
 @attrs.frozen
@@ -479,7 +507,8 @@ def load(path: str | os.PathLike[str]) -> Settings:
     """Load settings from a ``.toml`` or ``.json`` file. Raises :class:`ConfigError`.
 
     Messages start with the file's path: ``mailedge.toml: NetworkListener[0].tls: ...``.
-    A file that cannot be read raises the usual ``OSError``.
+    A file that cannot be read raises the usual ``OSError``; a missing one
+    :class:`ConfigFileNotFoundError`, whose message names the path in a sentence.
     """
     return load_document(path).settings
 
@@ -498,7 +527,10 @@ def load_document(
     if format is None:
         found = f"the suffix {suffix!r}" if suffix else "no suffix"
         raise ConfigError(f"name the file *.toml or *.json; it has {found}", file=file)
-    data = pathlib.Path(file).read_bytes()
+    try:
+        data = pathlib.Path(file).read_bytes()
+    except FileNotFoundError:
+        raise ConfigFileNotFoundError(file) from None
     try:
         # A byte-order mark, which some Windows editors add, is skipped.
         text = data.decode("utf-8-sig")
@@ -508,3 +540,57 @@ def load_document(
         return loads_document(text, format=format, extra_sections=extra_sections)
     except ConfigError as error:
         raise error.in_file(file) from None
+
+
+def require_listeners(settings: Settings, file: str | None = None) -> None:
+    """Refuse settings without a listener: a server made from them would accept nothing."""
+    if not settings.listeners:
+        raise ConfigError(
+            "there are no [[NetworkListener]] tables, so a server would listen nowhere; add "
+            'one, such as: [[NetworkListener]] name = "smtp", protocol = "smtp", '
+            'bind = ["127.0.0.1:2525"]',
+            file=file,
+        )
+
+
+def rebind_problem(old: Settings, new: Settings) -> str | None:
+    """Why ``new`` cannot replace ``old`` on a reload, naming the listener; None if it can.
+
+    A reload keeps the bound sockets, so it cannot add, remove or rebind a listener.
+    """
+    before = {conf.name: conf.bind for conf in old.listeners}
+    after = {conf.name: conf.bind for conf in new.listeners}
+    for name in after.keys() - before.keys():
+        return f"listener {name!r} is new"
+    for name in before.keys() - after.keys():
+        return f"listener {name!r} is gone"
+    for name, bind in after.items():
+        if bind != before[name]:
+            return f"listener {name!r} binds {_binds(bind)} instead of {_binds(before[name])}"
+    return None
+
+
+def listener_changes(old: Settings, new: Settings) -> list[str]:
+    """What a reload changes, one line per listener whose effective trust changed."""
+    lines = []
+    for conf in new.listeners:
+        previous = next((c for c in old.listeners if c.name == conf.name), None)
+        if previous is None:
+            continue
+        was = previous.effective_proxy_trusted_networks(old.system)
+        now = conf.effective_proxy_trusted_networks(new.system)
+        if was != now:
+            lines.append(
+                f"listener {conf.name}: trusted networks {_networks(was)} -> {_networks(now)}"
+            )
+        if previous != conf and was == now:
+            lines.append(f"listener {conf.name}: settings changed, trusted networks unchanged")
+    return lines
+
+
+def _networks(networks: TrustedNetworks) -> str:
+    return "[" + ", ".join(map(str, networks)) + "]"
+
+
+def _binds(binds: tuple[BindAddress, ...]) -> str:
+    return ", ".join(format_endpoint(str(bind.host), bind.port) for bind in binds)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import contextvars
 import enum
 import errno
 import ipaddress
@@ -24,13 +25,14 @@ import os
 import re
 import signal
 import ssl
-from collections.abc import Awaitable, Callable, Collection, Mapping
+import time
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
 
 import attrs
 import trio
 
 from mailedge.clients import Nat64Prefixes, client_key
-from mailedge.config import ConfigError, load_document
+from mailedge.config import ConfigError, listener_changes, load_document, rebind_problem
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.limits import ConnectionLimits
@@ -42,10 +44,14 @@ from mailedge.streams import IdleTimeoutStream, SessionEnded
 from mailedge.tls import starttls
 
 __all__ = [
+    "BindError",
     "Handler",
     "OpenSessions",
     "Refusal",
     "Server",
+    "ShuttingDown",
+    "awaiting_command",
+    "draining",
     "refusal",
     "serve",
 ]
@@ -234,6 +240,75 @@ def _client_matcher(
     return lambda ip: client_key(ip, prefix, nat64) == wanted
 
 
+class BindError(OSError):
+    """A listener could not bind one of its addresses.
+
+    ``listener`` is the listener's name, ``address`` the ``host:port`` it asked for, and
+    ``error`` the operating system's error (its ``errno`` is this exception's too).
+    """
+
+    def __init__(self, listener: str, address: str, error: OSError) -> None:
+        super().__init__(error.errno, error.strerror or str(error))
+        self.listener = listener
+        self.address = address
+        self.error = error
+
+    def __str__(self) -> str:
+        return f"listener {self.listener!r} cannot bind {self.address}: {self.strerror}"
+
+
+class ShuttingDown(trio.TooSlowError):
+    """Raised from a wait for the client's next command once the server is shutting down.
+
+    A ``TooSlowError``, so a handler that already says goodbye on its idle timeout says
+    goodbye here too; one that knows this class can say why (SMTP ``421 4.3.2``).
+    """
+
+
+@attrs.define(repr=False, eq=False)
+class _Drain:
+    """Shutdown's view of the sessions: whether it began, and who waits for a command."""
+
+    stopping: bool = False
+    # The cancel scope of each wait in awaiting_command(), cancelled when shutdown begins.
+    idle: set[trio.CancelScope] = attrs.field(factory=set)
+
+
+# The running server's drain state, inherited by every session task it starts.
+_DRAIN: contextvars.ContextVar[_Drain] = contextvars.ContextVar("mailedge_drain")
+
+
+def draining() -> bool:
+    """True once the server running this session is shutting down (e.g. to send HTTP's
+    ``Connection: close``); False outside a server."""
+    drain = _DRAIN.get(None)
+    return drain is not None and drain.stopping
+
+
+@contextlib.contextmanager
+def awaiting_command() -> Iterator[None]:
+    """Mark a wait for the client's next command: the session is idle, not mid-transaction.
+
+    At shutdown such a wait ends at once with :class:`ShuttingDown`, as does entering one
+    after shutdown began, so the handler can send its goodbye; every other wait gets the
+    drain time. Outside a server it does nothing.
+    """
+    drain = _DRAIN.get(None)
+    if drain is None:
+        yield
+        return
+    if drain.stopping:
+        raise ShuttingDown("the server is shutting down")
+    with trio.CancelScope() as scope:
+        drain.idle.add(scope)
+        try:
+            yield
+        finally:
+            drain.idle.discard(scope)
+    if scope.cancelled_caught:
+        raise ShuttingDown("the server is shutting down")
+
+
 Handlers = Mapping[ListenerProtocol, Handler] | Mapping[str, Handler]
 
 
@@ -270,6 +345,9 @@ class Server:
         factory=collections.Counter, init=False
     )
     _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
+    _drain: _Drain = attrs.field(factory=_Drain, init=False)
+    _sessions: trio.Nursery | None = attrs.field(default=None, init=False)
+    _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
 
     @gate.default
     def _default_gate(self) -> ProxyGate:
@@ -291,10 +369,13 @@ class Server:
 
     def reload(self, settings: Settings) -> None:
         """Apply new settings to new connections. Listeners are not rebound."""
-        old = {conf.name: conf.bind for conf in self.settings.listeners}
-        new = {conf.name: conf.bind for conf in settings.listeners}
-        if old != new:
-            raise ValueError("a reload cannot add, remove or rebind listeners; restart instead")
+        problem = rebind_problem(self.settings, settings)
+        if problem is not None:
+            raise ValueError(
+                f"a reload cannot add, remove or rebind listeners ({problem}); restart instead"
+            )
+        for change in listener_changes(self.settings, settings):
+            logger.info("reload: %s", change)
         self.settings = settings
         self.gate.reload(settings)
 
@@ -316,29 +397,62 @@ class Server:
         logger.info("reloaded settings from %s", path)
         return True
 
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`shutdown` (or a cancellation) has stopped the accepting."""
+        return self._accepting.cancel_called
+
     def shutdown(self) -> None:
-        """Stop accepting; open sessions then get ``drain_timeout`` to finish."""
+        """Stop accepting; idle sessions are told goodbye, the others get ``drain_timeout``."""
         self._accepting.cancel()
 
+    def close_now(self) -> None:
+        """Cancel every open session at once: the second Ctrl-C of a shutdown."""
+        self._accepting.cancel()
+        if self._sessions is not None:
+            count = len(self._sessions.child_tasks)
+            logger.warning("closing %d open session(s) now, without waiting", count)
+            self._sessions.cancel_scope.cancel()
+
+    async def wait_stopped(self) -> None:
+        """Return once :meth:`run` has ended, every session closed."""
+        await self._stopped.wait()
+
     async def run(self, *, task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED) -> None:
+        try:
+            await self._run(task_status)
+        finally:
+            self._stopped.set()
+
+    async def _bind(self) -> list[tuple[NetworkListener, list[trio.SocketListener]]]:
+        """Every listener's sockets, or a :class:`BindError` with none left open."""
         bound: list[tuple[NetworkListener, list[trio.SocketListener]]] = []
         try:
             for conf in self.settings.listeners:
                 sockets: list[trio.SocketListener] = []
                 bound.append((conf, sockets))
                 for bind in conf.bind:
-                    sockets += await trio.open_tcp_listeners(
-                        bind.port, host=str(bind.host), backlog=LISTEN_BACKLOG
-                    )
+                    try:
+                        sockets += await trio.open_tcp_listeners(
+                            bind.port, host=str(bind.host), backlog=LISTEN_BACKLOG
+                        )
+                    except OSError as exc:
+                        address = format_endpoint(str(bind.host), bind.port)
+                        raise BindError(conf.name, address, exc) from exc
                 self.addresses[conf.name] = [_endpoint(s.socket.getsockname()) for s in sockets]
         except BaseException:
             for _, sockets in bound:
                 for listener in sockets:
                     await trio.aclose_forcefully(listener)
             raise
+        return bound
 
+    async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
+        bound = await self._bind()
+        _DRAIN.set(self._drain)
         self.hooks.on_start(self.sessions)
         async with trio.open_nursery() as sessions:
+            self._sessions = sessions
             with self._accepting:
                 async with trio.open_nursery() as accepting:
                     for conf, sockets in bound:
@@ -347,8 +461,28 @@ class Server:
                         logger.info("listener %s on %s", name, ", ".join(map(_show, endpoints)))
                     task_status.started(self)
             # Accepting has stopped (shutdown, or our caller's cancellation): drain.
+            self._begin_drain(len(sessions.child_tasks))
             sessions.cancel_scope.deadline = min(
                 sessions.cancel_scope.deadline, trio.current_time() + self.drain_timeout
+            )
+        logger.info("stopped")
+
+    def _begin_drain(self, open_sessions: int) -> None:
+        """End the idle sessions' waits, and say how long the others have."""
+        self._drain.stopping = True
+        idle = len(self._drain.idle)
+        for scope in self._drain.idle:
+            scope.cancel()
+        busy = open_sessions - idle
+        if idle:
+            logger.info("ending %d idle session(s) with the protocol's goodbye", idle)
+        if busy > 0:
+            until = time.strftime("%H:%M:%S", time.localtime(time.time() + self.drain_timeout))
+            logger.info(
+                "draining %d session(s) until %s (%g s); a second signal closes them now",
+                busy,
+                until,
+                self.drain_timeout,
             )
 
     async def _accept_loop(
@@ -635,18 +769,33 @@ async def handle_signals(
     config_path: str | os.PathLike[str] | None,
     *,
     extra_sections: Collection[str] = (),
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """SIGHUP reloads ``config_path``; SIGTERM and SIGINT shut the server down gracefully."""
+    """SIGHUP reloads ``config_path``; SIGTERM and SIGINT shut the server down gracefully.
+
+    A second SIGTERM or SIGINT closes the sessions still draining at once. Returns when the
+    server has stopped. With ``nursery.start``, it returns once the signals are caught, so
+    that "ready" is printed only when a signal can no longer kill the process.
+    """
     with trio.open_signal_receiver(signal.SIGHUP, signal.SIGTERM, signal.SIGINT) as signals:
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                if config_path is None:
-                    logger.warning("SIGHUP ignored: running on the embedded default settings")
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+
+            async def until_stopped() -> None:
+                await server.wait_stopped()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(until_stopped)
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if signum == signal.SIGHUP:
+                    if config_path is None:
+                        logger.warning("SIGHUP ignored: running on the embedded default settings")
+                    else:
+                        server.reload_from(config_path, extra_sections=extra_sections)
+                elif not server.stopping:
+                    logger.info("%s: no new connections; draining open sessions", name)
+                    server.shutdown()
                 else:
-                    server.reload_from(config_path, extra_sections=extra_sections)
-            else:
-                logger.info(
-                    "%s: no new connections; draining open sessions", signal.Signals(signum).name
-                )
-                server.shutdown()
-                return
+                    logger.warning("%s again: not waiting for the drain", name)
+                    server.close_now()

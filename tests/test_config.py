@@ -10,7 +10,16 @@ from ipaddress import IPv6Network, ip_address
 import pytest
 
 from mailedge import config
-from mailedge.config import ConfigError, load, load_document, loads, loads_document
+from mailedge.config import (
+    ConfigError,
+    listener_changes,
+    load,
+    load_document,
+    loads,
+    loads_document,
+    rebind_problem,
+    require_listeners,
+)
 from mailedge.networks import TrustedNetworks
 from mailedge.settings import (
     AutoBanSettings,
@@ -671,6 +680,65 @@ def test_load_refuses_invalid_utf8(tmp_path: pathlib.Path) -> None:
 def test_missing_file_is_an_os_error(tmp_path: pathlib.Path) -> None:
     with pytest.raises(FileNotFoundError):
         load(tmp_path / "missing.toml")
+
+
+def test_a_missing_file_is_named_in_a_sentence(tmp_path: pathlib.Path) -> None:
+    with pytest.raises(FileNotFoundError) as caught:
+        load(tmp_path / "missing.toml")
+    assert str(caught.value) == f"{tmp_path / 'missing.toml'}: there is no such config file"
+    assert "Errno" not in str(caught.value)
+
+
+def test_settings_without_listeners_are_refused() -> None:
+    settings = loads('[SystemSettings]\nproxyTrustedNetworks = ["10.0.0.0/8"]\n', format="toml")
+    with pytest.raises(ConfigError, match=r"no \[\[NetworkListener\]\] tables"):
+        require_listeners(settings, "x.toml")
+    require_listeners(loads(EXAMPLE_TOML, format="toml"))
+
+
+RELOAD_BASE = """[SystemSettings]
+proxyTrustedNetworks = ["10.0.0.0/8"]
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:25"]
+
+[[NetworkListener]]
+name = "imap"
+protocol = "imap"
+bind = ["127.0.0.1:143"]
+overrideProxyTrustedNetworks = []
+"""
+
+
+def test_reload_changes_are_named_per_listener() -> None:
+    old = loads(RELOAD_BASE, format="toml")
+    new = loads(RELOAD_BASE.replace('"10.0.0.0/8"', '"127.0.0.0/8"'), format="toml")
+    assert listener_changes(old, new) == [
+        "listener smtp: trusted networks [10.0.0.0/8] -> [127.0.0.0/8]"
+    ]
+    assert listener_changes(old, old) == []
+    assert rebind_problem(old, new) is None
+
+
+@pytest.mark.parametrize(
+    ("old_text", "new_text", "problem"),
+    [
+        (
+            'bind = ["127.0.0.1:143"]',
+            'bind = ["127.0.0.1:993"]',
+            "listener 'imap' binds 127.0.0.1:993 instead of 127.0.0.1:143",
+        ),
+        ('name = "imap"', 'name = "imap4"', "listener 'imap4' is new"),
+    ],
+)
+def test_a_reload_that_rebinds_names_the_listener(
+    old_text: str, new_text: str, problem: str
+) -> None:
+    old = loads(RELOAD_BASE, format="toml")
+    new = loads(RELOAD_BASE.replace(old_text, new_text), format="toml")
+    assert rebind_problem(old, new) == problem
 
 
 def test_loads_refuses_an_unknown_format() -> None:

@@ -45,7 +45,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     ("server", ("mailedge.server", "mailedge.limits", "mailedge.lines", "mailedge.policy")),
     ("hooks", ("mailedge.hooks",)),
-    ("cli", ("mailedge.cli",)),
+    # `python -m mailedge` is the console script, so it sits with the cli.
+    ("cli", ("mailedge.cli", "mailedge.__main__")),
 )
 
 # Imports allowed although they point upward or close a cycle; each says why, and when it goes.

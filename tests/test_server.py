@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import ipaddress
 import logging
@@ -17,6 +18,7 @@ import trio
 import trio.testing
 import trustme
 
+import mailedge
 from mailedge import server as server_module
 from mailedge.context import ConnectionContext
 from mailedge.events import LOG_BURST, EventName
@@ -822,3 +824,67 @@ async def test_a_refusal_storm_is_logged_in_part_and_counted_in_full(
     [note] = [r for r in caplog.records if "further ones are counted, not logged" in r.getMessage()]
     assert note.getMessage().startswith("connect.refused listener=smtp reason=on_connect: ")
     nursery.cancel_scope.cancel()
+
+
+async def test_a_bind_failure_names_the_listener_and_address() -> None:
+    taken = trio.socket.socket()
+    await taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    try:
+        conf = settings(
+            listener("ok"), listener("mx", bind=(BindAddress.parse(f"127.0.0.1:{port}"),))
+        )
+        with pytest.raises(mailedge.BindError) as caught:
+            await serve(conf, {ListenerProtocol.SMTP: whoami})
+    finally:
+        taken.close()
+    assert caught.value.listener == "mx"
+    assert caught.value.address == f"127.0.0.1:{port}"
+    assert caught.value.errno == errno.EADDRINUSE
+    assert (
+        str(caught.value) == f"listener 'mx' cannot bind 127.0.0.1:{port}: Address already in use"
+    )
+
+
+async def test_shutdown_ends_idle_waits_at_once_and_drains_the_rest(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    said: list[str] = []
+
+    async def handler(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await stream.send_all(b"220 hi\r\n")
+        try:
+            with server_module.awaiting_command():
+                await stream.receive_some()
+        except server_module.ShuttingDown:
+            said.append("goodbye")
+            await stream.send_all(b"421 4.3.2 shutting down\r\n")
+
+    async def busy(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await stream.send_all(b"220 hi\r\n")
+        await stream.receive_some()  # not marked idle: mid-transaction
+        said.append("finished")
+        assert server_module.draining()
+
+    caplog.set_level(logging.INFO, "mailedge.server")
+    conf = settings(listener("idle"), listener("busy"))
+    async with trio.open_nursery() as nursery:
+        server: Server = await nursery.start(
+            functools.partial(serve, conf, {ListenerProtocol.SMTP: handler})
+        )
+        idle = await connect(server, "idle")
+        await idle.send_all(encode_v1(CLIENT, SERVER))
+        await read_reply(idle)
+        server.handlers = {ListenerProtocol.SMTP: busy}
+        working = await connect(server, "busy")
+        await working.send_all(encode_v1(CLIENT, SERVER))
+        await read_reply(working)
+        server.shutdown()
+        assert await read_reply(idle) == b"421 4.3.2 shutting down\r\n"
+        await trio.testing.wait_all_tasks_blocked()
+        assert said == ["goodbye"]
+        assert "draining 1 session(s) until " in caplog.text
+        await working.send_all(b"DATA\r\n")
+    assert said == ["goodbye", "finished"]
+    assert caplog.records[-1].getMessage() == "stopped"

@@ -38,6 +38,7 @@ from prometheus_client.registry import Collector
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, context_to_json
 from mailedge.hooks.autoban import AutoBan
+from mailedge.server import awaiting_command, draining
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_SIZE",
@@ -242,7 +243,9 @@ class _Connection:
     async def one_request(self) -> bool:
         """Read a request, answer it; True when the connection can take another."""
         try:
-            event = await self.next_event()
+            # Between requests the connection is idle: shutdown closes it (ShuttingDown).
+            with awaiting_command():
+                event = await self.next_event()
         except trio.TooSlowError:
             # The server's idle timeout. Between requests that is just keep-alive running out;
             # in the middle of one it is the server's to report.
@@ -341,7 +344,8 @@ class _Connection:
             ("Cache-Control", "no-store"),
             *reply.headers,
         ]
-        if reply.close:
+        if reply.close or draining():
+            # Shutting down: this response is the connection's last.
             headers.append(("Connection", "close"))
         reason = http.HTTPStatus(reply.status).phrase
         await self.send(h11.Response(status_code=reply.status, headers=headers, reason=reason))

@@ -1,9 +1,9 @@
 """An example IMAP handler: the not-authenticated state of IMAP4rev1, done carefully.
 
 It greets, answers CAPABILITY, NOOP and LOGOUT, upgrades with STARTTLS, and checks LOGIN
-against a fixed table of users. It has no mailboxes: once logged in, a client can only ask
-for capabilities, NOOP and LOGOUT. What it shows is how a protocol handler uses the
-connection context the gate built:
+against a fixed table of users. Given a ``maildir``, a logged-in client can read it as a
+read-only INBOX (:mod:`mailedge_examples.imap_inbox`); without one it has no mailboxes. What
+it shows is how a protocol handler uses the connection context the gate built:
 
 * plaintext LOGIN is refused (``LOGINDISABLED``) until ``context.tls`` is true, and a
   session whose TLS a trusted proxy terminated counts as TLS, since the proxy said so;
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import pathlib
 import re
 import ssl
 from collections.abc import Callable, Mapping
@@ -35,11 +36,13 @@ from collections.abc import Callable, Mapping
 import attrs
 import trio
 
+import mailedge_examples.imap_inbox as imap_inbox
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext
 from mailedge.hooks import BaseHooks, Hooks
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.policy import Action, Verdict
+from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
 from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
@@ -189,6 +192,9 @@ class IMAPHandler:
     # The server's current settings (``lambda: gate.settings``), for the listener's
     # tls_handshake_timeout at STARTTLS; None uses the default timeout.
     settings: Callable[[], Settings] | None = attrs.field(default=None, repr=False)
+    # A Maildir to serve, read-only, as every user's INBOX (the SMTP handler's); None: no
+    # mailboxes at all. See mailedge_examples.imap_inbox.
+    maildir: pathlib.Path | None = None
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         session = _Session(self, stream, context)
@@ -223,6 +229,8 @@ class _Session:
     done: bool = False
     # True once STARTTLS replaced ``stream`` with a TLS stream this session owns.
     upgraded: bool = False
+    # The selected INBOX's snapshot; None in the authenticated state.
+    inbox: imap_inbox.Inbox | None = None
 
     def __attrs_post_init__(self) -> None:
         self.reader = LineReader(self.stream)
@@ -246,7 +254,9 @@ class _Session:
         )
         while not self.done:
             try:
-                line = await self.reader.read_line(self.handler.max_line_length)
+                # Between commands the session is idle: shutdown ends it (ShuttingDown).
+                with awaiting_command():
+                    line = await self.reader.read_line(self.handler.max_line_length)
             except LineTooLongError:
                 self.log.info("command line longer than %d bytes", self.handler.max_line_length)
                 await self.send("* BYE Command line too long")
@@ -255,6 +265,10 @@ class _Session:
                 # The server ended the session (a ban): say why, as RFC 3501 7.1.5 allows.
                 self.log.info("ended by the server: %s", exc.reason)
                 await self.send(f"* BYE {_CONTROL.sub(' ', exc.reason)}")
+                return
+            except ShuttingDown:
+                self.log.info("server shutting down; logging out")
+                await self.send(f"* BYE {self.handler.hostname} shutting down")
                 return
             except trio.TooSlowError:
                 # The server's idle timeout (its IdleTimeoutStream): announce the autologout.
@@ -309,8 +323,10 @@ class _Session:
             case _ if command in _MAILBOX_COMMANDS:
                 if self.user is None:
                     await self.bad(tag, f"{command} is not valid before LOGIN")
-                else:
+                elif self.handler.maildir is None:
                     await self.send(f"{tag} NO [CANNOT] This example server has no mailboxes")
+                else:
+                    await self.mailbox(tag, command, arguments, self.handler.maildir)
             case _:
                 await self.bad(tag, "Unknown command")
 
@@ -415,3 +431,104 @@ class _Session:
         if self.auth_failures >= self.handler.max_auth_failures:
             await self.send("* BYE Too many authentication failures")
             self.done = True
+
+    # -- the read-only INBOX (mailedge_examples.imap_inbox) ------------------------------------
+
+    async def mailbox(self, tag: str, command: str, arguments: str, maildir: pathlib.Path) -> None:
+        """A command of the authenticated or selected state, on the read-only INBOX."""
+        try:
+            match command:
+                case "SELECT" | "EXAMINE":
+                    await self.select(tag, command, arguments, maildir)
+                case "LIST" | "LSUB":
+                    await self.list_inbox(tag, command, arguments)
+                case "CLOSE" | "UNSELECT" | "CHECK":
+                    self.selected()
+                    if command != "CHECK":
+                        self.inbox = None
+                    await self.send(f"{tag} OK {command} completed")
+                case "FETCH" | "SEARCH":
+                    await self.fetch_or_search(tag, command, arguments, uid=False)
+                case "UID":
+                    name, _, rest = arguments.partition(" ")
+                    await self.fetch_or_search(tag, name.upper(), rest, uid=True)
+                case _:
+                    await self.send(f"{tag} NO [CANNOT] The INBOX is read-only; no {command} here")
+        except imap_inbox.RequestError as exc:
+            await self.bad(tag, str(exc))
+
+    def selected(self) -> imap_inbox.Inbox:
+        if self.inbox is None:
+            raise imap_inbox.RequestError("No mailbox selected; SELECT or EXAMINE INBOX first")
+        return self.inbox
+
+    async def select(self, tag: str, command: str, arguments: str, maildir: pathlib.Path) -> None:
+        try:
+            values = parse_astrings(arguments)
+        except IMAPSyntaxError as exc:
+            raise imap_inbox.RequestError(str(exc)) from None
+        if len(values) != 1:
+            raise imap_inbox.RequestError(f"{command} takes one mailbox name")
+        self.inbox = None
+        if values[0].upper() != imap_inbox.INBOX:
+            await self.send(f"{tag} NO [NONEXISTENT] This example server has only INBOX")
+            return
+        inbox = await trio.to_thread.run_sync(imap_inbox.scan, maildir)
+        self.inbox = inbox
+        await self.send("* FLAGS (\\Answered \\Flagged \\Deleted \\Seen \\Draft)")
+        await self.send("* OK [PERMANENTFLAGS ()] The INBOX is read-only")
+        await self.send(f"* {len(inbox.messages)} EXISTS")
+        await self.send("* 0 RECENT")
+        await self.send(f"* OK [UIDVALIDITY {inbox.uid_validity}] UIDs valid")
+        await self.send(f"* OK [UIDNEXT {inbox.uid_next}] Predicted next UID")
+        await self.send(f"{tag} OK [READ-ONLY] {command} completed")
+
+    async def list_inbox(self, tag: str, command: str, arguments: str) -> None:
+        try:
+            values = parse_astrings(arguments)
+        except IMAPSyntaxError as exc:
+            raise imap_inbox.RequestError(str(exc)) from None
+        if len(values) != 2:
+            raise imap_inbox.RequestError(f"{command} takes a reference and a mailbox pattern")
+        pattern = values[1]
+        if pattern == "":
+            await self.send(f'* {command} (\\Noselect) "/" ""')
+        elif pattern in ("*", "%") or pattern.upper() == imap_inbox.INBOX:
+            await self.send(f'* {command} (\\HasNoChildren) "/" INBOX')
+        await self.send(f"{tag} OK {command} completed")
+
+    async def fetch_or_search(self, tag: str, command: str, arguments: str, *, uid: bool) -> None:
+        if command not in ("FETCH", "SEARCH"):
+            raise imap_inbox.RequestError("This example server has UID FETCH and UID SEARCH")
+        inbox = self.selected()
+        name = f"UID {command}" if uid else command
+        if command == "SEARCH":
+            if arguments.strip().upper() != "ALL":
+                raise imap_inbox.RequestError("This example server searches only ALL")
+            found = (str(m.uid if uid else n) for n, m in enumerate(inbox.messages, 1))
+            await self.send(" ".join(["* SEARCH", *found]))
+            await self.send(f"{tag} OK {name} completed")
+            return
+        numbers, _, items_text = arguments.partition(" ")
+        items = imap_inbox.parse_fetch_items(items_text)
+        largest = inbox.uid_next - 1 if uid else len(inbox.messages)
+        wanted = imap_inbox.parse_sequence_set(numbers, largest)
+        chosen = inbox.by_uid(wanted) if uid else inbox.by_sequence(wanted)
+        if not uid and len(chosen) != len(wanted):
+            raise imap_inbox.RequestError("No such message")
+        needs_body = any(
+            item not in ("UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE") for item in items
+        )
+        for number, message in chosen:
+            body = None
+            if needs_body:
+                try:
+                    body = await trio.to_thread.run_sync(message.path.read_bytes)
+                except FileNotFoundError:
+                    body = b""  # removed since SELECT: an empty message, as IMAP servers do
+            text, literal = imap_inbox.fetch_response(number, message, items, uid=uid, body=body)
+            if literal is None:
+                await self.send(text)
+            else:
+                await self.stream.send_all(text.encode() + b"\r\n" + literal + b")\r\n")
+        await self.send(f"{tag} OK {name} completed")

@@ -14,8 +14,12 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import difflib
+import errno
+import ipaddress
 import logging
 import pathlib
+import shutil
 import ssl
 import sys
 from collections.abc import Mapping, Sequence
@@ -25,7 +29,13 @@ from typing import Any
 import attrs
 import trio
 
-from mailedge.config import ConfigError, Document, load_document, loads_document
+from mailedge.config import (
+    ConfigError,
+    Document,
+    load_document,
+    loads_document,
+    require_listeners,
+)
 from mailedge.gate import ProxyGate
 from mailedge.hooks import HookChain, Hooks
 from mailedge.hooks.autoban import AutoBan
@@ -34,8 +44,8 @@ from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
 from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore
-from mailedge.networks import format_endpoint
-from mailedge.server import Handler, Server, handle_signals, serve
+from mailedge.networks import TrustedNetworks, format_endpoint
+from mailedge.server import BindError, Handler, Server, handle_signals, serve
 from mailedge.settings import ListenerProtocol, NetworkListener
 from mailedge.tls import server_ssl_context
 from mailedge_examples.http_handler import HTTPHandler
@@ -105,10 +115,12 @@ class ExampleSettings:
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> ExampleSettings:
-        known = {"hostname", "stateDir", "users", "spf", "dmarc", "dnsServers"}
+        known = ["hostname", "stateDir", "users", "spf", "dmarc", "dnsServers"]
         for key in table:
             if key not in known:
-                raise ConfigError(f"unknown key {key!r}", path=EXAMPLE_SECTION)
+                close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise ConfigError(f"unknown key {key!r}{hint}", path=EXAMPLE_SECTION)
         hostname = table.get("hostname", DEFAULT_HOSTNAME)
         if not isinstance(hostname, str) or not hostname:
             raise ConfigError(f"expected a host name, got {hostname!r}", path="Example.hostname")
@@ -144,7 +156,13 @@ def load(config: str | None) -> tuple[Document, ExampleSettings]:
         document = loads_document(DEFAULT_CONFIG, format="toml", extra_sections=[EXAMPLE_SECTION])
     else:
         document = load_document(config, extra_sections=[EXAMPLE_SECTION])
-    return document, ExampleSettings.from_table(document.extra.get(EXAMPLE_SECTION, {}))
+    try:
+        require_listeners(document.settings)
+        example = ExampleSettings.from_table(document.extra.get(EXAMPLE_SECTION, {}))
+    except ConfigError as error:
+        # Named like mailedge's own sections' errors: the file first.
+        raise (error if config is None else error.in_file(config)) from None
+    return document, example
 
 
 def demo_certificate(state_dir: pathlib.Path, hostname: str) -> tuple[pathlib.Path, pathlib.Path]:
@@ -185,11 +203,58 @@ def demo_certificate(state_dir: pathlib.Path, hostname: str) -> tuple[pathlib.Pa
     return cert, key
 
 
-def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
-    """A ready-to-paste command that exercises one listener."""
-    target = format_endpoint(host, port)
+# The client the suggested probe claims: TEST-NET-3, so it is never a real one.
+PROBE_CLIENT = "203.0.113.7:40000"
+
+
+def mailedge_command() -> str:
+    """``mailedge`` as it runs from the current directory in a fresh shell.
+
+    The bare name when this interpreter's ``mailedge`` is on the PATH; else its script's path
+    (``.venv/bin/mailedge`` from the project directory after ``make serve``).
+    """
+    script = pathlib.Path(sys.prefix) / "bin" / "mailedge"
+    found = shutil.which("mailedge")
+    if not script.exists() or (found and pathlib.Path(found).resolve() == script.resolve()):
+        return "mailedge"
+    try:
+        return str(script.absolute().relative_to(pathlib.Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
+def _local_source(host: str) -> str:
+    """The address this host's connection to ``host`` comes from: ``host`` itself, since it
+    is one of ours, or loopback for a wildcard."""
+    ip = ipaddress.ip_address(host)
+    if ip.is_unspecified:
+        return "::1" if ip.version == 6 else "127.0.0.1"
+    return host
+
+
+def try_it(
+    conf: NetworkListener, endpoints: Sequence[tuple[str, int]], trusted: TrustedNetworks
+) -> str:
+    """A ready-to-paste command that exercises one listener from this host.
+
+    A PROXY listener gets a probe only when this host reaches it from an address it trusts;
+    otherwise the line says which addresses it trusts and how to probe from one.
+    """
+    probe = f"{mailedge_command()} probe {conf.protocol}"
+    host, port = endpoints[0]
     if trusted:
-        return f"mailedge probe {conf.protocol} {target} --client 203.0.113.7:40000"
+        for host, port in endpoints:
+            source = _local_source(host)
+            if ipaddress.ip_address(source) in trusted:
+                return f"{probe} {format_endpoint(source, port)} --client {PROBE_CLIENT}"
+        host, port = endpoints[0]
+        shown = ", ".join(map(str, trusted))
+        return (
+            f"PROXY only from {shown}, which this host does not connect from; from an "
+            f"address in them: {probe} {format_endpoint(host, port)} --client {PROBE_CLIENT} "
+            "--source ADDRESS"
+        )
+    target = format_endpoint(host, port)
     if conf.protocol is ListenerProtocol.SMTP:
         return f"swaks --server {target} --to demo@mailedge.test"
     if conf.protocol is ListenerProtocol.IMAP:
@@ -198,8 +263,8 @@ def try_it(conf: NetworkListener, host: str, port: int, trusted: bool) -> str:
     return f"curl http://{target}/whoami"
 
 
-def announce(server: Server, out: Any = sys.stdout) -> None:
-    """Print every listener's addresses and a command to try it."""
+def announce(server: Server, example: ExampleSettings | None = None, out: Any = sys.stdout) -> None:
+    """Print every listener's addresses and a command to try it, then where mail goes."""
     settings = server.settings
     for conf in settings.listeners:
         networks = conf.effective_proxy_trusted_networks(settings.system)
@@ -209,28 +274,66 @@ def announce(server: Server, out: Any = sys.stdout) -> None:
                 f"{conf.name:<11} {conf.protocol:<4} {format_endpoint(host, port):<16} {kind}",
                 file=out,
             )
-        host, port = server.addresses[conf.name][0]
-        print(f"  try: {try_it(conf, host, port, bool(networks))}", file=out)
+        print(f"  try: {try_it(conf, server.addresses[conf.name], networks)}", file=out)
+    if example is not None:
+        print(f"mail is delivered to {example.state_dir / 'Maildir'} (new/ and cur/)", file=out)
+        for user, password in example.users.items():
+            print(f"IMAP login (after STARTTLS): {user} / {password}", file=out)
     print("ready", file=out, flush=True)
 
 
-async def main(argv: Sequence[str] | None = None) -> None:
+def bind_failure(error: BindError) -> str:
+    """The one line a bind failure prints, with what to do about it."""
+    hint = (
+        "is another server on it? `ss -ltnp` names it; or pick another port"
+        if error.errno == errno.EADDRINUSE
+        else "is that address one of this host's? `ip -brief address` lists them"
+        if error.errno == errno.EADDRNOTAVAIL
+        else "a port below 1024 needs root; or pick another port"
+        if error.errno == errno.EACCES
+        else "pick another address or port"
+    )
+    return f"mailserver: {error} ({hint})"
+
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
+async def main(argv: Sequence[str] | None = None) -> int:
+    """The example server's command line; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--config", help="a TOML or JSON file; default: the embedded one")
-    parser.add_argument("--log-level", default="INFO", help="DEBUG shows every gate decision")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        help="DEBUG shows every gate decision (default: INFO)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
         document, example = load(args.config)
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"mailserver: {exc}\n")
 
-    async with trio.open_nursery() as nursery:
-        server = await nursery.start(partial(run, document, example))
-        announce(server)
-        await handle_signals(server, args.config, extra_sections=[EXAMPLE_SECTION])
+    failed: BindError | None = None
+    try:
+        async with trio.open_nursery() as nursery:
+            server = await nursery.start(partial(run, document, example))
+            # Signals are caught before "ready": a SIGHUP right after it reloads, not kills.
+            await nursery.start(
+                partial(handle_signals, server, args.config, extra_sections=[EXAMPLE_SECTION])
+            )
+            announce(server, example)
+    except* BindError as group:
+        failed = next(e for e in group.exceptions if isinstance(e, BindError))
+    if failed is not None:
+        print(bind_failure(failed), file=sys.stderr)
+        return 2
+    return 0
 
 
 @attrs.frozen
@@ -281,6 +384,8 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             ssl_context=tls,
             hooks=hooks,
             settings=lambda: gate.settings,
+            # The SMTP handler's deliveries, read-only, as every user's INBOX.
+            maildir=example.state_dir / "Maildir",
         ),
         # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
         ListenerProtocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
@@ -307,4 +412,4 @@ async def run(
 
 
 if __name__ == "__main__":
-    trio.run(main)
+    sys.exit(trio.run(main))

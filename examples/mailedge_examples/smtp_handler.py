@@ -51,6 +51,7 @@ import re
 import secrets
 import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
+from contextlib import nullcontext
 
 import attrs
 import trio
@@ -60,6 +61,7 @@ from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
 from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
+from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
 from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
@@ -231,7 +233,7 @@ class Session:
         self.greeting_verdict = Verdict.accept()
 
 
-class _SessionEnded(Exception):
+class _SessionOver(Exception):
     """The session cannot go on (and there is no one left to tell)."""
 
 
@@ -303,6 +305,12 @@ class SMTPHandler:
             await self._goodbye(
                 session, Reply(421, f"4.7.0 {self.hostname} {reason}, closing connection")
             )
+        except ShuttingDown:
+            # RFC 5321 3.8: a server that must shut down answers 421 and closes.
+            session.log.info("server shutting down")
+            await self._goodbye(
+                session, Reply(421, f"4.3.2 {self.hostname} Service shutting down, closing")
+            )
         except trio.TooSlowError:
             # Only a receive gets here (see _send and cmd_starttls): the server layer's idle
             # timeout. RFC 5321 4.5.3.2 lets the server close; say why if the client listens.
@@ -310,7 +318,7 @@ class SMTPHandler:
             await self._goodbye(
                 session, Reply(421, f"4.4.2 {self.hostname} Idle timeout, closing connection")
             )
-        except _SessionEnded:
+        except _SessionOver:
             pass
         session.log.info("session ended, %d message(s) delivered", session.delivered)
 
@@ -319,7 +327,11 @@ class SMTPHandler:
         await self._send(session, Reply(220, f"{self.hostname} ESMTP mailedge example"))
         while True:
             try:
-                line = await session.reader.read_line(MAX_COMMAND_LINE)
+                # Between transactions the session is idle: shutdown ends it with 421
+                # (ShuttingDown); a transaction in progress gets the drain time.
+                idle = awaiting_command() if session.transaction is None else nullcontext()
+                with idle:
+                    line = await session.reader.read_line(MAX_COMMAND_LINE)
             except LineTooLongError:
                 reply: Reply | None = Reply(500, "5.5.2 Line too long")
             else:
@@ -603,7 +615,7 @@ class SMTPHandler:
             log=session.log,
         )
         if upgraded is None:
-            raise _SessionEnded
+            raise _SessionOver
         session.stream, session.context = upgraded
         session.reader = LineReader(session.stream, receive_size=RECEIVE_SIZE)
         session.log.context = session.context
@@ -760,7 +772,7 @@ class SMTPHandler:
         except trio.TooSlowError as exc:
             # The client stopped reading; a goodbye would wait just as long.
             session.log.info("send timed out")
-            raise _SessionEnded from exc
+            raise _SessionOver from exc
 
     async def _goodbye(self, session: Session, reply: Reply) -> None:
         with contextlib.suppress(

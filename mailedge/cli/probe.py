@@ -368,7 +368,8 @@ async def probe(options: ProbeOptions) -> ProbeResult:
         header = build_header(options, target.header_address)
     try:
         with trio.fail_after(options.timeout):
-            stream = await trio.open_tcp_stream(target.host, target.port)
+            source = None if options.source is None else str(options.source)
+            stream = await trio.open_tcp_stream(target.host, target.port, local_address=source)
     except trio.TooSlowError:
         late = f"no connection to {target} within {options.timeout:g} s"
         return ProbeResult(options, Outcome.TIMEOUT, header, detail=late)

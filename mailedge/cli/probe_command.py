@@ -7,6 +7,7 @@ The work is :func:`mailedge.cli.probe.probe`; what is printed is
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import math
 import sys
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from mailedge.cli.probe_options import (
     parse_target,
 )
 from mailedge.cli.probe_report import format_result
-from mailedge.proxy import InetAddress
+from mailedge.proxy import InetAddress, IPAddress
 from mailedge.settings import ListenerProtocol
 
 __all__ = ["add_probe_arguments", "options_from_args", "probe_command"]
@@ -69,6 +70,15 @@ exit status: 0 when the exchange completed (and, for smtp and http, the server s
 client the header claimed); 1 on a mismatch, or when the connection was refused, closed
 or timed out; 2 for invalid options. See docs/probe.md.
 """
+
+
+def _source_type(text: str) -> IPAddress:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--source {text!r}: give an IP address of this host, such as 10.0.0.5"
+        ) from None
 
 
 def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
@@ -132,6 +142,12 @@ def add_probe_arguments(parser: argparse.ArgumentParser) -> None:
     tlvs.add_argument("--unique-id", metavar="TEXT", help="a UNIQUE_ID TLV (at most 128 bytes)")
     tlvs.add_argument("--crc32c", action="store_true", help="add a CRC32C checksum TLV")
     parser.add_argument(
+        "--source",
+        type=_source_type,
+        metavar="IP",
+        help="connect from this local address (one a listener trusts as a proxy)",
+    )
+    parser.add_argument(
         "--timeout",
         type=_timeout_type,
         default=DEFAULT_TIMEOUT,
@@ -159,6 +175,7 @@ def options_from_args(args: argparse.Namespace) -> ProbeOptions:
         unique_id=args.unique_id,
         crc32c=args.crc32c,
         timeout=args.timeout,
+        source=args.source,
     )
 
 

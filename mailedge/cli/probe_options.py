@@ -191,6 +191,9 @@ class ProbeOptions:
     unique_id: str | None = None
     crc32c: bool = False
     timeout: float = attrs.field(default=DEFAULT_TIMEOUT, validator=_check_timeout)
+    # The local address to connect from (None: the system's choice), to probe as a proxy
+    # the listener trusts.
+    source: IPAddress | None = None
 
     def __attrs_post_init__(self) -> None:
         if not self.mode.claims_client:

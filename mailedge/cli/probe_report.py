@@ -36,9 +36,31 @@ def _log_hint(result: ProbeResult) -> str:
     return f"The server's log names the reason (on mailedge: the gate's proxy.* event{peer})."
 
 
+def _claim_in_replies(result: ProbeResult) -> str | None:
+    """The claimed client's address, when a reply names it: proof the header was used."""
+    claimed = result.options.claimed_client
+    if claimed is None:
+        return None
+    for direction, line in result.transcript:
+        if direction != "received":
+            continue
+        for word in line.replace("[", " ").replace("]", " ").replace("(", " ").split():
+            if same_ip(word.strip(",;)"), claimed.ip):
+                return str(claimed.ip)
+    return None
+
+
 def _explain_closed(result: ProbeResult) -> list[str]:
     options = result.options
     me = _host_of(result.local)
+    used = _claim_in_replies(result)
+    if used is not None:
+        return [
+            f"The server's reply names {used}, the client the header claimed: the header was "
+            "used, and trust is not the problem. The server then closed the connection: its "
+            "protocol handler ended the session (a handler that returns closes it) instead "
+            "of answering the probe.",
+        ]
     if options.mode is HeaderMode.NONE:
         return [
             f"No header was sent. A listener that trusts this address ({me}) as a proxy "
@@ -115,6 +137,11 @@ def explain(result: ProbeResult) -> list[str]:
     claimed = options.claimed_client
     seen = result.client_seen
     me = _host_of(result.local)
+    if claimed is not None and seen is None and _claim_in_replies(result) is not None:
+        return [
+            f"The server's reply names {claimed.ip}, the client the header claimed: the "
+            "header was used."
+        ]
     if claimed is not None and seen is None:
         return [
             f"The server does not report the client's address ({_why_unseen(result)}), so "

@@ -17,7 +17,9 @@ from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
 from mailedge_examples.smtp_handler import SMTPHandler
 
+from mailedge.cli._main import build_parser
 from mailedge.cli.probe import Outcome, ProbeResult, probe
+from mailedge.cli.probe_command import options_from_args
 from mailedge.cli.probe_options import (
     DEFAULT_CLIENT,
     HeaderMode,
@@ -26,6 +28,7 @@ from mailedge.cli.probe_options import (
     parse_inet_address,
 )
 from mailedge.cli.probe_report import format_result
+from mailedge.context import ConnectionContext
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import Command, Family, InetAddress, parse_header
 from mailedge.server import Handler, Server, serve
@@ -481,3 +484,42 @@ def test_result_exit_codes() -> None:
     for outcome in Outcome:
         if outcome is not Outcome.COMPLETED:
             assert ProbeResult(opts, outcome).exit_code == 1
+
+
+async def test_a_reply_naming_the_claimed_client_is_not_blamed_on_trust(
+    nursery: trio.Nursery,
+) -> None:
+    """docs/embedding.md's ten-line server greets with the client and closes."""
+
+    async def hello(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        await stream.send_all(f"220 you are {context.client_ip}\r\n".encode())
+
+    settings = Settings(
+        system=SystemSettings(proxy_trusted_networks=TrustedNetworks(["127.0.0.0/8"])),
+        listeners=(NetworkListener(name="smtp", protocol="smtp", bind="127.0.0.1:0"),),
+    )
+    server: Server = await nursery.start(partial(serve, settings, {"smtp": hello}))
+    host, port = server.addresses["smtp"][0]
+    done = await trio.run_process(
+        [sys.executable, "-m", "mailedge", "probe", "smtp", f"{host}:{port}"],
+        capture_stdout=True,
+        check=False,
+    )
+    out = done.stdout.decode()
+    assert "< 220 you are 203.0.113.7" in out
+    assert "the header was used, and trust is not the problem" in out
+    assert "trusted networks" not in out
+    nursery.cancel_scope.cancel()
+
+
+async def test_source_connects_from_the_given_address(server: Server) -> None:
+    source = ipaddress.ip_address("127.0.0.2")
+    result = await probe(options(server, ListenerProtocol.SMTP, source=source))
+    assert result.outcome is Outcome.COMPLETED, result.detail
+    assert result.local is not None and result.local.startswith("127.0.0.2:")
+    assert result.matched is True
+
+
+def test_source_is_a_command_line_option() -> None:
+    parsed = build_parser().parse_args(["probe", "smtp", "127.0.0.1:25", "--source", "10.0.0.5"])
+    assert options_from_args(parsed).source == ipaddress.ip_address("10.0.0.5")

@@ -15,6 +15,7 @@ import json
 import mailbox
 import os
 import pathlib
+import re
 import signal
 import smtplib
 import socket
@@ -33,7 +34,7 @@ import trio
 from mailedge_examples import mailserver
 from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
 
-from mailedge.config import loads_document
+from mailedge.config import ConfigError, loads_document
 from mailedge.proxy import (
     TLV,
     ClientFlags,
@@ -282,14 +283,21 @@ def test_embedded_default_loads_and_announces_what_to_try() -> None:
 class Script:
     """``python examples/mailserver.py`` in a subprocess, stopped in ``close``."""
 
-    def __init__(self, tmp_path: pathlib.Path, *args: str) -> None:
+    def __init__(
+        self,
+        tmp_path: pathlib.Path,
+        *args: str,
+        cwd: pathlib.Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.log = tmp_path / "server.log"
         self._log = self.log.open("wb")
         self.process = subprocess.Popen(
             [sys.executable, str(EXAMPLES / "mailserver.py"), *args],
-            cwd=tmp_path,
+            cwd=tmp_path if cwd is None else cwd,
             stdout=subprocess.PIPE,
             stderr=self._log,
+            env=env,
         )
         assert self.process.stdout is not None
         self.listeners: dict[str, list[tuple[str, int]]] = {}
@@ -302,7 +310,7 @@ class Script:
                 break
             self.announced.append(line)
             fields = line.split()
-            if len(fields) >= 3 and not line.startswith(" "):
+            if len(fields) >= 3 and fields[1] in ("smtp", "imap", "http"):
                 host, _, port = fields[2].rpartition(":")
                 self.listeners.setdefault(fields[0], []).append((host.strip("[]"), int(port)))
         assert self.listeners, self.log.read_text()
@@ -414,7 +422,16 @@ def test_embedded_default_starts_and_answers(tmp_path: pathlib.Path) -> None:
         assert os.path.exists(tmp_path / ".mailedge-demo" / "demo-cert.pem")
         tries = [line.strip() for line in script.announced if line.strip().startswith("try:")]
         assert len(tries) == 6
-        assert "try: mailedge probe smtp 127.0.0.1:3525 --client 203.0.113.7:40000" in tries
+        # Run from tmp_path, the venv's mailedge is named by its path (issue 13, item 1).
+        assert any(
+            t.startswith("try: ")
+            and t.endswith("probe smtp 127.0.0.1:3525 --client 203.0.113.7:40000")
+            for t in tries
+        ), tries
+        # Where mail goes and how to log in, for the newcomer (issue 13, item 5).
+        announced = "".join(script.announced)
+        assert "mail is delivered to .mailedge-demo/Maildir" in announced
+        assert "demo / demo-password" in announced
     finally:
         script.close()
 
@@ -501,3 +518,297 @@ async def test_spoofing_peers_are_banned_and_the_ban_can_be_lifted(
     status, _ = await blocking(partial(admin, "POST", "/admin/bans/lift?ip=127.0.0.2"))
     assert status == 200
     assert (await spoof()).startswith(b"220 ")
+
+
+# -- the first hour (issue 13): what a newcomer sees and pastes ------------------------------
+
+ROOT = EXAMPLES.parent
+
+
+def fresh_shell_env() -> dict[str, str]:
+    """The environment of a shell where the venv was never activated: no .venv/bin on PATH."""
+    venv_bin = str(pathlib.Path(sys.prefix) / "bin")
+    path = [p for p in os.environ.get("PATH", "").split(os.pathsep) if p and p != venv_bin]
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    env["PATH"] = os.pathsep.join(path or ["/usr/bin", "/bin"])
+    return env
+
+
+def proxy_config(tmp_path: pathlib.Path, trusted: str = "127.0.0.0/8") -> pathlib.Path:
+    path = tmp_path / "proxy.toml"
+    path.write_text(
+        f'[SystemSettings]\nproxyTrustedNetworks = ["{trusted}"]\n\n'
+        '[[NetworkListener]]\nname = "smtp-proxy"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n\n'
+        f'[Example]\nstateDir = "{tmp_path}"\n'
+    )
+    return path
+
+
+def try_lines(script: Script) -> list[str]:
+    return [
+        line.strip().removeprefix("try: ")
+        for line in script.announced
+        if line.strip().startswith("try:")
+    ]
+
+
+def test_the_printed_probe_runs_as_pasted_in_the_project_directory(
+    tmp_path: pathlib.Path,
+) -> None:
+    env = fresh_shell_env()
+    script = Script(tmp_path, "--config", str(proxy_config(tmp_path)), cwd=ROOT, env=env)
+    try:
+        (command,) = try_lines(script)
+        assert " probe smtp 127.0.0.1:" in command
+        pasted = subprocess.run(
+            ["bash", "-c", command],
+            cwd=ROOT,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert pasted.returncode == 0, pasted.stdout + pasted.stderr
+        assert "MATCH" in pasted.stdout
+    finally:
+        script.close()
+
+
+def test_a_listener_trusting_other_networks_gets_no_loopback_probe(script: Script) -> None:
+    (line,) = try_lines(script)
+    assert "PROXY only from 10.0.0.0/8" in line
+    assert "--source" in line
+    assert not line.startswith(("mailedge probe", "/", ".venv"))
+
+
+def occupied_port() -> Iterator[tuple[socket.socket, int]]:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    try:
+        yield sock, sock.getsockname()[1]
+    finally:
+        sock.close()
+
+
+@pytest.mark.parametrize(
+    ("bind", "error", "hint"),
+    [
+        ("127.0.0.1:{port}", "Address already in use", "ss -ltnp"),
+        ("192.0.2.1:2525", "Cannot assign requested address", "ip -brief address"),
+    ],
+)
+def test_a_bind_failure_is_one_line_and_status_2(
+    tmp_path: pathlib.Path, bind: str, error: str, hint: str
+) -> None:
+    for _, port in occupied_port():
+        config = tmp_path / "bind.toml"
+        address = bind.format(port=port)
+        config.write_text(
+            f'[[NetworkListener]]\nname = "mx"\nprotocol = "smtp"\nbind = ["{address}"]\n\n'
+            f'[Example]\nstateDir = "{tmp_path}"\n'
+        )
+        done = subprocess.run(
+            [sys.executable, str(EXAMPLES / "mailserver.py"), "--config", str(config)],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 2, done.stderr
+        lines = done.stderr.strip().splitlines()
+        assert len(lines) == 1, done.stderr
+        assert "'mx'" in lines[0] and address in lines[0]
+        assert error in lines[0] and hint in lines[0]
+
+
+def proxied_smtp(address: tuple[str, int]) -> ProxiedSMTP:
+    return ProxiedSMTP(encode_v1(CLIENT, SERVER), *address, timeout=CLIENT_TIMEOUT)
+
+
+def test_sigterm_tells_an_idle_session_421_and_stops_at_once(tmp_path: pathlib.Path) -> None:
+    script = Script(tmp_path, "--config", str(proxy_config(tmp_path)))
+    try:
+        with proxied_smtp(script.address("smtp-proxy")) as smtp:
+            smtp.ehlo("client.example")
+            script.process.send_signal(signal.SIGTERM)
+            code, text = smtp.getreply()
+            assert code == 421, text
+            assert text.startswith(b"4.3.2 ") and b"shutting down" in text
+        started = time.monotonic()
+        assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
+        # Nothing waited for the 30 s drain.
+        assert time.monotonic() - started < 5
+        assert script.log.read_text().rstrip().endswith("stopped")
+    finally:
+        script.close()
+
+
+def test_a_second_signal_closes_a_draining_session(tmp_path: pathlib.Path) -> None:
+    script = Script(tmp_path, "--config", str(proxy_config(tmp_path)))
+    try:
+        with proxied_smtp(script.address("smtp-proxy")) as smtp:
+            smtp.ehlo("client.example")
+            smtp.mail("a@example.org")  # mid-transaction: it gets the drain time
+            script.process.send_signal(signal.SIGINT)
+            script.wait_for_log("draining 1 session(s) until ")
+            log = script.log.read_text()
+            assert "ending" not in log  # the transaction was not cut
+            assert re.search(r"until \d\d:\d\d:\d\d", log)
+            script.process.send_signal(signal.SIGINT)
+            assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
+            with pytest.raises(smtplib.SMTPServerDisconnected):
+                smtp.rcpt("demo@mailedge.test")
+        log = script.log.read_text()
+        assert "SIGINT again" in log and "closing 1 open session(s) now" in log
+        assert log.rstrip().endswith("stopped")
+    finally:
+        script.close()
+
+
+def test_an_idle_imap_session_gets_bye_at_shutdown(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "imap.toml"
+    config.write_text(
+        '[[NetworkListener]]\nname = "imap"\nprotocol = "imap"\nbind = ["127.0.0.1:0"]\n'
+        "overrideProxyTrustedNetworks = []\n\n"
+        f'[Example]\nstateDir = "{tmp_path}"\n'
+    )
+    script = Script(tmp_path, "--config", str(config))
+    try:
+        with socket.create_connection(script.address("imap"), CLIENT_TIMEOUT) as sock:
+            reader = sock.makefile("rb")
+            assert reader.readline().startswith(b"* OK")
+            script.process.send_signal(signal.SIGTERM)
+            assert reader.readline().startswith(b"* BYE mx.mailedge.test shutting down")
+        assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
+    finally:
+        script.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--log-level", "verbose"], "invalid choice: 'VERBOSE'"),
+        (["--config", "missing.toml"], "missing.toml: there is no such config file (relative to"),
+    ],
+)
+def test_bad_arguments_are_one_sentence_not_a_traceback(
+    tmp_path: pathlib.Path, args: list[str], message: str
+) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mailserver.py"), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_example_table_errors_name_the_file_and_suggest(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "typo.toml"
+    config.write_text(
+        '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n\n'
+        '[Example]\nhostnme = "mx.example"\n'
+    )
+    with pytest.raises(ConfigError) as caught:
+        mailserver.load(str(config))
+    assert str(caught.value) == (
+        f"{config}: Example: unknown key 'hostnme' (did you mean 'hostname'?)"
+    )
+
+
+def test_send_with_swaks_and_read_it_back_with_imaplib(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n'
+        "overrideProxyTrustedNetworks = []\n\n"
+        '[[NetworkListener]]\nname = "imap"\nprotocol = "imap"\nbind = ["127.0.0.1:0"]\n'
+        "overrideProxyTrustedNetworks = []\n\n"
+        f'[Example]\nstateDir = "{tmp_path}"\nusers = {{ demo = "demo-password" }}\n'
+    )
+    script = Script(tmp_path, "--config", str(config))
+    try:
+        for subject in ("first", "second"):
+            sent = subprocess.run(
+                [
+                    "swaks",
+                    "--server",
+                    "{}:{}".format(*script.address("smtp")),
+                    "--from",
+                    "newcomer@example.org",
+                    "--to",
+                    "demo@mailedge.test",
+                    "--header",
+                    f"Subject: {subject}",
+                    "--body",
+                    f"the {subject} message",
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert sent.returncode == 0, sent.stdout + sent.stderr
+
+        imap = imaplib.IMAP4(*script.address("imap"), timeout=CLIENT_TIMEOUT)
+        try:
+            imap.starttls(trust_demo_cert(tmp_path))
+            imap.login("demo", "demo-password")
+            # SELECT works too, but says READ-ONLY, which imaplib reports as an error.
+            with pytest.raises(imaplib.IMAP4.readonly):
+                imap.select("INBOX")
+            typ, count = imap.select("INBOX", readonly=True)
+            assert (typ, count) == ("OK", [b"2"])
+            typ, found = imap.search(None, "ALL")
+            assert found == [b"1 2"]
+            typ, data = imap.fetch("1", "(RFC822)")
+            first = data[0]
+            assert isinstance(first, tuple)
+            assert email.message_from_bytes(first[1])["Subject"] == "first"
+            typ, data = imap.uid("FETCH", "2", "(FLAGS RFC822.SIZE BODY.PEEK[])")
+            second = data[0]
+            assert isinstance(second, tuple)
+            assert b"UID 2" in second[0] and b"FLAGS ()" in second[0]
+            size = int(re.search(rb"RFC822.SIZE (\d+)", second[0])[1])  # type: ignore[index]
+            assert size == len(second[1])
+            assert b"the second message" in second[1]
+            # Read-only: nothing can change the Maildir.
+            typ, data = imap.store("1", "+FLAGS", "\\Deleted")
+            assert typ == "NO" and b"read-only" in data[0]  # type: ignore[operator]
+        finally:
+            imap.logout()
+        assert len(maildir(tmp_path)) == 2
+    finally:
+        script.close()
+
+
+def test_sighup_logs_what_changed_and_which_listener_cannot_rebind(
+    script: Script, script_config: pathlib.Path
+) -> None:
+    good = script_config.read_text()
+    script_config.write_text(good.replace('"10.0.0.0/8"', '"127.0.0.0/8"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reloaded settings")
+    assert "reload: listener smtp: trusted networks [10.0.0.0/8] -> [127.0.0.0/8]" in (
+        script.log.read_text()
+    )
+    script_config.write_text(good.replace('"127.0.0.1:0"', '"127.0.0.1:1"'))
+    script.process.send_signal(signal.SIGHUP)
+    script.wait_for_log("reload of")
+    assert "listener 'smtp' binds 127.0.0.1:1 instead of 127.0.0.1:0" in script.log.read_text()
+
+
+def test_a_config_without_listeners_is_refused(tmp_path: pathlib.Path) -> None:
+    config = tmp_path / "empty.toml"
+    config.write_text('[SystemSettings]\nproxyTrustedNetworks = ["10.0.0.0/8"]\n')
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mailserver.py"), "--config", str(config)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 2
+    assert f"{config}: there are no [[NetworkListener]] tables" in done.stderr
