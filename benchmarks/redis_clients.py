@@ -18,6 +18,7 @@ Starts its own ``redis-server`` (Debian's) on a unix socket in a temporary direc
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shutil
 import socket
@@ -127,9 +128,8 @@ async def ban_propagation(url: str, count: int) -> list[float]:
 
     delays: list[float] = []
     async with RedisStore(url=url, timeout=1.0) as store, trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: trio.run_process([sys.executable, "-c", _SENDER, url, str(count)], check=True)
-        )
+        sender = [sys.executable, "-c", _SENDER, url, str(count)]
+        nursery.start_soon(functools.partial(trio.run_process, sender, check=True))
         for n in range(count):
             key = f"ab:ban:10.0.{n // 256}.{n % 256}"
             with trio.fail_after(30):
