@@ -99,7 +99,7 @@ async def bench_glide(path: Path, calls: int) -> tuple[float, float]:
     config = GlideClientConfiguration([NodeAddress(unix_socket_path=str(path))])
     client = await GlideClient.create(config)
     try:
-        script = Script(scripts.GCRA)
+        script = Script(scripts.GCRA)  # type: ignore[no-untyped-call]
         return await measure(
             lambda: client.invoke_script(script, keys=[KEY], args=[str(a) for a in ARGS]),
             calls,
@@ -124,7 +124,7 @@ trio.run(main, sys.argv[1], int(sys.argv[2]))
 
 
 async def ban_propagation(url: str, count: int) -> list[float]:
-    from mailedge.hooks.redis import RedisStore
+    from mailedge.hooks.redis import BanView, RedisStore
 
     delays: list[float] = []
     async with RedisStore(url=url, timeout=1.0) as store, trio.open_nursery() as nursery:
@@ -132,8 +132,11 @@ async def ban_propagation(url: str, count: int) -> list[float]:
         nursery.start_soon(functools.partial(trio.run_process, sender, check=True))
         for n in range(count):
             key = f"ab:ban:10.0.{n // 256}.{n % 256}"
+            def arrived(view: BanView, key: str = key) -> bool:
+                return view.get(key) is not None
+
             with trio.fail_after(30):
-                await store.view.wait_for(lambda view, key=key: view.get(key) is not None)
+                await store.view.wait_for(arrived)
             entry = store.view.get(key)
             assert entry is not None
             delays.append(time.time() - float(entry.value))
