@@ -132,6 +132,7 @@ async def ban_propagation(url: str, count: int) -> list[float]:
         nursery.start_soon(functools.partial(trio.run_process, sender, check=True))
         for n in range(count):
             key = f"ab:ban:10.0.{n // 256}.{n % 256}"
+
             def arrived(view: BanView, key: str = key) -> bool:
                 return view.get(key) is not None
 
