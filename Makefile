@@ -42,13 +42,14 @@ BENCH_STAMP := $(BENCH_VENV)/.mailedge-bench-installed
 $(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
 	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(BENCH_VENV)/bin/python -m pip install --quiet -e . -r benchmarks/requirements-peers.txt
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[redis]' -r benchmarks/requirements-peers.txt
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/parse.py
 	$(BENCH_VENV)/bin/python benchmarks/gate_overhead.py
 	$(BENCH_VENV)/bin/python benchmarks/half_headers.py
+	$(BENCH_VENV)/bin/python benchmarks/redis_clients.py
 
 # Fuzz the PROXY codec: atheris for FUZZ_TIME seconds over the checked-in seeds (new inputs
 # and crashes go to .fuzz-corpus/, never into fuzz/corpus), then the Hypothesis properties

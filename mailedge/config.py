@@ -54,6 +54,9 @@ from mailedge.settings import (
     NetworkListener,
     RateLimit,
     Settings,
+    StoreBackend,
+    StoreFailurePolicy,
+    StoreSettings,
     SystemSettings,
 )
 
@@ -318,7 +321,7 @@ _AUTO_BAN_KEYS = (
     _Key("ipv6Prefix", "ipv6_prefix", _read_integer),
 )
 
-_SECTIONS = (
+_SECTIONS: tuple[_Section, ...] = (
     _Section("SystemSettings", "system", SystemSettings, _SYSTEM_KEYS),
     _Section(
         "NetworkListener",
@@ -331,6 +334,31 @@ _SECTIONS = (
     ),
     _Section("AutoBan", "auto_ban", AutoBanSettings, _AUTO_BAN_KEYS),
 )
+
+# [Store]: where limits and bans live (docs/scale-out.md). Its own block, appended to the
+# sections, so that the store's keys stay apart from the listeners' and the ban policy's.
+
+
+def _read_store_choice(choices: type[StoreBackend] | type[StoreFailurePolicy]) -> Reader:
+    def read(value: object, path: str, syntax: _Syntax) -> StoreBackend | StoreFailurePolicy:
+        names = ", ".join(repr(choice.value) for choice in choices)
+        if not isinstance(value, str) or value not in {choice.value for choice in choices}:
+            raise _expected(f"one of {names}", value, path, syntax)
+        return choices(value)
+
+    return read
+
+
+_STORE_KEYS = (
+    _Key("backend", "backend", _read_store_choice(StoreBackend)),
+    _Key("url", "url", _read_string),
+    _Key("keyPrefix", "key_prefix", _read_string),
+    _Key("timeout", "timeout", _read_seconds),
+    _Key("onFailure", "on_failure", _read_store_choice(StoreFailurePolicy)),
+    _Key("resyncPeriod", "resync_period", _read_seconds),
+)
+
+_SECTIONS = (*_SECTIONS, _Section("Store", "store", StoreSettings, _STORE_KEYS))
 
 
 def _fold(key: str) -> str:

@@ -36,6 +36,12 @@ __all__ = [
     "DEFAULT_IPV6_PREFIX",
     "NAT64_PREFIX_LENGTH",
     "MAX_NAT64_PREFIXES",
+    "DEFAULT_STORE_URL",
+    "DEFAULT_STORE_KEY_PREFIX",
+    "DEFAULT_STORE_TIMEOUT",
+    "MAX_STORE_TIMEOUT",
+    "DEFAULT_STORE_RESYNC_PERIOD",
+    "MAX_STORE_RESYNC_PERIOD",
 ]
 
 # The spec asks for at least 3 s so that a header delayed by one TCP retransmission still
@@ -100,3 +106,21 @@ MAX_AUTO_BAN_DURATION = 30 * 86400.0
 # A site runs one or two NAT64 translators; each prefix costs an integer compare on every IPv6
 # connection that matches no built-in prefix, so a list of hundreds is a mistake.
 MAX_NAT64_PREFIXES = 64
+
+# [Store]: where limits and bans live when several processes or hosts share them.
+# Redis's own default address: a local server answers without any further setting.
+DEFAULT_STORE_URL = "redis://127.0.0.1:6379/0"
+# One prefix for every key, so mailedge can share a Redis with other programs and SCAN only its own.
+DEFAULT_STORE_KEY_PREFIX = "mailedge:"
+# 50 ms per store call: a local Redis answers in well under 1 ms, and a connection that waits
+# longer for a policy decision is delayed in a way a client notices (Envoy's global rate limit
+# uses 20 ms). Beyond it the failure policy decides instead.
+DEFAULT_STORE_TIMEOUT = 0.05
+# Over 5 s per call is a unit mistake (milliseconds written as seconds): every connection could
+# wait that long on a dead store.
+MAX_STORE_TIMEOUT = 5.0
+# Every 30 s each process re-reads the whole mirrored ban list, so a lost pub/sub message leaves
+# a stale or missing ban for at most this long; a few hundred bans cost one SCAN and one read each.
+DEFAULT_STORE_RESYNC_PERIOD = 30.0
+# An hour: a longer gap lets a missed lift keep a client locked out for longer than a ban is worth.
+MAX_STORE_RESYNC_PERIOD = 3600.0

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from pathlib import Path
+
 import pytest
 import trio
 import trio.testing
@@ -224,3 +227,76 @@ async def test_updates_do_not_grow_the_heap(autojump_clock: trio.testing.MockClo
 async def test_max_keys_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_keys"):
         MemoryStore(max_keys=0)
+
+
+# -- the contract, against every store ---------------------------------------------------------
+# The same checks on MemoryStore and on RedisStore (a real redis-server, tests/hooks/test_redis.py
+# says how). Redis keeps its own time, so these run on the real clock and check only what holds
+# at any speed: no sleeps, and time-to-live figures within a generous margin.
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[RateStore]:
+    if request.param == "memory":
+        yield MemoryStore()
+        return
+    pytest.importorskip("coredis")
+    from redis_support import RedisServer
+
+    from mailedge.hooks.redis import RedisStore
+
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        # A generous timeout: a loaded test machine must not turn a reply into a fallback.
+        async with RedisStore(url=server.url, timeout=2.0) as store:
+            yield store
+            assert store.fallbacks == 0
+    finally:
+        server.stop()
+
+
+async def test_contract_gcra(any_store: RateStore) -> None:
+    key = "rl:conn:smtp:198.51.100.7"
+    assert [(await any_store.gcra(key, 10.0, 20.0)).allowed for _ in range(3)] == [True] * 3
+    refused = await any_store.gcra(key, 10.0, 20.0)
+    assert not refused.allowed
+    assert refused.retry_after == pytest.approx(10.0, abs=1.0)
+    # A refusal changes nothing, and other keys have their own budget.
+    assert (await any_store.gcra(key, 10.0, 20.0)).retry_after == pytest.approx(10.0, abs=1.0)
+    assert await any_store.gcra("rl:conn:smtp:2001:db8::/64", 10.0, 0.0) == GCRAResult(True, 0.0)
+
+
+async def test_contract_hit(any_store: RateStore) -> None:
+    counts = [await any_store.hit("ab:fail:198.51.100.7", 60.0, 3) for _ in range(5)]
+    assert counts == [1, 2, 3, 3, 3]
+    assert await any_store.hit("ab:fail:198.51.100.8", 60.0, 3) == 1
+
+
+@pytest.mark.parametrize("prefix", ["ab:ban:", "note:"])
+async def test_contract_text_records(any_store: RateStore, prefix: str) -> None:
+    a, b = f"{prefix}198.51.100.7", f"{prefix}2001:db8:1:2::/64"
+    assert await any_store.get(a) is None
+    await any_store.set(a, "one", 100.0)
+    await any_store.set(b, "two", 50.0)
+    await any_store.set("other", "three", 50.0)
+    entry = await any_store.get(a)
+    assert entry is not None and (entry.key, entry.value) == (a, "one")
+    assert 99.0 < entry.ttl <= 100.0
+    scanned = sorted(await any_store.scan(prefix), key=lambda e: e.key)
+    assert [(e.key, e.value) for e in scanned] == [(a, "one"), (b, "two")]
+    assert [e.key for e in await any_store.scan(f"{prefix}2001:")] == [b]
+    await any_store.set(a, "replaced", 5.0)
+    entry = await any_store.get(a)
+    assert entry is not None and entry.value == "replaced" and entry.ttl <= 5.0
+    assert await any_store.delete(b) is True
+    assert await any_store.delete(b) is False
+    assert await any_store.get(b) is None
+    assert [e.key for e in await any_store.scan(prefix)] == [a]
+
+
+async def test_contract_kinds_do_not_mix(any_store: RateStore) -> None:
+    await any_store.set("k", "text", 10.0)
+    assert (await any_store.gcra("k", 1.0, 0.0)).allowed
+    assert await any_store.get("k") is None
+    assert await any_store.hit("k", 10.0, 3) == 1
