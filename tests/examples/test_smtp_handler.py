@@ -28,7 +28,7 @@ from mailedge_examples.smtp_handler import (
 )
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.policy import BaseHooks, Envelope, HookChain, Verdict
+from mailedge.policy import BaseHooks, Envelope, HookChain, Message, Verdict
 from mailedge.settings import BindAddress, ListenerProtocol, NetworkListener, Settings
 from mailedge.streams import IdleTimeoutStream
 
@@ -914,10 +914,10 @@ class FakeHooks(BaseHooks):
         return self._answer("mail_from", self.mail_from)
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict:
-        await trio.lowlevel.checkpoint()
-        self.calls.append(("data", context.client_ip, envelope, message))
+        # A hook that wants the bytes reads them (in a worker thread, for a file).
+        self.calls.append(("data", context.client_ip, envelope, await message.read()))
         return self._answer("data", self.data)
 
 
