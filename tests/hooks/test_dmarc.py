@@ -5,7 +5,9 @@ from __future__ import annotations
 import mailbox
 import pathlib
 import smtplib
+import threading
 
+import attrs
 import authres
 import policy_support
 import pytest
@@ -180,6 +182,32 @@ async def test_without_enforcement_a_failure_is_only_tagged(server: ZoneServer) 
     )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {"dmarc:fail"}
+
+
+@attrs.frozen
+class ThreadNoting(Message):
+    """A message in a file that notes the thread each read of it runs in."""
+
+    threads: list[threading.Thread] = attrs.field(factory=list, eq=False)
+
+    def read_bytes(self) -> bytes:
+        self.threads.append(threading.current_thread())
+        return super().read_bytes()
+
+
+async def test_the_message_is_read_from_its_file_in_the_worker_thread(
+    hook: DMARCHook, tmp_path: pathlib.Path
+) -> None:
+    # What the SMTP handler hands on_data: the message in a file, not in memory.
+    path = tmp_path / "message"
+    path.write_bytes(signed())
+    message = ThreadNoting(path.stat().st_size, path)
+    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message)
+    assert verdict.flags == {"dmarc:pass"}
+    assert results(verdict) == {"spf": "fail", "dkim": "pass", "dmarc": "pass"}
+    # Read once, and only where dkimpy verifies it: never in the event loop's thread.
+    (thread,) = message.threads
+    assert thread is not threading.main_thread()
 
 
 # -- DNS failures ------------------------------------------------------------------------------
