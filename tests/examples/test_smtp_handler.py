@@ -1301,7 +1301,7 @@ async def spooled(maildir: pathlib.Path, at_least: int) -> pathlib.Path:
 
 def text_block(seed: int) -> tuple[bytes, bytes]:
     """64 KiB of message text as sent (CRLF, leading dots doubled) and as stored (LF)."""
-    lines = []
+    lines: list[bytes] = []
     while sum(len(line) + 2 for line in lines) < BLOCK:
         room = BLOCK - sum(len(line) + 2 for line in lines) - 2
         # Every fourth line starts with a dot, which the client doubles on the wire.
