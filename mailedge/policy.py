@@ -5,7 +5,7 @@ Hooks run at the points where mail servers decide, in this order for one SMTP se
 1. ``on_connect``: right after the gate (and the per-IP limit), before TLS or any greeting;
 2. ``on_helo``: for HELO/EHLO (again after STARTTLS, since RFC 3207 resets the session);
 3. ``on_mail_from``: for each MAIL FROM;
-4. ``on_data``: at the end of DATA, with the whole message, before it is stored;
+4. ``on_data``: at the end of DATA, with a :class:`Message` to read, before it is stored;
 5. ``on_auth_attempt``: before every login's password is checked (IMAP LOGIN, SMTP AUTH): a
    refusal means the password is not even looked at (a banned client guesses nothing);
 6. ``on_auth_failure``: whenever a login fails (IMAP LOGIN, SMTP AUTH), for bans.
@@ -23,15 +23,28 @@ assume the context is final for the gate's part (``client_ip`` is the recovered 
 from __future__ import annotations
 
 import enum
+import io
+import pathlib
 from collections.abc import Awaitable, Callable, Sequence
+from typing import BinaryIO
 from typing import Protocol as TypingProtocol
 
 import attrs
+import trio
 
 from mailedge.context import ConnectionContext
 from mailedge.networks import IPAddress, IPNetwork
 
-__all__ = ["Action", "BaseHooks", "Envelope", "HookChain", "Hooks", "Sessions", "Verdict"]
+__all__ = [
+    "Action",
+    "BaseHooks",
+    "Envelope",
+    "HookChain",
+    "Hooks",
+    "Message",
+    "Sessions",
+    "Verdict",
+]
 
 
 class Action(enum.Enum):
@@ -98,6 +111,59 @@ class Sessions(TypingProtocol):
         ...
 
 
+@attrs.frozen
+class Message:
+    """The message ``on_data`` judges: something to read it from, not its bytes.
+
+    A handler that streams DATA to disk hands the file (:meth:`from_file`), so a hook that
+    does not look at the body costs nothing and one that does decides where the bytes live.
+    A handler, or a test, that already holds the bytes hands them (:meth:`from_bytes`).
+    Either way the content is the message as received: unstuffed, LF line ends, without the
+    receiving server's trace headers. Only for the duration of the ``on_data`` call.
+
+    Reading a file blocks: call :meth:`open` or :meth:`read_bytes` in a worker thread (the
+    DMARC hook does, so the bytes exist only in that thread), or ``await message.read()``
+    for the whole message as ``bytes`` (up to the handler's size cap) in the caller.
+    """
+
+    # Length in octets.
+    size: int
+    path: pathlib.Path | None = None
+    _data: bytes | None = attrs.field(default=None, alias="data", repr=False)
+
+    @classmethod
+    def from_file(cls, path: pathlib.Path | str) -> Message:
+        """The message stored in ``path`` (its size is read now: a quick stat)."""
+        path = pathlib.Path(path)
+        return cls(path.stat().st_size, path)
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Message:
+        return cls(len(data), data=bytes(data))
+
+    def __repr__(self) -> str:
+        where = "in memory" if self.path is None else str(self.path)
+        return f"<Message {self.size} octets {where}>"
+
+    def open(self) -> BinaryIO:
+        """A binary file positioned at the start of the message. Blocking for a file."""
+        if self.path is None:
+            return io.BytesIO(self._data or b"")
+        return self.path.open("rb")
+
+    def read_bytes(self) -> bytes:
+        """The whole message. Blocking for a file: call it in a worker thread."""
+        if self.path is None:
+            return self._data or b""
+        return self.path.read_bytes()
+
+    async def read(self) -> bytes:
+        """The whole message, read in a worker thread when it is in a file."""
+        if self.path is None:
+            return self._data or b""
+        return await trio.to_thread.run_sync(self.read_bytes)
+
+
 class Hooks(TypingProtocol):
     """What a policy implements; :class:`HookChain` runs several in order."""
 
@@ -112,7 +178,7 @@ class Hooks(TypingProtocol):
     ) -> Verdict: ...
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict: ...
 
     async def on_auth_attempt(self, context: ConnectionContext, username: str) -> Verdict: ...
@@ -136,7 +202,7 @@ class BaseHooks:
         return Verdict.accept()
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict:
         return Verdict.accept()
 
@@ -186,7 +252,7 @@ class HookChain(BaseHooks):
         return await self._first_refusal(lambda hook: hook.on_mail_from(context, helo, mail_from))
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict:
         return await self._first_refusal(lambda hook: hook.on_data(context, envelope, message))
 

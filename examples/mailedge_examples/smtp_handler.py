@@ -9,11 +9,13 @@ needs comes from the library: :class:`mailedge.lines.LineReader` (CRLF only, bou
 the listener's ``tls_handshake_timeout``) and :class:`mailedge.connlog.ConnectionLogger`.
 
 It is not a mail server: it accepts any recipient, relays nothing and delivers every message,
-once, into one Maildir. See ``docs/smtp-handler.md``.
+once, into one Maildir. The data is streamed into the Maildir's ``tmp/`` as it arrives, so a
+session holds a bounded buffer whatever the message's size. See ``docs/smtp-handler.md``.
 
 Policy comes from ``hooks`` (:mod:`mailedge.hooks`): ``on_helo`` for each HELO/EHLO,
-``on_mail_from`` before a sender is accepted, ``on_data`` with the whole message before it is
-stored. A refusal becomes ``451`` (tempfail) or ``550`` (reject) with the verdict's enhanced
+``on_mail_from`` before a sender is accepted, ``on_data`` with the message (a
+:class:`~mailedge.policy.Message` to read, never the bytes in memory) before it is stored.
+A refusal becomes ``451`` (tempfail) or ``550`` (reject) with the verdict's enhanced
 status code and reason; an accepting verdict's headers (Received-SPF, Authentication-Results)
 are written into the stored message, and a ``quarantine`` flag files it in the Maildir++ folder
 ``.Junk`` instead of the inbox. ``on_connect`` is the server layer's, before the banner.
@@ -43,15 +45,20 @@ import binascii
 import contextlib
 import email.utils
 import hmac
+import itertools
 import logging
 import mailbox
 import os
 import pathlib
 import re
 import secrets
+import shutil
+import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from contextlib import nullcontext
+from typing import BinaryIO
 
 import attrs
 import trio
@@ -60,7 +67,7 @@ from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
-from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Verdict
+from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Message, Verdict
 from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
 from mailedge.streams import SessionEnded
@@ -101,7 +108,8 @@ MAX_LOCAL_PART = 64
 MAX_DOMAIN = 255
 # RFC 5321 4.5.3.1.3: a path is at most 256 octets, angle brackets included.
 MAX_PATH = 256
-# 10 MiB, advertised as SIZE (RFC 1870): ample for mail, bounded for a memory-held message.
+# 10 MiB, advertised as SIZE (RFC 1870): ample for mail; it bounds the disk a session can fill
+# in tmp/ and what a hook that reads the message whole (DKIM) holds in its thread.
 DEFAULT_MAX_MESSAGE_SIZE = 10 * 1024 * 1024
 # RFC 5321 sets no limit; ten failures in a row is a scanner or the wrong protocol, and
 # RFC 5321 3.8 lets the server end such a session with 421.
@@ -112,6 +120,9 @@ MAX_AUTH_FAILURES = 3
 MAX_AUTH_LINE = 12288
 # One receive: room for a pipelined batch of commands, and the reader's bound past one line.
 RECEIVE_SIZE = 8192
+# The data goes to tmp/ through a buffer of this size: what a session holds of its message
+# (64 KiB x maxConnections at worst), and one worker-thread write per 64 KiB.
+WRITE_BUFFER = 64 * 1024
 # RFC 5321 4.5.3.1.5: a reply line is at most 512 octets; a hook's reason gets what is left
 # after the code, the enhanced status code and the CRLF, with room to spare.
 MAX_POLICY_REASON = 400
@@ -517,11 +528,25 @@ class SMTPHandler:
             return Reply(503, "5.5.1 Need MAIL before DATA")
         if not transaction.recipients:
             return Reply(503, "5.5.1 Need RCPT before DATA")
-        await self._send(session, Reply(354, "End data with <CR><LF>.<CR><LF>"))
         # Whatever the outcome, the transaction ends with the data (RFC 5321 4.1.1.4).
         session.transaction = None
-        # The message as stored: lines end with LF, the Maildir convention.
-        body = bytearray()
+        # The message as stored, streamed into tmp/ as it arrives: lines end with LF, the
+        # Maildir convention. Whatever ends the data (a refusal, EOF, a timeout, cancellation,
+        # or delivery, which copies it) removes this file on the way out.
+        try:
+            spool = await _Spool.create(self.maildir / "tmp", _unique_name())
+        except OSError:
+            session.log.exception("cannot store a message in %s", self.maildir / "tmp")
+            return Reply(451, "4.3.0 Delivery failed, try again later")
+        try:
+            await self._send(session, Reply(354, "End data with <CR><LF>.<CR><LF>"))
+            return await self._receive_data(session, transaction, spool)
+        finally:
+            spool.discard()
+
+    async def _receive_data(
+        self, session: Session, transaction: Transaction, spool: _Spool
+    ) -> Reply:
         size = 0
         too_big = too_long = bare_newline = False
         while True:
@@ -529,6 +554,7 @@ class SMTPHandler:
                 line = await session.reader.read_line(MAX_TEXT_LINE)
             except LineTooLongError:
                 too_long = True
+                spool.discard()
                 continue
             if line == b".":
                 break
@@ -537,15 +563,16 @@ class SMTPHandler:
                 line = line[1:]
             size += len(line) + 2
             if size > self.max_message_size:
-                # Keep reading to the end of the data, so the session stays in step.
+                # Keep reading to the end of the data, so the session stays in step; what was
+                # stored so far goes at once.
                 too_big = True
-                body.clear()
+                spool.discard()
                 continue
             if b"\r" in line or b"\n" in line:
                 bare_newline = True
+                spool.discard()
             if not (too_big or too_long or bare_newline):
-                body += line
-                body += b"\n"
+                await spool.write_line(line)
         # These replies end the data, not a command: they never count as bad commands.
         if too_big:
             session.log.info(
@@ -560,21 +587,27 @@ class SMTPHandler:
             # RFC 5321 2.3.8: CR and LF appear only together. A relay that passed a bare one
             # on could be tricked into ending the data early.
             return Reply(554, "5.6.0 Bare CR or LF in message", bad_command=False)
-        # Policy hook (end of DATA): the whole message as received (LF line ends, without this
-        # server's trace headers), before it is stored. DMARC, for one, judges it here.
+        message = await spool.close()
+        if spool.error is not None:
+            # The disk, not the client: the client keeps the message and tries again.
+            session.log.error("storing the data failed: %r", spool.error)
+            return Reply(451, "4.3.0 Delivery failed, try again later", bad_command=False)
+        # Policy hook (end of DATA): the message as received (LF line ends, without this
+        # server's trace headers), in its file in tmp/, before it is stored. DMARC, for one,
+        # reads it back there, in its worker thread.
         envelope = Envelope(
             helo=session.helo or "",
             mail_from=transaction.sender,
             rcpt_to=tuple(transaction.recipients),
         )
         verdict = await self._consult(
-            session, "DATA", lambda: self.hooks.on_data(session.context, envelope, bytes(body))
+            session, "DATA", lambda: self.hooks.on_data(session.context, envelope, message)
         )
         refusal = _policy_reply(verdict)
         if refusal is not None:
             return refusal
         _adopt(transaction, verdict)
-        return await self._deliver(session, transaction, body)
+        return await self._deliver(session, transaction, message)
 
     async def cmd_rset(self, session: Session, argument: str) -> Reply:
         if argument:
@@ -701,12 +734,12 @@ class SMTPHandler:
 
     # -- delivery ------------------------------------------------------------------------
 
-    async def _deliver(self, session: Session, transaction: Transaction, body: bytearray) -> Reply:
+    async def _deliver(self, session: Session, transaction: Transaction, body: Message) -> Reply:
         message_id = secrets.token_hex(8)
-        message = self.trace_headers(session, transaction, message_id) + body
+        headers = self.trace_headers(session, transaction, message_id)
         folder = QUARANTINE_FOLDER if QUARANTINE_FLAG in transaction.flags else None
         try:
-            key = await trio.to_thread.run_sync(self.deliver, message, folder)
+            key = await trio.to_thread.run_sync(self.deliver, headers, body, folder)
         except Exception:
             session.log.exception("delivery of %s failed", message_id)
             return Reply(451, "4.3.0 Delivery failed, try again later")
@@ -718,7 +751,7 @@ class SMTPHandler:
             folder or "INBOX",
             transaction.sender,
             len(transaction.recipients),
-            len(message),
+            len(headers) + body.size,
             ",".join(sorted(transaction.flags)) or "-",
         )
         return Reply(250, f"2.0.0 OK queued as {key}")
@@ -744,22 +777,33 @@ class SMTPHandler:
         ]
         return "".join(f"{line}\n" for line in lines).encode()
 
-    def deliver(self, message: bytes, folder: str | None = None) -> str:
-        """Store ``message`` in the Maildir durably and return its key. Blocks: run in a thread.
+    def deliver(self, headers: bytes, body: Message, folder: str | None = None) -> str:
+        """Store ``headers`` then ``body`` in the Maildir durably and return the key. Blocks:
+        run it in a worker thread. ``body`` is copied through a 64 KiB buffer, never read
+        whole, and left where it is (the caller removes its file).
 
         ``folder`` names a Maildir++ subfolder (``.Junk`` for "Junk"), created if missing;
-        None is the inbox. ``mailbox`` fsyncs the file it writes in ``tmp/`` but not the
-        directory that gains its link in ``new/``; until that is synced a crash can lose a
-        message already accepted.
+        None is the inbox. The file is written in the folder's ``tmp/``, fsynced, linked into
+        ``new/`` (a link never replaces a message that is there already), fsynced there again
+        with ``new/`` itself, so that the link survives a crash too.
         """
-        # A Maildir object per delivery: the objects keep a cache that is not thread-safe.
-        box = mailbox.Maildir(self.maildir, create=False)
         path = self.maildir
         if folder is not None:
             # Maildir++: a subfolder is a Maildir named "." + its name, with a marker file.
-            box, path = box.add_folder(folder), self.maildir / f".{folder}"
-        key = box.add(message)
-        new = path / "new"
+            mailbox.Maildir(self.maildir, create=False).add_folder(folder)
+            path = self.maildir / f".{folder}"
+        key = _unique_name()
+        tmp, new = path / "tmp" / key, path / "new"
+        try:
+            # Buffered, unlike the spool: it writes all it is given, as copyfileobj expects.
+            with open(tmp, "xb", opener=_private) as out, body.open() as source:
+                out.write(headers)
+                shutil.copyfileobj(source, out, WRITE_BUFFER)
+                out.flush()
+                os.fsync(out.fileno())
+            os.link(tmp, new / key)
+        finally:
+            tmp.unlink(missing_ok=True)
         _fsync(new / key)
         _fsync(new, directory=True)
         return key
@@ -924,3 +968,97 @@ def _fsync(path: pathlib.Path, *, directory: bool = False) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _private(path: str, flags: int) -> int:
+    # Mail is private: only the server's user reads a message it stores.
+    return os.open(path, flags, 0o600)
+
+
+def _create(path: pathlib.Path) -> BinaryIO:
+    """A new file (never an existing one) for writing, unbuffered: no data waits in Python."""
+    return open(path, "xb", buffering=0, opener=_private)
+
+
+def _write_all(file: BinaryIO, data: bytes | bytearray) -> None:
+    # An unbuffered write may write less than it is given.
+    view = memoryview(data)
+    while view:
+        view = view[file.write(view) or 0 :]
+
+
+# The Maildir's unique names (https://cr.yp.to/proto/maildir.html): time, then what makes the
+# name unique on this host (microseconds, the process, a counter, random bits), then the host.
+_HOST = socket.gethostname().replace("/", r"\057").replace(":", r"\072")
+_COUNTER = itertools.count(1)
+
+
+def _unique_name() -> str:
+    now = time.time()
+    micro = int(now % 1 * 1e6)
+    unique = f"M{micro}P{os.getpid()}Q{next(_COUNTER)}R{secrets.token_hex(8)}"
+    return f"{int(now)}.{unique}.{_HOST}"
+
+
+@attrs.define(repr=False)
+class _Spool:
+    """The message as it arrives: a file in ``tmp/`` and a bounded write buffer.
+
+    Lines are buffered, and written out in a worker thread each time the buffer holds
+    ``WRITE_BUFFER`` octets, so memory stays bounded whatever the message's size and the
+    event loop never waits on the disk. ``discard`` removes the file; it may be called at any
+    time and again, from a ``finally`` too (it does not await, so cancellation cannot stop it).
+    """
+
+    path: pathlib.Path
+    _file: BinaryIO | None
+    _buffer: bytearray = attrs.Factory(bytearray)
+    # Octets of the message written or buffered so far.
+    size: int = 0
+    # Why the file could not be written (the disk full, say); the file is gone then.
+    error: OSError | None = None
+
+    @classmethod
+    async def create(cls, directory: pathlib.Path, name: str) -> _Spool:
+        path = directory / name
+        return cls(path, await trio.to_thread.run_sync(_create, path))
+
+    async def write_line(self, line: bytes) -> None:
+        """Add one line of the message, with its LF."""
+        if self._file is None:
+            return
+        self._buffer += line
+        self._buffer += b"\n"
+        self.size += len(line) + 1
+        if len(self._buffer) >= WRITE_BUFFER:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        data, self._buffer = self._buffer, bytearray()
+        file = self._file
+        if data and file is not None:
+            try:
+                await trio.to_thread.run_sync(_write_all, file, data)
+            except OSError as exc:
+                self.error = exc
+                self.discard()
+
+    async def close(self) -> Message:
+        """Write out the rest and close the file; the message, for the hooks to read."""
+        await self._flush()
+        file, self._file = self._file, None
+        if file is not None:
+            try:
+                await trio.to_thread.run_sync(file.close)
+            except OSError as exc:
+                self.error = exc
+                self.discard()
+        return Message(self.size, self.path)
+
+    def discard(self) -> None:
+        """Drop the message: the buffer, the open file and the file in tmp/."""
+        self._buffer = bytearray()
+        file, self._file = self._file, None
+        if file is not None:
+            file.close()
+        self.path.unlink(missing_ok=True)

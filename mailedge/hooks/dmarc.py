@@ -2,7 +2,10 @@
 
 :class:`DMARCHook` runs ``authheaders.authenticate_message`` on the whole message with the
 recovered client address, the envelope sender and the HELO name, and the configured resolver
-(:mod:`mailedge.hooks.dns`), in a worker thread. It adds the library's
+(:mod:`mailedge.hooks.dns`), in a worker thread. The message is read there too, from the
+:class:`~mailedge.policy.Message` the handler hands ``on_data`` (a file in the Maildir's
+``tmp/`` for the example handler): its bytes exist only in that thread, so at most
+``limiter``'s threads hold a message each, however many sessions are in DATA. It adds the library's
 ``Authentication-Results:`` header (RFC 8601), parsed and written again with authres as one
 line, and applies the From domain's policy when ``enforce`` is set:
 
@@ -62,7 +65,7 @@ from mailedge.hooks.dns import (
     run_blocking,
 )
 from mailedge.names import HOSTNAME
-from mailedge.policy import BaseHooks, Envelope, Verdict
+from mailedge.policy import BaseHooks, Envelope, Message, Verdict
 
 __all__ = ["DEFAULT_DEADLINE", "DMARCHook", "DMARCResult"]
 
@@ -190,7 +193,7 @@ class DMARCHook(BaseHooks):
         return DMARCResult(f"{_PREFIX} {self.authserv_id}; none (client address unknown)")
 
     async def evaluate(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> DMARCResult:
         """authheaders' results for this message; raises DNSTempError or trio.TooSlowError."""
         if not context.client_known:
@@ -198,18 +201,20 @@ class DMARCHook(BaseHooks):
             return self._unknown_client()
         resolver = make_resolver(self.resolver)
         client_ip = str(context.client_ip)
-        # authheaders reports an unsigned message as dkim=fail; a previous result it is handed
-        # is kept instead of a check of its own (and DMARC sees no DKIM pass either way).
-        previous = (
-            None if _signed(message) else f"{_PREFIX} {self.authserv_id}; dkim=none (no signature)"
-        )
-
         dnsfunc = AuthDNS(resolver)
 
         def authenticate() -> DMARCResult:
+            # Read here, in the worker thread: dkimpy needs the bytes, and they need not
+            # outlive the check (nor wait in the event loop for a thread).
+            data = message.read_bytes()
+            # authheaders reports an unsigned message as dkim=fail; a previous result it is
+            # handed is kept instead of a check of its own (DMARC sees no DKIM pass either way).
+            previous = (
+                None if _signed(data) else f"{_PREFIX} {self.authserv_id}; dkim=none (no signature)"
+            )
             with resolving(resolver):
                 header = authheaders.authenticate_message(
-                    message,
+                    data,
                     self.authserv_id,
                     prev=previous,
                     spf=True,
@@ -227,7 +232,7 @@ class DMARCHook(BaseHooks):
         return await run_blocking(authenticate, limiter=self.limiter, deadline=self.deadline)
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict:
         try:
             result = await self.evaluate(context, envelope, message)

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import email
 import email.message
 import email.utils
+import functools
 import ipaddress
 import logging
 import mailbox
 import os
 import pathlib
 import shutil
+import socket
 import ssl
-from collections.abc import Awaitable, Callable
+import struct
+import tracemalloc
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import attrs
@@ -29,7 +34,8 @@ from mailedge_examples.smtp_handler import (
 )
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
-from mailedge.policy import BaseHooks, Envelope, HookChain, Verdict
+from mailedge.policy import BaseHooks, Envelope, HookChain, Message, Verdict
+from mailedge.server import Server, serve
 from mailedge.settings import BindAddress, ListenerProtocol, NetworkListener, Settings
 from mailedge.streams import IdleTimeoutStream
 
@@ -915,10 +921,10 @@ class FakeHooks(BaseHooks):
         return self._answer("mail_from", self.mail_from)
 
     async def on_data(
-        self, context: ConnectionContext, envelope: Envelope, message: bytes
+        self, context: ConnectionContext, envelope: Envelope, message: Message
     ) -> Verdict:
-        await trio.lowlevel.checkpoint()
-        self.calls.append(("data", context.client_ip, envelope, message))
+        # A hook that wants the bytes reads them (in a worker thread, for a file).
+        self.calls.append(("data", context.client_ip, envelope, await message.read()))
         return self._answer("data", self.data)
 
 
@@ -1320,3 +1326,272 @@ async def test_a_banned_client_gets_454_and_its_password_is_not_checked(
     await converse(handler, make_context(**PROXY_TLS), script)
     assert handler.checks == []
     assert hooks.failures == []
+
+
+# -- the data streams into tmp/: real sockets on 127.0.0.1 --------------------------------------
+
+# How long the tests below wait for the server's worker thread to have written the data into
+# tmp/: they poll (the write happens in a thread, which no trio event announces), 10 ms at a
+# time, at most this many times.
+SPOOL_POLLS = 1000
+# A line of message text as long as RFC 5321 allows (998 octets and the CRLF), so that a
+# block of them is exactly 64 KiB on the wire (65 lines and a shorter one).
+BLOCK = 64 * 1024
+
+
+@attrs.define
+class Listening:
+    """A running :func:`listening` server: its address, and its first session's end."""
+
+    address: tuple[str, int]
+    ended: trio.Event
+    cancel_scope: trio.CancelScope
+    # Closed when the block ends.
+    clients: list[trio.SocketStream] = attrs.field(factory=list)
+
+    async def connect(self) -> Client:
+        stream = await trio.open_tcp_stream(*self.address)
+        self.clients.append(stream)
+        return Client(stream)
+
+
+@contextlib.asynccontextmanager
+async def listening(
+    handler: SMTPHandler, *, idle_timeout: float = 60.0
+) -> AsyncIterator[Listening]:
+    """``mailedge.serve`` with ``handler`` on 127.0.0.1 port 0 until the block ends, which must
+    end within 60 seconds. Clients connect directly: the client is the socket's peer."""
+    ended = trio.Event()
+
+    async def session(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+        try:
+            await handler(stream, context)
+        finally:
+            ended.set()
+
+    settings = Settings(
+        listeners=(
+            NetworkListener(
+                name="smtp",
+                protocol=ListenerProtocol.SMTP,
+                bind=(BindAddress.parse("127.0.0.1:0"),),
+                idle_timeout=idle_timeout,
+            ),
+        )
+    )
+    with trio.fail_after(60):
+        async with trio.open_nursery() as nursery:
+            server: Server = await nursery.start(
+                functools.partial(serve, settings, {ListenerProtocol.SMTP: session})
+            )
+            running = Listening(server.addresses["smtp"][0], ended, nursery.cancel_scope)
+            try:
+                yield running
+            finally:
+                for stream in running.clients:
+                    await trio.aclose_forcefully(stream)
+                nursery.cancel_scope.cancel()
+
+
+def tmp_files(maildir: pathlib.Path) -> list[pathlib.Path]:
+    return sorted((maildir / "tmp").iterdir())
+
+
+async def spooled(maildir: pathlib.Path, at_least: int) -> pathlib.Path:
+    """The one file in tmp/, once it holds ``at_least`` octets (bounded: see SPOOL_POLLS)."""
+    for _ in range(SPOOL_POLLS):
+        for path in tmp_files(maildir):
+            with contextlib.suppress(FileNotFoundError):
+                if path.stat().st_size >= at_least:
+                    return path
+        await trio.sleep(0.01)
+    raise AssertionError(f"no file of {at_least} octets in tmp/: {tmp_files(maildir)}")
+
+
+def text_block(seed: int) -> tuple[bytes, bytes]:
+    """64 KiB of message text as sent (CRLF, leading dots doubled) and as stored (LF)."""
+    lines: list[bytes] = []
+    while sum(len(line) + 2 for line in lines) < BLOCK:
+        room = BLOCK - sum(len(line) + 2 for line in lines) - 2
+        # Every fourth line starts with a dot, which the client doubles on the wire.
+        lead = "." if len(lines) % 4 == 0 else ""
+        lines.append(f"{lead}{seed:04d}-{len(lines):03d} ".encode() + b"x" * min(980, room - 10))
+    sent = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    stored = b"".join(line + b"\n" for line in lines)
+    return sent, stored
+
+
+async def begin_data(client: Client) -> None:
+    await client.start()
+    assert await client.command("MAIL FROM:<alice@example.org>") == ["250 2.1.0 Sender OK"]
+    assert await client.command("RCPT TO:<bob@example.net>") == ["250 2.1.5 Recipient OK"]
+    assert await client.command("DATA") == ["354 End data with <CR><LF>.<CR><LF>"]
+
+
+async def test_the_data_goes_to_tmp_as_it_arrives_and_is_delivered_as_before(
+    handler: SMTPHandler,
+) -> None:
+    head_sent = b"Subject: streamed\r\n\r\n"
+    blocks = [text_block(seed) for seed in range(8)]
+    async with listening(handler) as server:
+        client = await server.connect()
+        await begin_data(client)
+        await client.send(head_sent + b"".join(sent for sent, _ in blocks))
+        # Half a megabyte in, and no final dot yet: the message is on disk, not in memory
+        # (all of it but what the 64 KiB buffer still holds, and LF for CRLF).
+        spool = await spooled(handler.maildir, 6 * BLOCK)
+        assert spool.read_bytes().startswith(b"Subject: streamed\n\n" + blocks[0][1])
+        assert list((handler.maildir / "new").iterdir()) == []
+        # Dot-unstuffing and the end of the data, split across receives at the worst places.
+        for piece in (b"\r", b"\n.", b".tail\r", b"\n", b".", b"\r", b"\n"):
+            await client.send(piece)
+            # Each piece its own receive, as far as the server's scheduling allows.
+            await trio.testing.wait_all_tasks_blocked()
+        (reply,) = await client.reply()
+        assert reply.startswith("250 2.0.0 OK queued as ")
+        key = reply.rsplit(" ", 1)[1]
+        assert await client.command("QUIT") == ["221 2.0.0 mx.example Closing connection"]
+    assert tmp_files(handler.maildir) == []
+    data = (handler.maildir / "new" / key).read_bytes()
+    head, separator, body = data.partition(b"\nSubject: streamed\n\n")
+    assert separator
+    # Exactly today's bytes: the trace headers, then the message as received, LF line ends.
+    assert head.startswith(b"Return-Path: <alice@example.org>\nReceived: from client.example")
+    assert body == b"".join(stored for _, stored in blocks) + b"\n.tail\n"
+
+
+async def test_memory_does_not_grow_with_the_message(handler: SMTPHandler) -> None:
+    sent, stored_block = text_block(0)
+    blocks = 64  # 4 MiB
+    async with listening(handler) as server:
+        client = await server.connect()
+        await begin_data(client)
+        tracemalloc.start()
+        try:
+            before, _ = tracemalloc.get_traced_memory()
+            for _ in range(blocks):
+                await client.send(sent)
+            (reply,) = await client.command(".")
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+        assert reply.startswith("250 2.0.0 OK queued as ")
+    # A 4 MiB message, and the session held at most a few buffers of it at once.
+    assert peak - before < 1024 * 1024, f"{(peak - before) / 1024:.0f} KiB"
+    (message,) = (handler.maildir / "new").iterdir()
+    assert message.read_bytes().endswith(b"\n" + stored_block * blocks)
+    assert tmp_files(handler.maildir) == []
+
+
+@pytest.mark.parametrize("ending", ["close", "reset", "idle timeout", "server cancelled"])
+async def test_an_aborted_data_leaves_nothing_in_tmp(handler: SMTPHandler, ending: str) -> None:
+    sent, _ = text_block(0)
+    async with listening(handler, idle_timeout=1.0) as server:
+        client = await server.connect()
+        await begin_data(client)
+        await client.send(sent * 4)
+        await spooled(handler.maildir, 2 * BLOCK)
+        if ending == "close":
+            await client.stream.aclose()
+        elif ending == "reset":
+            assert isinstance(client.stream, trio.SocketStream)
+            client.stream.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await client.stream.aclose()
+        elif ending == "idle timeout":
+            assert await client.reply() == ["421 4.4.2 mx.example Idle timeout, closing connection"]
+        else:
+            server.cancel_scope.cancel()
+        await server.ended.wait()
+    assert tmp_files(handler.maildir) == []
+    assert list((handler.maildir / "new").iterdir()) == []
+
+
+async def test_a_message_over_the_cap_is_dropped_from_tmp_at_once(tmp_path: pathlib.Path) -> None:
+    handler = SMTPHandler(hostname=HOSTNAME, maildir=tmp_path, max_message_size=4 * BLOCK)
+    sent, _ = text_block(0)
+    async with listening(handler) as server:
+        client = await server.connect()
+        await begin_data(client)
+        await client.send(sent * 3)
+        spool = await spooled(tmp_path, BLOCK)
+        # Past the cap the file goes while the client is still sending; the data is read to
+        # its end, then refused as before.
+        await client.send(sent * 2)
+        for _ in range(SPOOL_POLLS):
+            if not spool.exists():
+                break
+            await trio.sleep(0.01)
+        assert tmp_files(tmp_path) == []
+        await client.send(sent)
+        assert await client.command(".") == ["552 5.3.4 Message too big"]
+        assert await client.command("NOOP") == ["250 2.0.0 OK"]
+    assert tmp_files(tmp_path) == []
+    assert list((tmp_path / "new").iterdir()) == []
+
+
+@attrs.define
+class ReadingHook(BaseHooks):
+    """Reads the message it is handed, notes where it was, and answers with ``verdict``."""
+
+    verdict: Verdict
+    seen: list[tuple[pathlib.Path | None, int, bytes]] = attrs.field(factory=list)
+
+    async def on_data(
+        self, context: ConnectionContext, envelope: Envelope, message: Message
+    ) -> Verdict:
+        self.seen.append((message.path, message.size, await message.read()))
+        return self.verdict
+
+
+@pytest.mark.parametrize(
+    ("verdict", "reply"),
+    [
+        (Verdict.reject("No", status="5.7.1"), "550 5.7.1 No"),
+        (Verdict.tempfail("Later", status="4.7.1"), "451 4.7.1 Later"),
+        (Verdict.accept(headers=["X-Checked: yes"]), "250 2.0.0 OK queued as "),
+    ],
+)
+async def test_on_data_reads_the_message_from_its_file_in_tmp(
+    tmp_path: pathlib.Path, verdict: Verdict, reply: str
+) -> None:
+    hook = ReadingHook(verdict)
+    handler = hooked(tmp_path, hook)
+    sent, stored_block = text_block(0)
+    async with listening(handler) as server:
+        client = await server.connect()
+        await begin_data(client)
+        await client.send(b"Subject: judged\r\n\r\n" + sent * 2)
+        (answer,) = await client.command(".")
+        assert answer.startswith(reply)
+    ((path, size, data),) = hook.seen
+    expected = b"Subject: judged\n\n" + stored_block * 2
+    assert data == expected and size == len(expected)
+    assert path is not None and path.parent == handler.maildir / "tmp"
+    # Gone once the data is answered, whatever the answer.
+    assert tmp_files(handler.maildir) == []
+    delivered = list((handler.maildir / "new").iterdir())
+    if verdict.accepted:
+        (message,) = delivered
+        assert b"\nX-Checked: yes\nReceived: from " in message.read_bytes()
+        assert message.read_bytes().endswith(b"\n" + expected)
+    else:
+        assert delivered == []
+
+
+async def test_no_room_in_tmp_refuses_the_data_before_the_354(
+    handler: SMTPHandler, caplog: pytest.LogCaptureFixture
+) -> None:
+    shutil.rmtree(handler.maildir / "tmp")
+
+    async def script(client: Client) -> None:
+        await client.start()
+        assert await client.command("MAIL FROM:<a@example.org>") == ["250 2.1.0 Sender OK"]
+        assert await client.command("RCPT TO:<b@example.net>") == ["250 2.1.5 Recipient OK"]
+        assert await client.command("DATA") == ["451 4.3.0 Delivery failed, try again later"]
+        # The transaction is over; the session goes on.
+        assert await client.command("RCPT TO:<b@example.net>") == [
+            "503 5.5.1 Need MAIL before RCPT"
+        ]
+
+    await converse(handler, make_context(), script)
+    assert any(record.levelno == logging.ERROR for record in caplog.records)

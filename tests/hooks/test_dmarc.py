@@ -5,7 +5,9 @@ from __future__ import annotations
 import mailbox
 import pathlib
 import smtplib
+import threading
 
+import attrs
 import authres
 import policy_support
 import pytest
@@ -27,7 +29,7 @@ from mailedge.context import AddressSource
 from mailedge.hooks.dmarc import DMARCHook
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.spf import SPFHook
-from mailedge.policy import Action, Envelope, Verdict
+from mailedge.policy import Action, Envelope, Message, Verdict
 
 server = policy_support.zone_server
 
@@ -60,7 +62,9 @@ def results(verdict: Verdict) -> dict[str, str]:
 async def test_an_aligned_dkim_signature_passes_even_from_a_forbidden_client(
     hook: DMARCHook,
 ) -> None:
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), signed())
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(signed())
+    )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {"dmarc:pass"}
     assert results(verdict) == {"spf": "fail", "dkim": "pass", "dmarc": "pass"}
@@ -69,14 +73,18 @@ async def test_an_aligned_dkim_signature_passes_even_from_a_forbidden_client(
 
 
 async def test_aligned_spf_passes_an_unsigned_message(hook: DMARCHook) -> None:
-    verdict = await hook.on_data(make_context(PERMITTED_IP), envelope(), message())
+    verdict = await hook.on_data(
+        make_context(PERMITTED_IP), envelope(), Message.from_bytes(message())
+    )
     assert verdict.flags == {"dmarc:pass"}
     # RFC 8601 2.7.1: an unsigned message is dkim=none, not fail.
     assert results(verdict) == {"dkim": "none", "spf": "pass", "dmarc": "pass"}
 
 
 async def test_a_failure_under_p_reject_is_rejected(hook: DMARCHook) -> None:
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message())
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message())
+    )
     assert verdict == Verdict.reject(
         "DMARC policy of example.test rejects this message", status="5.7.1"
     )
@@ -84,14 +92,16 @@ async def test_a_failure_under_p_reject_is_rejected(hook: DMARCHook) -> None:
 
 async def test_a_broken_signature_fails(hook: DMARCHook) -> None:
     tampered = signed().replace(b"Hi Bob.", b"Hi Eve.")
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), tampered)
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(tampered)
+    )
     assert verdict.action is Action.REJECT
 
 
 async def test_a_signature_by_another_organization_does_not_align(hook: DMARCHook) -> None:
     # Signed by example.test, From example.org: DKIM passes, DMARC does not.
     data = signed("alice@example.org", domain="example.test")
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), data)
+    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(data))
     assert verdict == Verdict.reject(
         "DMARC policy of example.org rejects this message", status="5.7.1"
     )
@@ -99,14 +109,14 @@ async def test_a_signature_by_another_organization_does_not_align(hook: DMARCHoo
 
 async def test_a_signature_by_a_subdomain_aligns_relaxed(hook: DMARCHook) -> None:
     data = signed("alice@example.org", domain="mail.example.org")
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), data)
+    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(data))
     assert verdict.flags == {"dmarc:pass"}
     assert results(verdict) == {"spf": "fail", "dkim": "pass", "dmarc": "pass"}
 
 
 async def test_a_failure_under_p_quarantine_is_accepted_and_flagged(hook: DMARCHook) -> None:
     verdict = await hook.on_data(
-        make_context(FORBIDDEN_IP), envelope(), message("alice@quarantine.test")
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message("alice@quarantine.test"))
     )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {"dmarc:fail", "quarantine"}
@@ -133,11 +143,13 @@ async def test_the_policy_that_applies(
     server: ZoneServer, sender: str, policy: str, action: Action
 ) -> None:
     hook = DMARCHook(AUTHSERV_ID, server.settings(), enforce=False)
-    tagged = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message(sender))
+    tagged = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message(sender))
+    )
     (header,) = tagged.headers
     assert f"dmarc=fail header.from={sender.partition('@')[2]} policy.dmarc={policy}" in header
     enforced = await DMARCHook(AUTHSERV_ID, server.settings()).on_data(
-        make_context(FORBIDDEN_IP), envelope(), message(sender)
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message(sender))
     )
     assert enforced.action is action
     assert ("quarantine" in enforced.flags) == (policy == "quarantine")
@@ -147,23 +159,55 @@ async def test_the_policy_that_applies(
     ("sender", "result"), [("alice@monitor.test", "fail"), ("alice@nospf.test", "none")]
 )
 async def test_p_none_and_no_record_are_accepted(hook: DMARCHook, sender: str, result: str) -> None:
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(sender), message(sender))
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(sender), Message.from_bytes(message(sender))
+    )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {f"dmarc:{result}"}
 
 
 async def test_a_malformed_dmarc_record_is_a_permerror_and_accepted(hook: DMARCHook) -> None:
     sender = "alice@malformed.test"
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(sender), message(sender))
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(sender), Message.from_bytes(message(sender))
+    )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {"dmarc:permerror"}
 
 
 async def test_without_enforcement_a_failure_is_only_tagged(server: ZoneServer) -> None:
     hook = DMARCHook(AUTHSERV_ID, server.settings(), enforce=False)
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message())
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message())
+    )
     assert verdict.action is Action.ACCEPT
     assert verdict.flags == {"dmarc:fail"}
+
+
+@attrs.frozen
+class ThreadNoting(Message):
+    """A message in a file that notes the thread each read of it runs in."""
+
+    threads: list[threading.Thread] = attrs.field(factory=list, eq=False)
+
+    def read_bytes(self) -> bytes:
+        self.threads.append(threading.current_thread())
+        return super().read_bytes()
+
+
+async def test_the_message_is_read_from_its_file_in_the_worker_thread(
+    hook: DMARCHook, tmp_path: pathlib.Path
+) -> None:
+    # What the SMTP handler hands on_data: the message in a file, not in memory.
+    path = tmp_path / "message"
+    path.write_bytes(signed())
+    message = ThreadNoting(path.stat().st_size, path)
+    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message)
+    assert verdict.flags == {"dmarc:pass"}
+    assert results(verdict) == {"spf": "fail", "dkim": "pass", "dmarc": "pass"}
+    # Read once, and only where dkimpy verifies it: never in the event loop's thread.
+    (thread,) = message.threads
+    assert thread is not threading.main_thread()
 
 
 # -- DNS failures ------------------------------------------------------------------------------
@@ -173,7 +217,9 @@ async def test_a_dmarc_record_that_cannot_be_fetched_is_a_temporary_failure(
     hook: DMARCHook,
 ) -> None:
     sender = "alice@broken.test"
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(sender), message(sender))
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(sender), Message.from_bytes(message(sender))
+    )
     assert verdict == Verdict.tempfail(
         "DMARC check failed temporarily (DNS), try again later", status="4.4.3"
     )
@@ -190,7 +236,9 @@ async def test_a_dkim_key_that_cannot_be_fetched_defers_instead_of_rejecting(
         servfail=server.zone.servfail | {"sel._domainkey.example.test"},
         silent=server.zone.silent,
     )
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), signed())
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(signed())
+    )
     assert verdict == Verdict.tempfail(
         "DMARC check of example.test failed temporarily (DNS), try again later", status="4.4.3"
     )
@@ -200,7 +248,9 @@ async def test_no_answer_within_the_deadline_is_a_temporary_failure(server: Zone
     hook = DMARCHook(AUTHSERV_ID, server.settings(timeout=2, lifetime=4), deadline=0.3)
     sender = "alice@slow.test"
     with trio.fail_after(5):
-        verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(sender), message(sender))
+        verdict = await hook.on_data(
+            make_context(FORBIDDEN_IP), envelope(sender), Message.from_bytes(message(sender))
+        )
     assert verdict.action is Action.TEMPFAIL
     assert verdict.status == "4.4.3"
 
@@ -212,7 +262,9 @@ async def test_a_bug_in_the_libraries_is_a_temporary_failure(
         raise KeyError("surprise")
 
     monkeypatch.setattr("authheaders.authenticate_message", broken)
-    verdict = await hook.on_data(make_context(FORBIDDEN_IP), envelope(), message())
+    verdict = await hook.on_data(
+        make_context(FORBIDDEN_IP), envelope(), Message.from_bytes(message())
+    )
     assert verdict == Verdict.tempfail("DMARC check failed, try again later", status="4.3.0")
     assert "DMARC check of a message from <alice@example.test> failed" in caplog.text
 
@@ -221,7 +273,9 @@ async def test_cancellation_is_never_swallowed(server: ZoneServer) -> None:
     hook = DMARCHook(AUTHSERV_ID, server.settings(timeout=2, lifetime=4))
     sender = "alice@slow.test"
     with trio.move_on_after(0.2) as scope:
-        await hook.on_data(make_context(FORBIDDEN_IP), envelope(sender), message(sender))
+        await hook.on_data(
+            make_context(FORBIDDEN_IP), envelope(sender), Message.from_bytes(message(sender))
+        )
     assert scope.cancelled_caught
 
 
@@ -232,7 +286,9 @@ async def test_cancellation_is_never_swallowed(server: ZoneServer) -> None:
 async def test_without_a_known_client_nothing_is_evaluated(
     hook: DMARCHook, server: ZoneServer, source: AddressSource
 ) -> None:
-    verdict = await hook.on_data(make_context(source=source), envelope(), message())
+    verdict = await hook.on_data(
+        make_context(source=source), envelope(), Message.from_bytes(message())
+    )
     assert verdict == Verdict.accept(
         headers=["Authentication-Results: mx.example; none (client address unknown)"],
         flags=frozenset({"dmarc:none"}),
