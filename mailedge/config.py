@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import datetime
 import difflib
+import enum
 import errno
 import json
 import os
@@ -194,8 +195,10 @@ def _read_seconds(value: object, path: str, syntax: _Syntax) -> float:
     return value
 
 
-def _read_choice(choices: type[ListenerProtocol] | type[HeaderMode]) -> Reader:
-    def read(value: object, path: str, syntax: _Syntax) -> ListenerProtocol | HeaderMode:
+def _read_choice(choices: type[enum.Enum]) -> Reader:
+    """A reader for one of an enum's values, written as the value itself ("smtp")."""
+
+    def read(value: object, path: str, syntax: _Syntax) -> enum.Enum:
         names = ", ".join(repr(choice.value) for choice in choices)
         if not isinstance(value, str) or value not in {choice.value for choice in choices}:
             raise _expected(f"one of {names}", value, path, syntax)
@@ -337,24 +340,12 @@ _SECTIONS: tuple[_Section, ...] = (
 
 # [Store]: where limits and bans live (docs/scale-out.md). Its own block, appended to the
 # sections, so that the store's keys stay apart from the listeners' and the ban policy's.
-
-
-def _read_store_choice(choices: type[StoreBackend] | type[StoreFailurePolicy]) -> Reader:
-    def read(value: object, path: str, syntax: _Syntax) -> StoreBackend | StoreFailurePolicy:
-        names = ", ".join(repr(choice.value) for choice in choices)
-        if not isinstance(value, str) or value not in {choice.value for choice in choices}:
-            raise _expected(f"one of {names}", value, path, syntax)
-        return choices(value)
-
-    return read
-
-
 _STORE_KEYS = (
-    _Key("backend", "backend", _read_store_choice(StoreBackend)),
+    _Key("backend", "backend", _read_choice(StoreBackend)),
     _Key("url", "url", _read_string),
     _Key("keyPrefix", "key_prefix", _read_string),
     _Key("timeout", "timeout", _read_seconds),
-    _Key("onFailure", "on_failure", _read_store_choice(StoreFailurePolicy)),
+    _Key("onFailure", "on_failure", _read_choice(StoreFailurePolicy)),
     _Key("resyncPeriod", "resync_period", _read_seconds),
 )
 
