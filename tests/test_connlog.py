@@ -6,31 +6,18 @@ import ipaddress
 import logging
 from typing import Any
 
-import attrs
+import hook_support
 import pytest
 
 from mailedge.connlog import ConnectionLogger, connection_prefix
-from mailedge.context import AddressSource, ConnectionContext
-from mailedge.settings import ListenerProtocol
+from mailedge.context import ConnectionContext
 
 
 def make_context(**changes: Any) -> ConnectionContext:
-    base = ConnectionContext(
-        connection_id=25,
-        listener="smtp-proxy",
-        protocol=ListenerProtocol.SMTP,
-        client_ip=ipaddress.ip_address("198.51.100.7"),
-        client_port=40123,
-        server_ip=ipaddress.ip_address("192.0.2.25"),
-        server_port=25,
-        peer_ip=ipaddress.ip_address("127.0.0.1"),
-        peer_port=51000,
-        local_ip=ipaddress.ip_address("127.0.0.1"),
-        local_port=3525,
-        proxied=True,
-        address_source=AddressSource.HEADER,
+    """A proxied client on listener smtp-proxy, connection 25."""
+    return hook_support.context(
+        "198.51.100.7", listener="smtp-proxy", connection_id=25, client_port=40123, **changes
     )
-    return attrs.evolve(base, **changes)
 
 
 def test_the_prefix_names_the_connection_and_the_real_client() -> None:

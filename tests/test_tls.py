@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 import ssl
 
+import hook_support
 import pytest
 import trio
 import trio.testing
 import trustme
 
-from mailedge.context import AddressSource, ConnectionContext, TLSTerminator
+from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.defaults import DEFAULT_TLS_HANDSHAKE_TIMEOUT
 from mailedge.lines import LineReader
 from mailedge.settings import (
@@ -27,20 +27,9 @@ LOG = logging.getLogger("test.tls")
 
 
 def make_context() -> ConnectionContext:
-    return ConnectionContext(
-        connection_id=9,
-        listener="smtp",
-        protocol=ListenerProtocol.SMTP,
-        client_ip=ipaddress.ip_address("198.51.100.7"),
-        client_port=40123,
-        server_ip=ipaddress.ip_address("192.0.2.25"),
-        server_port=25,
-        peer_ip=ipaddress.ip_address("198.51.100.7"),
-        peer_port=40123,
-        local_ip=ipaddress.ip_address("192.0.2.25"),
-        local_port=25,
-        proxied=False,
-        address_source=AddressSource.SOCKET,
+    """A direct client on listener smtp, connection 9."""
+    return hook_support.context(
+        "198.51.100.7", peer=None, connection_id=9, client_port=40123, peer_port=40123
     )
 
 
