@@ -227,6 +227,10 @@ def _has_token(request: h11.Request, console: Console | None) -> bool:
     cookie = _cookie(request, _TOKEN_COOKIE)
     if cookie is not None:
         candidates.append(urllib.parse.unquote(cookie))
+    path, _, query = request.target.partition(b"?")
+    if path == b"/admin/" and request.method in _ALLOWED_METHODS:
+        # The page's link: /admin/?token=... (it answers with the cookie).
+        candidates += urllib.parse.parse_qs(query.decode("latin-1")).get("token", [])
     return any(hmac.compare_digest(expected, c.encode()) for c in candidates)
 
 

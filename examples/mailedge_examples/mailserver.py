@@ -46,7 +46,7 @@ from mailedge.hooks.ratelimit import RateLimiter
 from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore
 from mailedge.networks import TrustedNetworks, format_endpoint
-from mailedge.server import BindError, Handler, Server, handle_signals, serve
+from mailedge.server import BindError, Handler, Server, handle_signals
 from mailedge.settings import ListenerProtocol, NetworkListener
 from mailedge.tls import server_ssl_context
 from mailedge_examples.console import Console, CountedRateLimits
@@ -436,19 +436,16 @@ async def run(
     ``config_path`` is the file ``document`` came from: the console edits it.
     """
     parts = build(document, example, config_path)
-    async with trio.open_nursery() as nursery:
-        server: Server = await nursery.start(
-            partial(
-                serve,
-                document.settings,
-                parts.handlers,
-                ssl_context=parts.ssl_context,
-                gate=parts.gate,
-                hooks=parts.hooks,
-            )
-        )
-        parts.console.server = server
-        task_status.started(server)
+    # serve(), written out, so that the console knows the server before it accepts anything.
+    server = Server(
+        settings=document.settings,
+        handlers=parts.handlers,
+        ssl_context=parts.ssl_context,
+        gate=parts.gate,
+        hooks=parts.hooks,
+    )
+    parts.console.server = server
+    await server.run(task_status=task_status)
 
 
 if __name__ == "__main__":

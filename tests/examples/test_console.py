@@ -347,3 +347,16 @@ def test_editing_trusted_networks_changes_the_next_decision_and_the_file(
         lambda d: "is not an IP network" in d.find_element(By.ID, "trusted-message").text
     )
     assert config.read_text() == text
+
+
+def test_the_admin_token_is_an_example_setting() -> None:
+    from mailedge_examples.mailserver import ExampleSettings
+
+    from mailedge.config import ConfigError
+
+    token = "0123456789abcdef0123"
+    assert ExampleSettings.from_table({"adminToken": token}).admin_token == token
+    assert token not in repr(ExampleSettings.from_table({"adminToken": token}))
+    assert ExampleSettings.from_table({}).admin_token is None
+    with pytest.raises(ConfigError, match="at least 16 characters"):
+        ExampleSettings.from_table({"adminToken": "short"})
