@@ -152,7 +152,7 @@ function addDecision(d, atTop) {
   row.dataset.decision = JSON.stringify(d);
   if (d.event === "proxy.untrusted_header" || d.event === "proxy.rejected") row.className = "bad";
   if (d.event === "proxy.timeout") row.className = "warn";
-  cell(row, new Date(d.time * 1000).toLocaleTimeString());
+  cell(row, new Date(d.time * 1000).toLocaleTimeString([], { hour12: false }));
   cell(row, d.listener);
   cell(row, d.peer);
   cell(row, d.client);
@@ -188,7 +188,16 @@ function listen() {
     badge.textContent = "live: reconnecting";
     badge.className = "badge off";
   };
-  source.onmessage = (message) => addDecision(JSON.parse(message.data), true);
+  source.onmessage = (message) => {
+    const d = JSON.parse(message.data);
+    addDecision(d, true);
+    // The listeners' counts follow at once; the next refresh brings the server's own.
+    const l = state && state.listeners.find((x) => x.name === d.listener);
+    if (l) {
+      l.recent[d.event] = (l.recent[d.event] || 0) + 1;
+      showListeners();
+    }
+  };
 }
 
 async function start() {
