@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.names",
             "mailedge.settings",
             "mailedge.config",
+            "mailedge.config_edit",
         ),
     ),
     (
@@ -39,6 +40,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.context",
             "mailedge.diagnosis",
             "mailedge.events",
+            "mailedge.decisions",
             "mailedge.streams",
             "mailedge.tls",
         ),

@@ -6,10 +6,18 @@ Routes (GET and HEAD, except where noted):
 * ``/healthz``: ``ok``;
 * ``/metrics``: the gate's decision counters in the Prometheus text format;
 * ``/admin/bans``: the auto-ban list as JSON, and ``POST /admin/bans/lift?ip=ADDRESS`` to lift
-  one. The admin routes answer only direct connections from a loopback address (not proxied,
-  whatever a proxy's header says), with a loopback ``Host`` (parsed strictly as
-  ``uri-host[:port]``) and no ``Origin`` (so a web page cannot drive them from a browser);
-  anything else gets 403.
+  one;
+* ``/admin/``: the operator's console (with a :class:`~mailedge_examples.console.Console`):
+  its page, ``/admin/api/state`` (listeners and trusted networks), ``/admin/api/decisions``
+  (the recent gate decisions), ``/admin/events`` (new decisions as server-sent events) and
+  ``POST /admin/api/trusted`` (edit the trusted networks; see ``docs/console.md``).
+
+The admin routes answer only direct connections from a loopback address (not proxied,
+whatever a proxy's header says), with a loopback ``Host`` (parsed strictly as
+``uri-host[:port]``), or a request that carries the console's admin token. A request a browser
+sends (it has an ``Origin``, a ``Referer`` or a ``Cookie``) must come from the console's own
+origin, and a browser's ``POST`` must carry the page's CSRF token too, so no other web page can
+drive them; anything else gets 403.
 
 HTTP/1.1 is spoken with h11 (sans-IO) over the trio stream the server layer hands over, with
 keep-alive and a bounded request head. ``X-Forwarded-For`` and its relatives are never read:
@@ -20,6 +28,7 @@ socket itself, and a header any client can type proves nothing.
 from __future__ import annotations
 
 import email.utils
+import hmac
 import http
 import ipaddress
 import json
@@ -38,7 +47,14 @@ from prometheus_client.registry import Collector
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, context_to_json
 from mailedge.hooks.autoban import AutoBan
-from mailedge.server import awaiting_command, draining
+from mailedge.server import ShuttingDown, awaiting_command, draining
+from mailedge_examples.console import (
+    STATIC,
+    Console,
+    ConsoleCollector,
+    EditRefused,
+    static_file,
+)
 
 __all__ = [
     "DEFAULT_MAX_REQUEST_SIZE",
@@ -58,6 +74,11 @@ _RECEIVE_SIZE = 4096
 _ALLOWED_METHODS = (b"GET", b"HEAD")
 
 _ADMIN_PREFIX = b"/admin/"
+# The cookie /admin/?token= sets, so the page's own requests (and its event stream, which
+# cannot set headers) carry the admin token.
+_TOKEN_COOKIE = "mailedge_admin"
+# The header a browser's POST carries the page's CSRF token in.
+_CSRF_HEADER = b"x-csrf-token"
 # Host names a loopback admin request may carry (a DNS-rebinding page would send its own name);
 # [::1] is compared as an address, so [0:0::1] is it too.
 _LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1"})
@@ -119,11 +140,23 @@ class HTTPHandler:
     server_name: str = "mailedge-example"
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     autoban: AutoBan | None = None
+    # The operator's console under /admin/, and the metrics it knows about; None: no console.
+    console: Console | None = None
     registry: CollectorRegistry = attrs.field(init=False, repr=False)
+    _console_metrics: ConsoleCollector | None = attrs.field(default=None, init=False, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = CollectorRegistry()
         self.registry.register(GateDecisionsCollector(self.counters_source))
+        if self.console is not None:
+            self._console_metrics = ConsoleCollector(self.console)
+            self.registry.register(self._console_metrics)
+
+    async def metrics(self) -> bytes:
+        """The Prometheus text, with the ban count read (it may await a store) just before."""
+        if self._console_metrics is not None and self.autoban is not None:
+            self._console_metrics.bans = len(await self.autoban.bans())
+        return generate_latest(self.registry)
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         connection = _Connection(self, stream, context)
@@ -143,6 +176,21 @@ class _Reply:
     close: bool = False
 
 
+# The page's headers: no framing by other sites, and nothing loaded from anywhere else.
+_PAGE_HEADERS: Headers = (
+    ("Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+)
+
+
+@attrs.frozen
+class _EventStream:
+    """The route's answer for ``/admin/events``: a stream, not one reply."""
+
+    console: Console
+
+
 def _text(status: int, text: str, *, headers: Headers = (), close: bool = False) -> _Reply:
     return _Reply(status, "text/plain; charset=utf-8", text.encode(), headers, close)
 
@@ -158,23 +206,74 @@ def _header(request: h11.Request, name: bytes) -> str | None:
     return None
 
 
-def _admin_refusal(context: ConnectionContext, request: h11.Request) -> str | None:
+def _cookie(request: h11.Request, name: str) -> str | None:
+    for key, value in request.headers:
+        if key == b"cookie":
+            for part in value.decode("latin-1").split(";"):
+                key_text, _, text = part.strip().partition("=")
+                if key_text == name:
+                    return text
+    return None
+
+
+def _has_token(request: h11.Request, console: Console | None) -> bool:
+    """True when the request carries the console's admin token (header or cookie)."""
+    if console is None or not console.admin_token:
+        return False
+    expected = console.admin_token.encode()
+    authorization = _header(request, b"authorization") or ""
+    scheme, _, given = authorization.partition(" ")
+    candidates = [given] if scheme.lower() == "bearer" else []
+    cookie = _cookie(request, _TOKEN_COOKIE)
+    if cookie is not None:
+        candidates.append(urllib.parse.unquote(cookie))
+    path, _, query = request.target.partition(b"?")
+    if path == b"/admin/" and request.method in _ALLOWED_METHODS:
+        # The page's link: /admin/?token=... (it answers with the cookie).
+        candidates += urllib.parse.parse_qs(query.decode("latin-1")).get("token", [])
+    return any(hmac.compare_digest(expected, c.encode()) for c in candidates)
+
+
+def _same_origin(value: str, host: str, tls: bool) -> bool:
+    """True when ``value`` (an Origin, or a Referer URL) is this server's own origin."""
+    url = urllib.parse.urlsplit(value)
+    scheme = "https" if tls else "http"
+    return url.scheme == scheme and url.netloc.lower() == host.lower()
+
+
+def _admin_refusal(
+    context: ConnectionContext, request: h11.Request, console: Console | None = None
+) -> str | None:
     """Why this request may not use the admin routes, or None when it may."""
-    if context.proxied or not context.client_known:
-        # A proxy's header names some client; it is not proof of being on this host.
-        return "proxied"
-    if not context.client_ip.is_loopback:
-        return "not loopback"
-    if _header(request, b"origin") is not None:
-        # Browsers send Origin with cross-site POSTs; curl and scripts do not.
-        return "has an Origin header"
     hosts = [value for key, value in request.headers if key == b"host"]
     if len(hosts) != 1:
         # RFC 9112 3.2: a request with no Host, or more than one, is a client error.
         return f"{len(hosts)} Host headers"
     host = hosts[0].decode("latin-1")
-    if not _is_loopback_host(host):
-        return f"Host {host!r} is not a loopback name"
+    if not _has_token(request, console):
+        if context.proxied or not context.client_known:
+            # A proxy's header names some client; it is not proof of being on this host.
+            return "proxied"
+        if not context.client_ip.is_loopback:
+            return "not loopback"
+        if not _is_loopback_host(host):
+            return f"Host {host!r} is not a loopback name"
+    origin = _header(request, b"origin")
+    referer = _header(request, b"referer")
+    browser = origin is not None or referer is not None or _header(request, b"cookie") is not None
+    if not browser:
+        # curl and scripts: no web page can make a request without these headers.
+        return None
+    if console is None:
+        return "a browser's request, and there is no console"
+    claimed = origin if origin is not None else referer
+    if claimed is None or not _same_origin(claimed, host, context.tls):
+        # A cross-site page, or a browser that hid where the request came from.
+        return f"origin {claimed!r} is not this console's"
+    if request.method not in _ALLOWED_METHODS:
+        token = _header(request, _CSRF_HEADER) or ""
+        if not hmac.compare_digest(token.encode(), console.csrf_token.encode()):
+            return "no valid CSRF token"
     return None
 
 
@@ -258,11 +357,17 @@ class _Connection:
         # A client in h11's IDLE state can only start a request or close.
         assert isinstance(event, h11.Request), event
         request = event
-        reply = await self.route(request)
+        body: bytes | None = b""
+        if not self.machine.they_are_waiting_for_100_continue:
+            body = await self.read_body()
+        reply = await self.route(request, body or b"")
+        if isinstance(reply, _EventStream):
+            await self.stream_events(reply)
+            return False
         if self.machine.they_are_waiting_for_100_continue:
             # We never want a body; refuse it by answering now and closing.
             reply = attrs.evolve(reply, close=True)
-        elif not await self.drain_body():
+        elif body is None:
             reply = _text(413, "request body too large\n", close=True)
         await self.respond(reply, head=request.method == b"HEAD")
         self.log.debug(
@@ -276,43 +381,46 @@ class _Connection:
             return True
         return False
 
-    async def drain_body(self) -> bool:
-        """Read and drop the request body; False if it exceeds ``max_request_size``."""
-        size = 0
+    async def read_body(self) -> bytes | None:
+        """The request body; None (the rest unread) if it exceeds ``max_request_size``."""
+        body = bytearray()
         while True:
             event = await self.next_event()
             if isinstance(event, h11.EndOfMessage):
-                return True
+                return bytes(body)
             if isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > self.handler.max_request_size:
-                    return False
+                body += event.data
+                if len(body) > self.handler.max_request_size:
+                    return None
 
-    async def route(self, request: h11.Request) -> _Reply:
-        if request.target.startswith(_ADMIN_PREFIX):
-            return await self.admin(request)
+    async def route(self, request: h11.Request, body: bytes = b"") -> _Reply | _EventStream:
+        if request.target.startswith(_ADMIN_PREFIX) or request.target == b"/admin":
+            return await self.admin(request, body)
         if request.method not in _ALLOWED_METHODS:
             return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
         path = request.target.partition(b"?")[0]
         if path == b"/whoami":
             # Deliberately built from the context alone: request headers such as
             # X-Forwarded-For are client-controlled and never consulted.
-            body = json.dumps(context_to_json(self.context), indent=2) + "\n"
-            return _Reply(200, "application/json", body.encode())
+            text = json.dumps(context_to_json(self.context), indent=2) + "\n"
+            return _Reply(200, "application/json", text.encode())
         if path == b"/healthz":
             return _text(200, "ok")
         if path == b"/metrics":
-            return _Reply(200, CONTENT_TYPE_LATEST, generate_latest(self.handler.registry))
+            return _Reply(200, CONTENT_TYPE_LATEST, await self.handler.metrics())
         return _text(404, "not found\n")
 
-    async def admin(self, request: h11.Request) -> _Reply:
-        """The ban admin routes: loopback, direct connections only."""
-        refusal = _admin_refusal(self.context, request)
+    async def admin(self, request: h11.Request, body: bytes = b"") -> _Reply | _EventStream:
+        """The admin routes: loopback, direct connections only, or the admin token."""
+        console = self.handler.console
+        refusal = _admin_refusal(self.context, request, console)
         if refusal is not None:
             self.log.warning("admin request refused: %s", refusal)
             return _text(403, "forbidden\n")
         path, _, query = request.target.partition(b"?")
         autoban = self.handler.autoban
+        if console is not None and not path.startswith(b"/admin/bans"):
+            return await self.console(console, request, path, query, body)
         if path == b"/admin/bans":
             if request.method not in _ALLOWED_METHODS:
                 return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
@@ -334,6 +442,104 @@ class _Connection:
             self.log.warning("admin: lift %r -> %s", values[0], lifted)
             return _json(200 if lifted else 404, {"ip": values[0], "lifted": lifted})
         return _text(404, "not found\n")
+
+    async def console(
+        self, console: Console, request: h11.Request, path: bytes, query: bytes, body: bytes
+    ) -> _Reply | _EventStream:
+        """The console's page, its JSON, its event stream and its one edit."""
+        if path == b"/admin/api/trusted":
+            if request.method != b"POST":
+                return _text(405, "method not allowed\n", headers=[("Allow", "POST")])
+            return self.edit_trusted(console, body)
+        if request.method not in _ALLOWED_METHODS:
+            return _text(405, "method not allowed\n", headers=[("Allow", "GET, HEAD")])
+        if path in (b"/admin", b"/admin/"):
+            return self.page(console, query)
+        name = path.removeprefix(_ADMIN_PREFIX).decode("latin-1")
+        if name in STATIC and name != "index.html":
+            return _Reply(200, STATIC[name], static_file(name), headers=_PAGE_HEADERS)
+        if path == b"/admin/api/state":
+            return _json(200, console.state())
+        if path == b"/admin/api/decisions":
+            return _json(200, [d.to_json() for d in console.decisions.recent()])
+        if path == b"/admin/events":
+            return _EventStream(console)
+        return _text(404, "not found\n")
+
+    def page(self, console: Console, query: bytes) -> _Reply:
+        """The page, with this process's CSRF token in it; ``?token=`` sets the admin cookie."""
+        html = static_file("index.html").replace(
+            b"{{csrf_token}}", console.csrf_token.encode("ascii")
+        )
+        headers = list(_PAGE_HEADERS)
+        given = urllib.parse.parse_qs(query.decode("latin-1")).get("token", [])
+        if (
+            given
+            and console.admin_token
+            and hmac.compare_digest(given[0].encode(), console.admin_token.encode())
+        ):
+            cookie = urllib.parse.quote(given[0], safe="")
+            headers.append(
+                (
+                    "Set-Cookie",
+                    f"{_TOKEN_COOKIE}={cookie}; Path=/admin; HttpOnly; SameSite=Strict",
+                )
+            )
+        return _Reply(200, STATIC["index.html"], html, headers=headers)
+
+    def edit_trusted(self, console: Console, body: bytes) -> _Reply:
+        """``{"listener": null | NAME, "networks": [...] | null}``: edit, write, reload."""
+        try:
+            value = json.loads(body)
+            listener, networks = value["listener"], value["networks"]
+        except (ValueError, KeyError, TypeError):
+            value = listener = networks = None
+        if (
+            not isinstance(value, dict)
+            or (listener is not None and not isinstance(listener, str))
+            or (
+                networks is not None
+                and not (isinstance(networks, list) and all(isinstance(n, str) for n in networks))
+            )
+        ):
+            return _json(
+                400,
+                {
+                    "ok": False,
+                    "message": 'expected {"listener": null or a name, "networks": [...] or null}',
+                },
+            )
+        try:
+            message = console.edit(listener, networks)
+        except EditRefused as exc:
+            self.log.warning("console: trusted networks not changed: %s", exc)
+            return _json(409, {"ok": False, "message": str(exc)})
+        self.log.warning("console: %s", message)
+        return _json(200, {"ok": True, "message": message})
+
+    async def stream_events(self, events: _EventStream) -> None:
+        """New decisions as server-sent events, until the client goes or the server stops."""
+        headers = [
+            ("Server", self.handler.server_name),
+            ("Content-Type", "text/event-stream"),
+            ("Cache-Control", "no-store"),
+        ]
+        await self.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
+        console = events.console
+        with console.decisions.subscribe() as subscription:
+            # Tell the page the stream is up (it can show it, and a test can wait for it).
+            await self.send(h11.Data(data=b": connected\n\n"))
+            try:
+                while True:
+                    # Waiting for a decision is idle: shutdown ends the stream at once.
+                    with awaiting_command(), trio.move_on_after(console.heartbeat):
+                        decision = await subscription.receive()
+                        line = json.dumps(decision.to_json(), separators=(",", ":"))
+                        await self.send(h11.Data(data=f"data: {line}\n\n".encode()))
+                        continue
+                    await self.send(h11.Data(data=b": heartbeat\n\n"))
+            except ShuttingDown:
+                await self.send(h11.EndOfMessage())
 
     async def respond(self, reply: _Reply, *, head: bool = False) -> None:
         headers = [

@@ -36,18 +36,20 @@ from mailedge.config import (
     loads_document,
     require_listeners,
 )
+from mailedge.decisions import fan_out
 from mailedge.gate import ProxyGate
 from mailedge.hooks import HookChain, Hooks
 from mailedge.hooks.autoban import AutoBan
 from mailedge.hooks.dmarc import DMARCHook
 from mailedge.hooks.dns import ResolverSettings
-from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
+from mailedge.hooks.ratelimit import RateLimiter
 from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore
 from mailedge.networks import TrustedNetworks, format_endpoint
-from mailedge.server import BindError, Handler, Server, handle_signals, serve
+from mailedge.server import BindError, Handler, Server, handle_signals
 from mailedge.settings import ListenerProtocol, NetworkListener
 from mailedge.tls import server_ssl_context
+from mailedge_examples.console import Console, CountedRateLimits
 from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
 from mailedge_examples.smtp_handler import SMTPHandler
@@ -99,6 +101,11 @@ DEFAULT_HOSTNAME = "mx.mailedge.test"
 DEFAULT_STATE_DIR = ".mailedge-demo"
 
 
+# An admin token is a password anyone who can reach the port may guess at: 16 characters at
+# the least (`openssl rand -hex 16` gives 32).
+MIN_ADMIN_TOKEN = 16
+
+
 @attrs.frozen
 class ExampleSettings:
     """The example server's own settings, from the config file's ``[Example]`` table."""
@@ -112,10 +119,13 @@ class ExampleSettings:
     dmarc: bool = False
     # "ip" or "ip:port" entries; empty means the system resolver.
     dns_servers: tuple[str, ...] = ()
+    # Lets the console (/admin/) answer from other hosts too, to whoever presents it; unset,
+    # only direct loopback connections get in.
+    admin_token: str | None = attrs.field(default=None, repr=False)
 
     @classmethod
     def from_table(cls, table: Mapping[str, Any]) -> ExampleSettings:
-        known = ["hostname", "stateDir", "users", "spf", "dmarc", "dnsServers"]
+        known = ["hostname", "stateDir", "users", "spf", "dmarc", "dnsServers", "adminToken"]
         for key in table:
             if key not in known:
                 close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
@@ -140,7 +150,14 @@ class ExampleSettings:
         servers = table.get("dnsServers", [])
         if not isinstance(servers, list) or not all(isinstance(x, str) for x in servers):
             raise ConfigError("expected a list of 'ip' or 'ip:port'", path="Example.dnsServers")
+        token = table.get("adminToken")
+        if token is not None and (not isinstance(token, str) or len(token) < MIN_ADMIN_TOKEN):
+            raise ConfigError(
+                f"expected a string of at least {MIN_ADMIN_TOKEN} characters",
+                path="Example.adminToken",
+            )
         return cls(
+            admin_token=token,
             hostname=hostname,
             state_dir=pathlib.Path(state_dir),
             users=users,
@@ -322,7 +339,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     failed: BindError | None = None
     try:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(partial(run, document, example))
+            server = await nursery.start(partial(run, document, example, config_path=args.config))
             # Signals are caught before "ready": a SIGHUP right after it reloads, not kills.
             await nursery.start(
                 partial(handle_signals, server, args.config, extra_sections=[EXAMPLE_SECTION])
@@ -345,21 +362,33 @@ class Parts:
     ssl_context: ssl.SSLContext
     hooks: HookChain
     autoban: AutoBan
+    console: Console
 
 
-def build(document: Document, example: ExampleSettings) -> Parts:
+def build(document: Document, example: ExampleSettings, config_path: str | None = None) -> Parts:
     """The gate, the policy hooks, one handler per protocol, and the demo TLS context."""
     cert, key = demo_certificate(example.state_dir, example.hostname)
     tls = server_ssl_context(str(cert), str(key))
     store = MemoryStore()
     # The hooks read the gate's settings at call time, so a SIGHUP reload applies to them too.
     autoban = AutoBan(lambda: gate.settings, store)
+    # The console's recent decisions; the editor writes back to the file it was started with.
+    rate_limits = CountedRateLimits(lambda: gate.settings, RateLimiter(store))
+    console = Console(
+        config_path=config_path,
+        extra_sections=(EXAMPLE_SECTION,),
+        admin_token=example.admin_token,
+        rate_limits=rate_limits,
+    )
     # Untrusted PROXY headers count as failures towards a ban of the peer that sent them.
-    gate = ProxyGate(document.settings, on_event=autoban.on_gate_event)
+    # The console's ring sees every decision, so the gate builds even routine ones into events.
+    gate = ProxyGate(
+        document.settings, on_event=fan_out(autoban.on_gate_event, console.decisions.record)
+    )
     policy: list[Hooks] = [
         # First, so a banned client is refused before it spends any rate budget.
         autoban,
-        RateLimitHooks(lambda: gate.settings, RateLimiter(store)),
+        rate_limits,
     ]
     resolver = ResolverSettings.parse(example.dns_servers)
     if example.spf:
@@ -387,28 +416,36 @@ def build(document: Document, example: ExampleSettings) -> Parts:
             # The SMTP handler's deliveries, read-only, as every user's INBOX.
             maildir=example.state_dir / "Maildir",
         ),
-        # /metrics reports the gate's decisions; /admin/bans lists and lifts bans (loopback).
-        ListenerProtocol.HTTP: HTTPHandler(counters_source=lambda: gate.counters, autoban=autoban),
+        # /metrics reports the gate's decisions; /admin/ is the console (loopback, or token).
+        ListenerProtocol.HTTP: HTTPHandler(
+            counters_source=lambda: gate.counters, autoban=autoban, console=console
+        ),
     }
-    return Parts(gate, handlers, tls, hooks, autoban)
+    return Parts(gate, handlers, tls, hooks, autoban, console)
 
 
 async def run(
     document: Document,
     example: ExampleSettings,
     *,
+    config_path: str | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Serve the example until cancelled or shut down; reports the running Server."""
-    parts = build(document, example)
-    await serve(
-        document.settings,
-        parts.handlers,
+    """Serve the example until cancelled or shut down; reports the running Server.
+
+    ``config_path`` is the file ``document`` came from: the console edits it.
+    """
+    parts = build(document, example, config_path)
+    # serve(), written out, so that the console knows the server before it accepts anything.
+    server = Server(
+        settings=document.settings,
+        handlers=parts.handlers,
         ssl_context=parts.ssl_context,
         gate=parts.gate,
         hooks=parts.hooks,
-        task_status=task_status,
     )
+    parts.console.server = server
+    await server.run(task_status=task_status)
 
 
 if __name__ == "__main__":

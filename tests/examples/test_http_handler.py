@@ -14,6 +14,7 @@ import pytest
 import trio
 import trio.testing
 from handler_support import handler_session, outcome_when_cancelled
+from mailedge_examples.console import Console
 from mailedge_examples.http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator, context_to_json
@@ -821,3 +822,193 @@ async def test_admin_refuses_an_http_10_request_without_host(
         await client.send(b"GET /admin/bans HTTP/1.0\r\n\r\n")
         assert (await client.response()).status == 403
     assert "admin request refused: 0 Host headers" in caplog.text
+
+
+# /admin/: the console
+
+
+def console_handler(**console_args: object) -> tuple[HTTPHandler, Console]:
+    console = Console(csrf_token="the-csrf-token", **console_args)  # type: ignore[arg-type]
+    return HTTPHandler(autoban=None, console=console), console
+
+
+ORIGIN = "http://127.0.0.1:2080"
+
+
+async def test_the_console_page_carries_the_csrf_token_and_loads_nothing_from_elsewhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, _ = console_handler()
+    async with session(handler, loopback_context()) as client:
+        page = await admin(client, "/admin/")
+        assert page.status == 200
+        assert page.headers["content-type"] == "text/html; charset=utf-8"
+        assert b'<meta name="csrf-token" content="the-csrf-token">' in page.body
+        assert page.headers["content-security-policy"].startswith("default-src 'self'")
+        for name in ("console.js", "console.css"):
+            static = await admin(client, f"/admin/{name}")
+            assert static.status == 200
+            assert b"http://" not in static.body and b"https://" not in static.body
+        assert b"https://" not in page.body and b"http://" not in page.body
+    async with session(handler, direct_ipv6_context()) as client:
+        assert (await admin(client, "/admin/")).status == 403
+
+
+async def test_the_console_state_lists_nothing_before_the_server_runs(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, _ = console_handler()
+    async with session(handler, loopback_context()) as client:
+        state = json.loads((await admin(client, "/admin/api/state")).body)
+    assert state["listeners"] == []
+    assert state["editable"] == "running on the embedded default settings: there is no file to edit"
+
+
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [
+        # The console's own page: same origin, with its token.
+        ((f"Origin: {ORIGIN}", "X-CSRF-Token: the-csrf-token"), 404),
+        ((f"Referer: {ORIGIN}/admin/", "X-CSRF-Token: the-csrf-token"), 404),
+        # Same origin, but no token or a wrong one: another tab's form cannot know it.
+        ((f"Origin: {ORIGIN}",), 403),
+        ((f"Origin: {ORIGIN}", "X-CSRF-Token: guessed"), 403),
+        # Another origin, even with the token.
+        (("Origin: http://localhost:2080", "X-CSRF-Token: the-csrf-token"), 403),
+        (("Referer: https://evil.example/", "X-CSRF-Token: the-csrf-token"), 403),
+        (("Origin: null", "X-CSRF-Token: the-csrf-token"), 403),
+        # A browser that hid where it came from, but sends its cookies: treated as a browser.
+        (("Cookie: a=b", "X-CSRF-Token: the-csrf-token"), 403),
+    ],
+)
+async def test_a_browser_post_needs_the_consoles_origin_and_its_csrf_token(
+    autojump_clock: trio.testing.MockClock, extra: tuple[str, ...], status: int
+) -> None:
+    handler, _ = console_handler()
+    async with session(handler, loopback_context()) as client:
+        # 404: past the checks, and no ban to lift (the handler has no auto-ban).
+        response = await admin(client, "/admin/bans/lift?ip=::1", *extra, method="POST")
+        assert response.status == status
+
+
+async def test_a_browser_get_from_another_origin_is_refused(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, _ = console_handler()
+    async with session(handler, loopback_context()) as client:
+        assert (await admin(client, "/admin/api/state", f"Origin: {ORIGIN}")).status == 200
+        evil = await admin(client, "/admin/api/state", "Origin: https://evil.example")
+        assert evil.status == 403
+
+
+@pytest.mark.parametrize(
+    "context",
+    [direct_ipv6_context(), proxied_ipv4_context()],
+    ids=["direct-remote", "proxied"],
+)
+async def test_the_admin_token_lets_a_remote_client_in(
+    autojump_clock: trio.testing.MockClock, context: ConnectionContext
+) -> None:
+    token = "a-long-enough-admin-token"
+    handler, _ = console_handler(admin_token=token)
+    async with session(handler, context) as client:
+        bearer = f"Authorization: Bearer {token}"
+        assert (await admin(client, "/admin/api/state", bearer, host="mx.example")).status == 200
+        wrong = await admin(client, "/admin/api/state", "Authorization: Bearer nope")
+        assert wrong.status == 403
+        # The page's ?token= sets a cookie; with it, the page's own requests get in, and a
+        # POST still needs the origin and the CSRF token (a cookie is sent by any page).
+        page = await admin(client, f"/admin/?token={token}", host="mx.example")
+        cookie = page.headers["set-cookie"]
+        assert cookie.startswith(f"mailedge_admin={token};")
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        with_cookie = f"Cookie: mailedge_admin={token}"
+        referer = "Referer: http://mx.example/admin/"
+        got = await admin(client, "/admin/api/state", with_cookie, referer, host="mx.example")
+        assert got.status == 200
+        post = await admin(
+            client,
+            "/admin/bans/lift?ip=::1",
+            with_cookie,
+            referer,
+            method="POST",
+            host="mx.example",
+        )
+        assert post.status == 403
+        post = await admin(
+            client,
+            "/admin/bans/lift?ip=::1",
+            with_cookie,
+            "Origin: http://mx.example",
+            "X-CSRF-Token: the-csrf-token",
+            method="POST",
+            host="mx.example",
+        )
+        assert post.status == 404
+
+
+async def test_editing_is_refused_on_the_embedded_default(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, _ = console_handler()
+    body = b'{"listener": null, "networks": ["10.0.0.0/8"]}'
+    async with session(handler, loopback_context()) as client:
+        await client.send(
+            b"POST /admin/api/trusted HTTP/1.1\r\nHost: localhost\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        response = await client.response()
+        assert response.status == 409
+        assert "embedded default" in json.loads(response.body)["message"]
+        await client.send(
+            b"POST /admin/api/trusted HTTP/1.1\r\nHost: localhost\r\nContent-Length: 2\r\n\r\n[]"
+        )
+        assert (await client.response()).status == 400
+
+
+async def test_the_event_stream_sends_each_new_decision_and_heartbeats(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, console = console_handler(heartbeat=15.0)
+    async with session(handler, loopback_context()) as client:
+        await client.send(b"GET /admin/events HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        while b": connected" not in client.buffer:
+            await client._fill()
+        head = bytes(client.buffer)
+        assert b"Content-Type: text/event-stream" in head
+        assert b"Transfer-Encoding: chunked" in head
+        console.decisions.record(
+            GateEvent(
+                name=EventName.TIMEOUT,
+                listener="smtp-proxy",
+                connection_id=9,
+                peer_ip=ip("127.0.0.1"),
+                peer_port=5000,
+                reason="timeout",
+                message="no PROXY header within 5 s",
+                elapsed=5.0,
+            )
+        )
+        while b"data: " not in client.buffer:
+            await client._fill()
+        line = bytes(client.buffer).split(b"data: ", 1)[1].split(b"\n", 1)[0]
+        decision = json.loads(line)
+        assert (decision["event"], decision["peer"], decision["message"]) == (
+            "proxy.timeout",
+            "127.0.0.1:5000",
+            "no PROXY header within 5 s",
+        )
+        client.buffer.clear()
+        await trio.sleep(15.0)
+        while b": heartbeat" not in client.buffer:
+            await client._fill()
+
+
+async def test_metrics_include_the_consoles(autojump_clock: trio.testing.MockClock) -> None:
+    console = Console()
+    handler = HTTPHandler(autoban=await admin_autoban(), console=console)
+    console.decisions.untrusted_peers.add("smtp", "192.0.2.9")
+    async with session(handler, direct_ipv6_context()) as client:
+        text = (await client.get("/metrics")).body.decode()
+    assert "mailedge_bans 2.0" in text
+    assert 'mailedge_untrusted_headers_total{listener="smtp",peer="192.0.2.9"} 1.0' in text
