@@ -39,6 +39,9 @@ def test_the_wheel_installs_into_a_fresh_venv_and_runs(tmp_path: pathlib.Path) -
     assert any(name.endswith("licenses/LICENSE") for name in names)
     assert "mailedge/__main__.py" in names
     assert "mailedge_examples/mailserver.py" in names
+    # The console's page ships with the package: no build step, no CDN.
+    for asset in ("index.html", "console.css", "console.js"):
+        assert f"mailedge_examples/console/{asset}" in names
     with tarfile.open(sdist) as archive:
         assert any(name.endswith("/LICENSE") for name in archive.getnames())
 
