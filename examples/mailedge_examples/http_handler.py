@@ -120,6 +120,9 @@ class HTTPHandler:
     max_request_size: int = DEFAULT_MAX_REQUEST_SIZE
     autoban: AutoBan | None = None
     registry: CollectorRegistry = attrs.field(init=False, repr=False)
+    # What /metrics serves when not this process's own registry: with worker processes, the
+    # whole server's (prometheus-client's multiprocess collector; examples/mailserver.py).
+    exposed: CollectorRegistry | None = attrs.field(default=None, kw_only=True, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -302,7 +305,8 @@ class _Connection:
         if path == b"/healthz":
             return _text(200, "ok")
         if path == b"/metrics":
-            return _Reply(200, CONTENT_TYPE_LATEST, generate_latest(self.handler.registry))
+            registry = self.handler.exposed or self.handler.registry
+            return _Reply(200, CONTENT_TYPE_LATEST, generate_latest(registry))
         return _text(404, "not found\n")
 
     async def admin(self, request: h11.Request) -> _Reply:
