@@ -11,9 +11,10 @@ Usable by any trio server, in three pieces:
   A worker that dies is restarted with a backoff; SIGTERM and SIGINT are forwarded as SIGTERM
   (drain), SIGHUP as SIGHUP (reload), and the parent returns once every worker has exited.
 - :func:`inherited` (worker): the sockets it was given, by listener name, for
-  ``serve(..., sockets=...)``, and :func:`watch_parent`, which shuts the worker down when the
-  parent goes away (workers run in their own process group, so a terminal's Ctrl-C reaches
-  only the parent, which forwards it once).
+  ``serve(..., sockets=...)``; its ``ready()`` tells the parent it serves (the parent starts
+  counting as ready once every worker has said so, or died), and :func:`watch_parent` shuts
+  the worker down when the parent goes away (workers run in their own process group, so a
+  terminal's Ctrl-C reaches only the parent, which forwards it once).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from mailedge.settings import Settings
 __all__ = [
     "ENV_INDEX",
     "ENV_SOCKETS",
+    "Inherited",
     "Supervisor",
     "Worker",
     "WorkerSockets",
@@ -125,8 +127,28 @@ def worker_index() -> int | None:
     return int(value) if value is not None else None
 
 
-def inherited() -> tuple[WorkerSockets, int] | None:
-    """In a worker: its sockets by listener, and the descriptor of the parent's pipe."""
+@attrs.frozen
+class Inherited:
+    """What a worker got from its parent: sockets by listener, and two pipes.
+
+    ``parent_fd`` reaches end of file when the parent is gone (:func:`watch_parent`);
+    :meth:`ready` tells the parent this worker serves (its signals are caught).
+    """
+
+    sockets: WorkerSockets
+    parent_fd: int
+    ready_fd: int
+
+    def ready(self) -> None:
+        """Tell the parent this worker is serving; call once, after catching signals."""
+        try:
+            os.write(self.ready_fd, b"r")
+        finally:
+            os.close(self.ready_fd)
+
+
+def inherited() -> Inherited | None:
+    """In a worker: what the parent passed down; None when this process is not a worker."""
     value = os.environ.get(ENV_SOCKETS)
     if value is None:
         return None
@@ -138,7 +160,7 @@ def inherited() -> tuple[WorkerSockets, int] | None:
     for socks in sockets.values():
         for sock in socks:
             sock.setblocking(False)
-    return sockets, int(described["parent"])
+    return Inherited(sockets, int(described["parent"]), int(described["ready"]))
 
 
 async def watch_parent(fd: int, on_gone: Callable[[], None]) -> None:
@@ -200,7 +222,10 @@ class Supervisor:
         return [w.process.pid for w in self.workers if w.process is not None]
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Start every worker, then supervise them; signals are handled here."""
+        """Start every worker, then supervise them; signals are handled here.
+
+        With ``nursery.start``, it returns once every worker has said it is ready (or died).
+        """
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         with trio.open_signal_receiver(*signals) as received:
             async with trio.open_nursery() as nursery:
@@ -245,10 +270,16 @@ class Supervisor:
         while not self.stopping:
             began = trio.current_time()
             read_end, write_end = os.pipe()
+            ready_read, ready_write = os.pipe()
             try:
-                process = await self._spawn(worker, read_end)
+                process = await self._spawn(worker, read_end, ready_write)
             finally:
                 os.close(read_end)
+                os.close(ready_write)
+            # One byte once it serves, or end of file if it died first.
+            async with trio.lowlevel.FdStream(ready_read) as ready:
+                if await ready.receive_some(1):
+                    logger.info("worker %d ready (pid %d)", worker.index, process.pid)
             if not started:
                 task_status.started()
                 started = True
@@ -286,13 +317,14 @@ class Supervisor:
                 await self._stopped.wait()
             backoff = min(backoff * 2, RESTART_BACKOFF_MAX)
 
-    async def _spawn(self, worker: Worker, parent_fd: int) -> trio.Process:
+    async def _spawn(self, worker: Worker, parent_fd: int, ready_fd: int) -> trio.Process:
         fds = [s.fileno() for socks in worker.sockets.values() for s in socks]
         described = {
             "listeners": {
                 name: [s.fileno() for s in socks] for name, socks in worker.sockets.items()
             },
             "parent": parent_fd,
+            "ready": ready_fd,
         }
         env = {
             **os.environ,
@@ -303,7 +335,7 @@ class Supervisor:
         process = await trio.lowlevel.open_process(
             list(self.command),
             env=env,
-            pass_fds=[*fds, parent_fd],
+            pass_fds=[*fds, parent_fd, ready_fd],
             # Its own process group: a terminal's Ctrl-C reaches the parent, which forwards it.
             process_group=0,
             stdin=subprocess.DEVNULL,

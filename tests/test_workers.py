@@ -65,15 +65,15 @@ async def greet(stream, context):
 
 async def main():
     settings = load(sys.argv[1])
-    sockets, parent = inherited()
+    given = inherited()
     store = RedisStore(url=sys.argv[2], timeout=1.0, connection_lease=float(sys.argv[3]))
     async with store, trio.open_nursery() as nursery:
         server = await nursery.start(
-            partial(serve, settings, {"smtp": greet}, sockets=sockets, shared_counts=store)
+            partial(serve, settings, {"smtp": greet}, sockets=given.sockets, shared_counts=store)
         )
         await nursery.start(handle_signals, server, None)
-        print(f"ready {os.getpid()}", file=sys.stderr, flush=True)
-        nursery.start_soon(watch_parent, parent, server.shutdown)
+        given.ready()
+        nursery.start_soon(watch_parent, given.parent_fd, server.shutdown)
         await server.wait_stopped()
         nursery.cancel_scope.cancel()
 
@@ -147,9 +147,8 @@ class Parent:
         assert fields, self.log()
         self.port = int(fields[0])
         self.pids = [int(pid) for pid in fields[1:]]
-        # Every worker has caught its signals (a SIGTERM before that would kill it).
-        for pid in self.pids:
-            self.wait_for_log(f"ready {pid}")
+        # The parent prints once every worker said it is ready (its signals are caught).
+        assert self.log().count(" ready (pid ") == count, self.log()
 
     def log(self) -> str:
         return self.log_path.read_text()

@@ -55,7 +55,7 @@ from mailedge.networks import TrustedNetworks, format_endpoint
 from mailedge.server import BindError, Handler, Server, handle_signals, serve
 from mailedge.settings import ListenerProtocol, NetworkListener, StoreBackend
 from mailedge.tls import server_ssl_context
-from mailedge.workers import Supervisor, bind_listeners, inherited, watch_parent, worker_index
+from mailedge.workers import Supervisor, bind_listeners, inherited, watch_parent
 from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
 from mailedge_examples.smtp_handler import SMTPHandler
@@ -361,7 +361,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     failed: BindError | None = None
     try:
         async with trio.open_nursery() as nursery:
-            sockets = given[0] if given is not None else None
+            sockets = given.sockets if given is not None else None
             server = await nursery.start(partial(run, document, example, sockets=sockets))
             # Signals are caught before "ready": a SIGHUP right after it reloads, not kills.
             await nursery.start(
@@ -369,8 +369,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
             )
             if given is not None:
                 # A worker: the parent announced; it stops when the parent is gone.
-                nursery.start_soon(_watch_parent, server, given[1])
-                log.info("worker %s ready", worker_index())
+                nursery.start_soon(_watch_parent, server, given.parent_fd)
+                given.ready()
             else:
                 announce(server, example)
     except* BindError as group:
