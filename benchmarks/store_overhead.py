@@ -109,7 +109,7 @@ async def child(kind: str, url: str) -> None:
         gate = ProxyGate(settings)
         autoban = AutoBan(lambda: gate.settings, store)
         hooks = HookChain([autoban, RateLimitHooks(lambda: gate.settings, RateLimiter(store))])
-        shared = store if kind == "redis+counts" else None
+        shared = store if kind == "redis+counts" and isinstance(store, RedisStore) else None
         server = await nursery.start(
             partial(
                 serve, settings, {"smtp": handler}, gate=gate, hooks=hooks, shared_counts=shared
