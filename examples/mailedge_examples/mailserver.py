@@ -374,11 +374,23 @@ async def main(argv: Sequence[str] | None = None) -> int:
             else:
                 announce(server, example)
     except* BindError as group:
-        failed = next(e for e in group.exceptions if isinstance(e, BindError))
+        # The store's and the server's nurseries may each wrap it in a group of its own.
+        failed = _first_bind_error(group)
     if failed is not None:
         print(bind_failure(failed), file=sys.stderr)
         return 2
     return 0
+
+
+def _first_bind_error(group: BaseExceptionGroup[BaseException]) -> BindError | None:
+    for error in group.exceptions:
+        if isinstance(error, BindError):
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            found = _first_bind_error(error)
+            if found is not None:
+                return found
+    return None
 
 
 async def _watch_parent(server: Server, fd: int) -> None:
