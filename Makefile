@@ -51,6 +51,7 @@ bench: $(BENCH_STAMP)
 	$(BENCH_VENV)/bin/python benchmarks/half_headers.py
 	$(BENCH_VENV)/bin/python benchmarks/redis_clients.py
 	$(BENCH_VENV)/bin/python benchmarks/message_memory.py
+	$(BENCH_VENV)/bin/python benchmarks/store_overhead.py
 
 # Fuzz the PROXY codec: atheris for FUZZ_TIME seconds over the checked-in seeds (new inputs
 # and crashes go to .fuzz-corpus/, never into fuzz/corpus), then the Hypothesis properties

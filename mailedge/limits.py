@@ -12,16 +12,41 @@ integers: no context manager, no hashing of address objects.
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import Literal, Protocol, TypeVar
 
 import attrs
 
-from mailedge.clients import Nat64Prefixes, client_key
+from mailedge.clients import Nat64Prefixes, client_key, client_label
 from mailedge.proxy import IPAddress
 
-__all__ = ["ConnectionLimits", "client_key"]
+__all__ = ["ConnectionLimits", "SharedCounts", "client_key", "shared_key"]
 
 _Key = TypeVar("_Key")
+
+
+class SharedCounts(Protocol):
+    """Open connections per client counted with other processes (``RedisStore`` is one).
+
+    The server keeps its local count too, and asks only when a local slot was free.
+    """
+
+    async def take_connection(self, key: str, limit: int) -> str | Literal[False] | None:
+        """Take a slot under ``key`` if fewer than ``limit`` are held everywhere.
+
+        A token to release it with when taken, False when the client is at its limit, None
+        when the shared count is unavailable (the local count decides). It must return
+        within the store's timeout and never raise.
+        """
+        ...
+
+    def release_connection(self, key: str, token: str) -> None:
+        """Give the slot back; must not block (a slot not given back expires by itself)."""
+        ...
+
+
+def shared_key(listener: str, ip: IPAddress, nat64_prefixes: Nat64Prefixes = ()) -> str:
+    """The shared count's key for one client on one listener: ``conn:smtp:198.51.100.7``."""
+    return f"conn:{listener}:{client_label(ip, nat64_prefixes=nat64_prefixes)}"
 
 
 @attrs.define(repr=False)

@@ -24,9 +24,10 @@ import math
 import os
 import re
 import signal
+import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
 
 import attrs
 import trio
@@ -35,7 +36,7 @@ from mailedge.clients import Nat64Prefixes, client_key
 from mailedge.config import ConfigError, listener_changes, load_document, rebind_problem
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
-from mailedge.limits import ConnectionLimits
+from mailedge.limits import ConnectionLimits, SharedCounts, shared_key
 from mailedge.names import ENHANCED_STATUS
 from mailedge.networks import IPAddress, IPNetwork, format_endpoint
 from mailedge.policy import Action, BaseHooks, Hooks, Verdict
@@ -334,6 +335,12 @@ class Server:
     limits: ConnectionLimits = attrs.field(factory=ConnectionLimits)
     # Policy: on_connect runs here, after the gate and the limits; the handlers run the rest.
     hooks: Hooks = attrs.field(factory=BaseHooks)
+    # Listening sockets bound elsewhere (a parent process, see mailedge.workers), by listener
+    # name; a listener named here is served on them instead of binding its addresses.
+    sockets: Mapping[str, Sequence[socket.socket]] = attrs.field(factory=dict)
+    # Per-IP connection counts shared with other processes (a RedisStore); the local count
+    # is kept as well, and decides alone when the shared one is unavailable.
+    shared_counts: SharedCounts | None = None
     # Bound addresses by listener name, filled in once every listener is bound.
     addresses: dict[str, list[Endpoint]] = attrs.field(factory=dict, init=False)
     # The open sessions by client, which the hooks get through on_start to end them.
@@ -431,6 +438,13 @@ class Server:
             for conf in self.settings.listeners:
                 sockets: list[trio.SocketListener] = []
                 bound.append((conf, sockets))
+                if conf.name in self.sockets:
+                    sockets += [
+                        trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+                        for sock in self.sockets[conf.name]
+                    ]
+                    self.addresses[conf.name] = [_endpoint(s.socket.getsockname()) for s in sockets]
+                    continue
                 for bind in conf.bind:
                     try:
                         sockets += await trio.open_tcp_listeners(
@@ -578,6 +592,16 @@ class Server:
             held = self.limits.take_client_slot(
                 conf.name, client, conf.max_connections_per_ip, nat64
             )
+            shared: str | None = None
+            if held and self.shared_counts is not None and context.client_known:
+                # The local count is never above the shared one: only a free local slot asks.
+                key = shared_key(conf.name, client, nat64)
+                answer = await self.shared_counts.take_connection(key, conf.max_connections_per_ip)
+                if answer is False:
+                    self.limits.release_client_slot(conf.name, client, nat64)
+                    held = False
+                elif answer is not None:
+                    shared = answer
             # A LOCAL or UNKNOWN header names no client; the proxy's own checks are not limited.
             if not held and context.client_known:
                 self._log_refusal(
@@ -600,6 +624,11 @@ class Server:
             finally:
                 if held:
                     self.limits.release_client_slot(conf.name, client, nat64)
+                if shared is not None:
+                    assert self.shared_counts is not None
+                    self.shared_counts.release_connection(
+                        shared_key(conf.name, client, nat64), shared
+                    )
                 if live is not None:
                     self.sessions.discard(client, live)
         # Cancelled by its own deadline: a header the gate has reported, a peer that stopped
@@ -742,6 +771,8 @@ async def serve(
     gate: ProxyGate | None = None,
     hooks: Hooks | None = None,
     drain_timeout: float = DEFAULT_DRAIN_TIMEOUT,
+    sockets: Mapping[str, Sequence[socket.socket]] | None = None,
+    shared_counts: SharedCounts | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve every listener in ``settings`` until cancelled or ``Server.shutdown``.
@@ -752,6 +783,11 @@ async def serve(
     connection the gate admits; a refusal is sent in the protocol's words and the connection
     closed. With ``nursery.start(serve, ...)`` the caller gets the running :class:`Server`,
     whose ``addresses`` hold the bound endpoints (so tests can bind port 0).
+
+    ``sockets`` maps listener names to listening sockets bound elsewhere (by a parent
+    process: :mod:`mailedge.workers`), served instead of binding those listeners' addresses.
+    ``shared_counts`` (a :class:`~mailedge.hooks.redis.RedisStore`) counts each client's open
+    connections across processes for ``maxConnectionsPerIp``.
     """
     server = Server(
         settings=settings,
@@ -760,6 +796,8 @@ async def serve(
         drain_timeout=drain_timeout,
         gate=gate if gate is not None else ProxyGate(settings),
         hooks=hooks if hooks is not None else BaseHooks(),
+        sockets=sockets if sockets is not None else {},
+        shared_counts=shared_counts,
     )
     await server.run(task_status=task_status)
 

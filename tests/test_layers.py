@@ -45,7 +45,16 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.tls",
         ),
     ),
-    ("server", ("mailedge.server", "mailedge.limits", "mailedge.lines", "mailedge.policy")),
+    (
+        "server",
+        (
+            "mailedge.server",
+            "mailedge.limits",
+            "mailedge.lines",
+            "mailedge.policy",
+            "mailedge.workers",
+        ),
+    ),
     ("hooks", ("mailedge.hooks",)),
     # `python -m mailedge` is the console script, so it sits with the cli.
     ("cli", ("mailedge.cli", "mailedge.__main__")),

@@ -1,10 +1,19 @@
-"""Connection limits: per listener, per client, IPv6 counted per /64."""
+"""Connection limits: per listener, per client, IPv6 counted per /64; shared through Redis."""
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import pathlib
+from functools import partial
 
-from mailedge.limits import ConnectionLimits, client_key
+import pytest
+import trio
+
+from mailedge.config import loads
+from mailedge.context import ConnectionContext
+from mailedge.limits import ConnectionLimits, client_key, shared_key
+from mailedge.server import serve
 
 V4 = ipaddress.IPv4Address("198.51.100.7")
 
@@ -69,3 +78,78 @@ def test_released_counts_leave_no_entries_behind() -> None:
         limits.release_listener_slot("smtp")
     assert repr(limits) == "<ConnectionLimits open=0>"
     assert limits._by_client == {} and limits._by_listener == {}
+
+
+def test_the_shared_key_names_the_listener_and_the_client() -> None:
+    assert shared_key("smtp", ipaddress.ip_address("198.51.100.7")) == "conn:smtp:198.51.100.7"
+    # One IPv6 /64 is one client, as in the local count; so is a mapped IPv4 address.
+    assert shared_key("imap", ipaddress.ip_address("2001:db8:1:2::9")) == (
+        "conn:imap:2001:db8:1:2::/64"
+    )
+    assert shared_key("smtp", ipaddress.ip_address("::ffff:198.51.100.7")) == (
+        "conn:smtp:198.51.100.7"
+    )
+
+
+# -- maxConnectionsPerIp shared across servers through a real Redis -----------------------------
+
+SHARED_CONFIG = """\
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:0"]
+maxConnectionsPerIp = 1
+"""
+
+
+async def hold(stream: trio.abc.Stream, context: ConnectionContext) -> None:
+    await stream.send_all(b"220 hello\r\n")
+    with contextlib.suppress(trio.BrokenResourceError):
+        while await stream.receive_some():
+            pass
+
+
+async def first_line(address: tuple[str, int]) -> tuple[trio.SocketStream, bytes]:
+    stream = await trio.open_tcp_stream(*address)
+    return stream, bytes(await stream.receive_some(200))
+
+
+async def test_two_servers_share_max_connections_per_ip(
+    nursery: trio.Nursery, tmp_path: pathlib.Path
+) -> None:
+    pytest.importorskip("coredis")
+    from redis_support import RedisServer
+
+    from mailedge.hooks.redis import RedisStore
+
+    redis = RedisServer(tmp_path)
+    redis.start()
+    try:
+        settings = loads(SHARED_CONFIG, format="toml")
+        addresses = []
+        for _ in range(2):
+            store = RedisStore(url=redis.url, timeout=0.2)
+            await nursery.start(store.run)
+            server = await nursery.start(
+                partial(serve, settings, {"smtp": hold}, shared_counts=store)
+            )
+            addresses.append(server.addresses["smtp"][0])
+        held, line = await first_line(addresses[0])
+        assert line == b"220 hello\r\n"
+        # The other server's local count is 0, but the client's one slot is taken.
+        refused, line = await first_line(addresses[1])
+        await refused.aclose()
+        assert line.startswith(b"421 4.7.0 Too many connections")
+        # Redis stopped: each server's local count decides, within the store's timeout.
+        redis.pause()
+        try:
+            with trio.fail_after(2.0):
+                allowed, line = await first_line(addresses[1])
+            await allowed.aclose()
+            assert line == b"220 hello\r\n"
+        finally:
+            redis.resume()
+        await held.aclose()
+    finally:
+        nursery.cancel_scope.cancel()
+        redis.stop()

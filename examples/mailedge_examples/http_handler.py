@@ -144,6 +144,9 @@ class HTTPHandler:
     console: Console | None = None
     registry: CollectorRegistry = attrs.field(init=False, repr=False)
     _console_metrics: ConsoleCollector | None = attrs.field(default=None, init=False, repr=False)
+    # What /metrics serves when not this process's own registry: with worker processes, the
+    # whole server's (prometheus-client's multiprocess collector; examples/mailserver.py).
+    exposed: CollectorRegistry | None = attrs.field(default=None, kw_only=True, repr=False)
 
     def __attrs_post_init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -156,7 +159,7 @@ class HTTPHandler:
         """The Prometheus text, with the ban count read (it may await a store) just before."""
         if self._console_metrics is not None and self.autoban is not None:
             self._console_metrics.bans = len(await self.autoban.bans())
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed or self.registry)
 
     async def __call__(self, stream: trio.abc.Stream, context: ConnectionContext) -> None:
         connection = _Connection(self, stream, context)

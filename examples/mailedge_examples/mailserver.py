@@ -18,16 +18,22 @@ import difflib
 import errno
 import ipaddress
 import logging
+import os
 import pathlib
 import shutil
+import socket
 import ssl
 import sys
-from collections.abc import Mapping, Sequence
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import attrs
 import trio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Metric
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 from mailedge.config import (
     ConfigError,
@@ -43,12 +49,14 @@ from mailedge.hooks.autoban import AutoBan
 from mailedge.hooks.dmarc import DMARCHook
 from mailedge.hooks.dns import ResolverSettings
 from mailedge.hooks.ratelimit import RateLimiter
+from mailedge.hooks.redis import RedisStore, open_store
 from mailedge.hooks.spf import SPFHook
-from mailedge.hooks.store import MemoryStore
+from mailedge.hooks.store import MemoryStore, RateStore
 from mailedge.networks import TrustedNetworks, format_endpoint
 from mailedge.server import BindError, Handler, Server, handle_signals
-from mailedge.settings import ListenerProtocol, NetworkListener
+from mailedge.settings import ListenerProtocol, NetworkListener, StoreBackend
 from mailedge.tls import server_ssl_context
+from mailedge.workers import Supervisor, bind_listeners, inherited, watch_parent
 from mailedge_examples.console import Console, CountedRateLimits
 from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
@@ -316,6 +324,17 @@ def bind_failure(error: BindError) -> str:
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 
+def workers_refusal(count: int, backend: StoreBackend) -> str | None:
+    """Why ``--workers count`` cannot run on ``backend``, or None when it can."""
+    if count > 1 and backend is StoreBackend.MEMORY:
+        return (
+            f'--workers {count} needs a shared store ([Store] backend = "redis"): with the '
+            f"memory store every rate limit, ban and per-IP count would be per worker, "
+            f"{count} times looser than configured"
+        )
+    return None
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     """The example server's command line; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -327,7 +346,21 @@ async def main(argv: Sequence[str] | None = None) -> int:
         choices=LOG_LEVELS,
         help="DEBUG shows every gate decision (default: INFO)",
     )
+    parser.add_argument(
+        "--workers",
+        default=1,
+        type=int,
+        metavar="N",
+        help="serve with N worker processes on the same sockets (needs [Store] backend = redis)",
+    )
+    parser.add_argument(
+        "--reuse-port",
+        action="store_true",
+        help="with --workers: one SO_REUSEPORT socket per worker instead of shared ones",
+    )
     args = parser.parse_args(argv)
+    if args.workers < 1:
+        parser.exit(2, f"mailserver: --workers must be at least 1, not {args.workers}\n")
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -335,22 +368,206 @@ async def main(argv: Sequence[str] | None = None) -> int:
         document, example = load(args.config)
     except (ConfigError, OSError) as exc:
         parser.exit(2, f"mailserver: {exc}\n")
+    given = inherited()
+    if given is None and args.workers > 1:
+        refusal = workers_refusal(args.workers, document.settings.store.backend)
+        if refusal is not None:
+            parser.exit(2, f"mailserver: {refusal}\n")
+        return await supervise(args, document, example)
 
     failed: BindError | None = None
     try:
         async with trio.open_nursery() as nursery:
-            server = await nursery.start(partial(run, document, example, config_path=args.config))
+            sockets = given.sockets if given is not None else None
+            server = await nursery.start(
+                partial(run, document, example, config_path=args.config, sockets=sockets)
+            )
             # Signals are caught before "ready": a SIGHUP right after it reloads, not kills.
             await nursery.start(
                 partial(handle_signals, server, args.config, extra_sections=[EXAMPLE_SECTION])
             )
-            announce(server, example)
+            if given is not None:
+                # A worker: the parent announced; it stops when the parent is gone.
+                nursery.start_soon(_watch_parent, server, given.parent_fd)
+                given.ready()
+            else:
+                announce(server, example)
     except* BindError as group:
-        failed = next(e for e in group.exceptions if isinstance(e, BindError))
+        # The store's and the server's nurseries may each wrap it in a group of its own.
+        failed = _first_bind_error(group)
     if failed is not None:
         print(bind_failure(failed), file=sys.stderr)
         return 2
     return 0
+
+
+def _first_bind_error(group: BaseExceptionGroup[BaseException]) -> BindError | None:
+    for error in group.exceptions:
+        if isinstance(error, BindError):
+            return error
+        if isinstance(error, BaseExceptionGroup):
+            found = _first_bind_error(error)
+            if found is not None:
+                return found
+    return None
+
+
+async def _watch_parent(server: Server, fd: int) -> None:
+    """A worker shuts down when its parent is gone; the watch ends when the server stops."""
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(watch_parent, fd, server.shutdown)
+        await server.wait_stopped()
+        nursery.cancel_scope.cancel()
+
+
+async def supervise(args: argparse.Namespace, document: Document, example: ExampleSettings) -> int:
+    """The parent of ``--workers N``: bind every listener, run the workers, announce, wait."""
+    try:
+        sockets = bind_listeners(document.settings, args.workers, reuse_port=args.reuse_port)
+    except BindError as error:
+        print(bind_failure(error), file=sys.stderr)
+        return 2
+    command = [sys.executable, "-m", "mailedge_examples.mailserver", "--log-level", args.log_level]
+    if args.config is not None:
+        command += ["--config", str(await trio.Path(args.config).absolute())]
+    # One /metrics for the whole server: prometheus-client's multiprocess mode, in a fresh
+    # directory per run (docs/scale-out.md, "Metrics").
+    with tempfile.TemporaryDirectory(prefix="mailedge-metrics-") as metrics:
+        supervisor = Supervisor(
+            command,
+            sockets,
+            env={"PROMETHEUS_MULTIPROC_DIR": metrics},
+            on_exit=_mark_process_dead(metrics),
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            addresses = {
+                name: [_endpoint_of(sock) for sock in socks] for name, socks in sockets[0].items()
+            }
+            _announce_bound(document, addresses, example)
+            print(f"workers: {args.workers}, pids {supervisor.pids}", flush=True)
+            print("ready", flush=True)
+    for worker_sockets in sockets:
+        for socks in worker_sockets.values():
+            for sock in socks:
+                sock.close()
+    return 1 if supervisor.failed else 0
+
+
+# Set by the parent of --workers: prometheus-client's multiprocess mode writes there.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+# How often a worker copies its in-memory metrics into the shared files: a scrape that lands
+# on another worker sees this one's counts at most a second old.
+METRICS_SYNC_INTERVAL = 1.0
+
+
+@attrs.define(repr=False)
+class MetricsMirror:
+    """A worker's in-memory metrics (the HTTP handler's collectors) in multiprocess files.
+
+    prometheus-client's multiprocess mode sums what every process wrote into the directory, but
+    only for its own ``Counter`` and ``Gauge`` objects; the handler's collectors read counters
+    the gate keeps in memory. Every second, and on each scrape of this worker, each counter
+    sample's growth is added to a multiprocess ``Counter`` of the same name and labels (summed
+    over every process that ever ran, so a restart never makes a total go down), and each
+    gauge sample is set on a ``livesum`` ``Gauge`` (dead workers' are dropped).
+    """
+
+    source: CollectorRegistry
+    _metrics: dict[str, Any] = attrs.field(factory=dict, init=False)
+    _seen: dict[tuple[str, tuple[tuple[str, str], ...]], float] = attrs.field(
+        factory=dict, init=False
+    )
+
+    @classmethod
+    def for_handler(cls, handlers: Mapping[ListenerProtocol, Handler]) -> MetricsMirror:
+        http = handlers.get(ListenerProtocol.HTTP)
+        assert isinstance(http, HTTPHandler)
+        mirror = cls(http.registry)
+        exposed = CollectorRegistry()
+        # /metrics syncs this worker first (collectors run in registration order), then
+        # reads every worker's files.
+        exposed.register(_SyncFirst(mirror))
+        MultiProcessCollector(exposed)  # type: ignore[no-untyped-call]
+        http.exposed = exposed
+        return mirror
+
+    async def run(self) -> None:
+        while True:
+            self.sync()
+            await trio.sleep(METRICS_SYNC_INTERVAL)
+
+    def sync(self) -> None:
+        for family in self.source.collect():
+            for sample in family.samples:
+                if family.type == "counter" and not sample.name.endswith("_total"):
+                    continue  # a counter's _created sample
+                labels = tuple(sorted(sample.labels.items()))
+                metric = self._metric(family.type, family.name, family.documentation, labels)
+                if metric is None:
+                    continue
+                child = metric.labels(**sample.labels) if labels else metric
+                if family.type == "counter":
+                    key = (sample.name, labels)
+                    delta = sample.value - self._seen.get(key, 0.0)
+                    if delta > 0:
+                        child.inc(delta)
+                        self._seen[key] = sample.value
+                else:
+                    child.set(sample.value)
+
+    def _metric(
+        self, kind: str, name: str, documentation: str, labels: tuple[tuple[str, str], ...]
+    ) -> Any:
+        metric = self._metrics.get(name)
+        if metric is None and kind in ("counter", "gauge"):
+            names = [label for label, _ in labels]
+            metric = (
+                Counter(name, documentation, names, registry=None)
+                if kind == "counter"
+                else Gauge(name, documentation, names, registry=None, multiprocess_mode="livesum")
+            )
+            self._metrics[name] = metric
+        return metric
+
+
+@attrs.define(eq=False)
+class _SyncFirst(Collector):
+    """Syncs the scraped worker's mirror; contributes no metrics of its own."""
+
+    mirror: MetricsMirror
+
+    def collect(self) -> list[Metric]:
+        self.mirror.sync()
+        return []
+
+
+def _mark_process_dead(directory: str) -> Callable[[int], None]:
+    def mark(pid: int) -> None:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid, directory)  # type: ignore[no-untyped-call]
+
+    return mark
+
+
+def _endpoint_of(sock: socket.socket) -> tuple[str, int]:
+    host, port = sock.getsockname()[:2]
+    return str(host), int(port)
+
+
+def _announce_bound(
+    document: Document, addresses: Mapping[str, Sequence[tuple[str, int]]], example: ExampleSettings
+) -> None:
+    """``announce``'s lines for listeners bound by the parent of ``--workers``."""
+    settings = document.settings
+    for conf in settings.listeners:
+        networks = conf.effective_proxy_trusted_networks(settings.system)
+        kind = f"PROXY from {', '.join(map(str, networks))}" if networks else "direct"
+        for host, port in addresses[conf.name]:
+            print(f"{conf.name:<11} {conf.protocol:<4} {format_endpoint(host, port):<16} {kind}")
+        print(f"  try: {try_it(conf, addresses[conf.name], networks)}")
+    print(f"mail is delivered to {example.state_dir / 'Maildir'} (new/ and cur/)")
 
 
 @attrs.frozen
@@ -365,11 +582,21 @@ class Parts:
     console: Console
 
 
-def build(document: Document, example: ExampleSettings, config_path: str | None = None) -> Parts:
-    """The gate, the policy hooks, one handler per protocol, and the demo TLS context."""
+def build(
+    document: Document,
+    example: ExampleSettings,
+    store: RateStore | None = None,
+    config_path: str | None = None,
+) -> Parts:
+    """The gate, the policy hooks, one handler per protocol, and the demo TLS context.
+
+    ``store`` holds the limits and bans (``[Store]``, opened by ``run``); a fresh
+    ``MemoryStore`` when not given. ``config_path`` is the file the console edits.
+    """
     cert, key = demo_certificate(example.state_dir, example.hostname)
     tls = server_ssl_context(str(cert), str(key))
-    store = MemoryStore()
+    if store is None:
+        store = MemoryStore()
     # The hooks read the gate's settings at call time, so a SIGHUP reload applies to them too.
     autoban = AutoBan(lambda: gate.settings, store)
     # The console's recent decisions; the editor writes back to the file it was started with.
@@ -429,23 +656,33 @@ async def run(
     example: ExampleSettings,
     *,
     config_path: str | None = None,
+    sockets: Mapping[str, Sequence[socket.socket]] | None = None,
     task_status: trio.TaskStatus[Server] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the example until cancelled or shut down; reports the running Server.
 
-    ``config_path`` is the file ``document`` came from: the console edits it.
+    ``config_path`` is the file ``document`` came from: the console edits it. The store is
+    ``[Store]``'s (memory by default), open for the whole run. ``sockets``: listening sockets a
+    ``--workers`` parent bound, by listener name.
     """
-    parts = build(document, example, config_path)
-    # serve(), written out, so that the console knows the server before it accepts anything.
-    server = Server(
-        settings=document.settings,
-        handlers=parts.handlers,
-        ssl_context=parts.ssl_context,
-        gate=parts.gate,
-        hooks=parts.hooks,
-    )
-    parts.console.server = server
-    await server.run(task_status=task_status)
+    async with open_store(document.settings.store) as store, trio.open_nursery() as nursery:
+        parts = build(document, example, store, config_path)
+        if sockets is not None and os.environ.get(MULTIPROC_ENV):
+            nursery.start_soon(MetricsMirror.for_handler(parts.handlers).run)
+        # serve(), written out, so that the console knows the server before it accepts anything.
+        server = Server(
+            settings=document.settings,
+            handlers=parts.handlers,
+            ssl_context=parts.ssl_context,
+            gate=parts.gate,
+            hooks=parts.hooks,
+            sockets=sockets if sockets is not None else {},
+            # With Redis, maxConnectionsPerIp counts every worker's and host's connections.
+            shared_counts=store if isinstance(store, RedisStore) else None,
+        )
+        parts.console.server = server
+        await server.run(task_status=task_status)
+        nursery.cancel_scope.cancel()
 
 
 if __name__ == "__main__":

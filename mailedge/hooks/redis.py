@@ -24,12 +24,15 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+import itertools
 import logging
 import math
+import os
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine
+import uuid
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Literal
 
 import attrs
 import trio
@@ -76,6 +79,41 @@ _RESYNC_BATCH = 100
 _ADDRESS_CHARS = frozenset("0123456789abcdef./")
 # The pub/sub channel under the key prefix.
 _CHANNEL = "mirror"
+# A connection slot (maxConnectionsPerIp) is a member of its client's sorted set, scored by
+# when it expires; its process renews it every CONNECTION_HEARTBEAT seconds. A process that
+# dies (SIGKILL, a crash, a lost host) stops renewing, so its slots are free within the lease.
+# 5 s: "a few seconds" after a crash, and five missed heartbeats before a live slot lapses.
+CONNECTION_LEASE = 5.0
+CONNECTION_HEARTBEAT = 1.0
+
+# Take a slot: drop expired members, count the rest, add ours if under the limit. Server time.
+# KEYS[1] the client's set; ARGV: limit, member, lease in ms. Returns 1 (taken) or 0 (full).
+CONNECTION_TAKE = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
+return 1
+"""
+# Renew this process's members of one set (re-adding any a restarted Redis lost).
+# KEYS[1] the set; ARGV: lease in ms, then the members.
+CONNECTION_RENEW = """
+local t = redis.call('TIME')
+local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
+for i = 2, #ARGV do
+  redis.call('ZADD', KEYS[1], expires, ARGV[i])
+end
+redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
+return 1
+"""
+# Give a slot back. KEYS[1] the set; ARGV[1] the member.
+CONNECTION_RELEASE = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
 
 
 def _is_client(text: str) -> bool:
@@ -329,6 +367,9 @@ class RedisStore:
     breaker: CircuitBreaker = attrs.field(factory=CircuitBreaker)
     view: BanView = attrs.field(factory=BanView)
     fallback: MemoryStore = attrs.field(factory=MemoryStore)
+    # The lease of a shared connection slot and how often this process renews its own.
+    connection_lease: float = CONNECTION_LEASE
+    connection_heartbeat: float = CONNECTION_HEARTBEAT
     errors: int = attrs.field(default=0, init=False)
     fallbacks: int = attrs.field(default=0, init=False)
     messages: int = attrs.field(default=0, init=False)
@@ -339,6 +380,14 @@ class RedisStore:
     _resync_now: trio.Event = attrs.field(factory=trio.Event, init=False)
     _cancel: trio.CancelScope | None = attrs.field(default=None, init=False)
     _nursery_manager: Any = attrs.field(default=None, init=False)
+    # Shared connection slots this process holds, by caller's key: their members.
+    _slots: dict[str, set[str]] = attrs.field(factory=dict, init=False)
+    _released: list[tuple[str, str]] = attrs.field(factory=list, init=False)
+    _release_now: trio.Event = attrs.field(factory=trio.Event, init=False)
+    _member_prefix: str = attrs.field(
+        factory=lambda: f"{os.getpid()}.{uuid.uuid4().hex[:12]}.", init=False
+    )
+    _member_numbers: Iterator[int] = attrs.field(factory=itertools.count, init=False)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
@@ -392,10 +441,17 @@ class RedisStore:
                     name: client.register_script(getattr(scripts, name))
                     for name in ("GCRA", "HIT", "GET", "SET", "DELETE", "TIME")
                 }
+                for name, text in (
+                    ("CONNECTION_TAKE", CONNECTION_TAKE),
+                    ("CONNECTION_RENEW", CONNECTION_RENEW),
+                    ("CONNECTION_RELEASE", CONNECTION_RELEASE),
+                ):
+                    self._scripts[name] = client.register_script(text)
                 try:
                     async with trio.open_nursery() as nursery:
                         first = trio.Event()
                         nursery.start_soon(self._subscriber, first)
+                        nursery.start_soon(self._connection_keeper)
                         # Started once the first subscription and re-read are done, or
                         # failed: a store that starts during an outage serves by its policy.
                         with trio.move_on_after(max(self.timeout, 1.0)):
@@ -636,6 +692,71 @@ class RedisStore:
             if reply and int(reply[1]) > 0:
                 entries.append(Entry(key, _text(reply[0]), int(reply[1]) / 1000))
         return entries
+
+    # -- shared connection counts (mailedge.limits.SharedCounts) ---------------------------------
+
+    async def take_connection(self, key: str, limit: int) -> str | Literal[False] | None:
+        """A slot under ``key`` if fewer than ``limit`` are held by every process together.
+
+        The member's token when taken, False at the limit, None when Redis did not answer
+        within ``timeout`` (under every ``onFailure`` the server's local count then decides:
+        it is never looser than one process's share, and never refuses for an outage).
+        """
+        script = self._scripts.get("CONNECTION_TAKE")
+        member = f"{self._member_prefix}{next(self._member_numbers)}"
+        lease_ms = math.ceil(self.connection_lease * 1000)
+        ok, reply = await self._call(
+            lambda: script(  # type: ignore[misc]
+                keys=[redis_key(self.key_prefix, key)], args=[limit, member, lease_ms]
+            )
+        )
+        if not ok:
+            return None
+        if not int(reply):
+            return False
+        self._slots.setdefault(key, set()).add(member)
+        return member
+
+    def release_connection(self, key: str, token: str) -> None:
+        """Stop renewing the slot and remove it in the background (it expires anyway)."""
+        members = self._slots.get(key)
+        if members is not None:
+            members.discard(token)
+            if not members:
+                del self._slots[key]
+        self._released.append((key, token))
+        self._release_now.set()
+
+    @property
+    def connection_slots(self) -> int:
+        """How many shared connection slots this process holds."""
+        return sum(map(len, self._slots.values()))
+
+    async def _connection_keeper(self) -> None:
+        """Remove released slots as they come, and renew the held ones every heartbeat."""
+        next_renewal = trio.current_time() + self.connection_heartbeat
+        while True:
+            with trio.move_on_at(next_renewal):
+                await self._release_now.wait()
+            self._release_now = trio.Event()
+            released, self._released = self._released, []
+            for key, member in released:
+                script = self._scripts["CONNECTION_RELEASE"]
+                await self._call(
+                    functools.partial(script, keys=[redis_key(self.key_prefix, key)], args=[member])
+                )
+            if trio.current_time() >= next_renewal:
+                next_renewal = trio.current_time() + self.connection_heartbeat
+                lease_ms = math.ceil(self.connection_lease * 1000)
+                for key, members in list(self._slots.items()):
+                    script = self._scripts["CONNECTION_RENEW"]
+                    await self._call(
+                        functools.partial(
+                            script,
+                            keys=[redis_key(self.key_prefix, key)],
+                            args=[lease_ms, *members],
+                        )
+                    )
 
     def _journal_write(self, key: str, value: str | None, ttl: float) -> None:
         self._journal.pop(key, None)

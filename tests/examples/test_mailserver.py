@@ -33,6 +33,7 @@ import pytest
 import trio
 from mailedge_examples import mailserver
 from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
+from redis_support import RedisServer
 
 from mailedge.config import ConfigError, loads_document
 from mailedge.proxy import (
@@ -812,3 +813,130 @@ def test_a_config_without_listeners_is_refused(tmp_path: pathlib.Path) -> None:
     )
     assert done.returncode == 2
     assert f"{config}: there are no [[NetworkListener]] tables" in done.stderr
+
+
+# -- scale-out (issue 11): [Store], --workers ----------------------------------------------------
+
+
+@pytest.fixture
+def redis_server(tmp_path: pathlib.Path) -> Iterator[RedisServer]:
+    pytest.importorskip("coredis")
+    server = RedisServer(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def store_config(tmp_path: pathlib.Path, redis: RedisServer, name: str) -> pathlib.Path:
+    path = tmp_path / f"{name}.toml"
+    (tmp_path / name).mkdir(exist_ok=True)
+    path.write_text(
+        BAN_CONFIG.format(state=tmp_path / name)
+        + f'\n[Store]\nbackend = "redis"\nurl = "{redis.url}"\ntimeout = 1\n'
+    )
+    return path
+
+
+def spoof(address: tuple[str, int]) -> bytes:
+    """An untrusted PROXY header from 127.0.0.2 (a failure towards a ban); the first reply."""
+    with socket.create_connection(
+        address, timeout=CLIENT_TIMEOUT, source_address=("127.0.0.2", 0)
+    ) as sock:
+        banner = sock.recv(200)
+        if banner.startswith(b"220 "):
+            sock.sendall(encode_v1(CLIENT, SERVER))
+            while sock.recv(200):
+                pass
+        return banner
+
+
+def test_two_example_servers_share_a_ban_through_redis(
+    tmp_path: pathlib.Path, redis_server: RedisServer
+) -> None:
+    one = Script(tmp_path / "one", "--config", str(store_config(tmp_path, redis_server, "one")))
+    try:
+        two = Script(tmp_path / "two", "--config", str(store_config(tmp_path, redis_server, "two")))
+        try:
+            # Two failures on the first server ban 127.0.0.2 there ...
+            assert spoof(one.address("smtp")).startswith(b"220 ")
+            assert spoof(one.address("smtp")).startswith(b"220 ")
+            assert spoof(one.address("smtp")).startswith(b"421 4.7.0 ")
+            # ... and on the second, which saw none: connections that send nothing (no
+            # failure of their own) are refused once the ban has arrived, within ms.
+            deadline = time.monotonic() + CLIENT_TIMEOUT
+            while not banner_from(two.address("smtp"), "127.0.0.2").startswith(b"421 4.7.0 "):
+                assert time.monotonic() < deadline, two.log.read_text()
+                time.sleep(0.05)
+        finally:
+            two.close()
+    finally:
+        one.close()
+
+
+def test_more_than_one_worker_with_the_memory_store_is_refused(tmp_path: pathlib.Path) -> None:
+    done = subprocess.run(
+        [sys.executable, str(EXAMPLES / "mailserver.py"), "--workers", "2"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=CLIENT_TIMEOUT,
+    )
+    assert done.returncode == 2
+    assert done.stdout == b""
+    assert done.stderr.decode() == (
+        'mailserver: --workers 2 needs a shared store ([Store] backend = "redis"): with the '
+        "memory store every rate limit, ban and per-IP count would be per worker, 2 times "
+        "looser than configured\n"
+    )
+
+
+def test_workers_serve_one_port_and_metrics_count_every_worker(
+    tmp_path: pathlib.Path, redis_server: RedisServer
+) -> None:
+    config = store_config(tmp_path, redis_server, "workers")
+    script = Script(tmp_path, "--config", str(config), "--workers", "2")
+    try:
+        assert any(line.startswith("workers: 2, pids [") for line in script.announced)
+        http_address = script.address("http")
+        for _ in range(20):
+            assert ehlo_banner(script.address("smtp")).startswith(b"220 ")
+
+        def decisions() -> float:
+            conn = http.client.HTTPConnection(*http_address, timeout=CLIENT_TIMEOUT)
+            try:
+                conn.request("GET", "/metrics")
+                text = conn.getresponse().read().decode()
+            finally:
+                conn.close()
+            return sum(
+                float(line.rpartition(" ")[2])
+                for line in text.splitlines()
+                if line.startswith("mailedge_gate_decisions_total{") and 'listener="smtp"' in line
+            )
+
+        # Each worker copies its counts into the shared files within a second: every
+        # connection, whichever worker took it, is in the total.
+        deadline = time.monotonic() + CLIENT_TIMEOUT
+        while decisions() < 20:
+            assert time.monotonic() < deadline, script.log.read_text()
+            time.sleep(0.1)
+        assert decisions() == 20
+        script.process.send_signal(signal.SIGTERM)
+        assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
+        assert script.log.read_text().count(") exited: 0") == 2
+    finally:
+        script.close()
+
+
+def ehlo_banner(address: tuple[str, int]) -> bytes:
+    with socket.create_connection(address, timeout=CLIENT_TIMEOUT) as sock:
+        return sock.recv(200)
+
+
+def banner_from(address: tuple[str, int], source: str) -> bytes:
+    """The first reply to a connection from ``source`` that then closes, sending nothing."""
+    with socket.create_connection(
+        address, timeout=CLIENT_TIMEOUT, source_address=(source, 0)
+    ) as sock:
+        return sock.recv(200)

@@ -1,0 +1,292 @@
+"""What sharing costs: server CPU per connection on RedisStore vs MemoryStore, and accuracy.
+
+Starts its own ``redis-server`` (Debian's) on a unix socket in a temporary directory, then:
+
+1. **Server CPU per proxied connection**, with a connection rate limit (``rateLimitConnections``,
+   high enough to let every connection in, so each one runs the full GCRA step) and auto-ban
+   (a ban check per connection) active. The server runs in a child process (``--child``) with
+   one store: ``memory``, ``redis``, or ``redis`` with ``maxConnectionsPerIp`` shared as well
+   (``redis+counts``). This process opens ``--connections`` connections one after another,
+   each with a PROXY v2 header naming one of 256 clients; the child reports its own
+   ``time.process_time`` around them (redis-server's CPU is reported apart). The number that
+   matters is the ratio to ``memory`` within one run (target: redis at most 1.25x).
+2. **Limit accuracy across 4 processes**: four processes, each with its own ``RedisStore``,
+   ask for one GCRA limit (``--rate`` per second, burst 1) as fast as they can for
+   ``--seconds``; allowed in total vs the configured rate (target: within 10%).
+3. **Worker spread**: ``mailedge.workers`` with 2 workers on one shared socket and with
+   ``SO_REUSEPORT``, 400 sequential connections; what each worker took (target: 40/60 or
+   better).
+
+``--quick`` is a seconds-long smoke run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import ipaddress
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import trio
+
+from mailedge.proxy import InetAddress, encode_v2
+
+SERVER_CONFIG = """\
+[SystemSettings]
+proxyTrustedNetworks = ["127.0.0.1"]
+
+[[NetworkListener]]
+name = "smtp"
+protocol = "smtp"
+bind = ["127.0.0.1:0"]
+# Far above what the benchmark sends: every connection is allowed, after the full GCRA step.
+rateLimitConnections = "100000/1s"
+maxConnectionsPerIp = 100
+"""
+CLIENTS = 256
+
+
+def start_redis(directory: Path) -> subprocess.Popen[bytes]:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        sys.exit("redis-server is not installed: apt-get install redis-server")
+    path = directory / "redis.sock"
+    process = subprocess.Popen(
+        [binary, "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.connect(str(path))
+                return process
+        except OSError:
+            time.sleep(0.01)
+    sys.exit("redis-server did not start")
+
+
+def process_cpu(pid: int) -> float:
+    """A process's user+system CPU seconds, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+# -- 1. the server, in a child process ------------------------------------------------------------
+
+
+async def child(kind: str, url: str) -> None:
+    from mailedge.config import loads
+    from mailedge.gate import ProxyGate
+    from mailedge.hooks import HookChain
+    from mailedge.hooks.autoban import AutoBan
+    from mailedge.hooks.ratelimit import RateLimiter, RateLimitHooks
+    from mailedge.hooks.redis import RedisStore
+    from mailedge.hooks.store import MemoryStore, RateStore
+    from mailedge.server import serve
+
+    settings = loads(SERVER_CONFIG, format="toml")
+
+    async def handler(stream: trio.abc.Stream, context: object) -> None:
+        await stream.send_all(b"220 ok\r\n")
+
+    async with trio.open_nursery() as nursery:
+        store: RateStore
+        if kind == "memory":
+            store = MemoryStore()
+        else:
+            store = RedisStore(url=url, timeout=1.0)
+            await nursery.start(store.run)
+        gate = ProxyGate(settings)
+        autoban = AutoBan(lambda: gate.settings, store)
+        hooks = HookChain([autoban, RateLimitHooks(lambda: gate.settings, RateLimiter(store))])
+        shared = store if kind == "redis+counts" and isinstance(store, RedisStore) else None
+        server = await nursery.start(
+            partial(
+                serve, settings, {"smtp": handler}, gate=gate, hooks=hooks, shared_counts=shared
+            )
+        )
+        print(server.addresses["smtp"][0][1], flush=True)
+        with trio.open_signal_receiver(signal.SIGUSR1) as marks:
+            async for _ in marks:
+                print(time.process_time(), flush=True)
+
+
+def connect(port: int, header: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(header)
+        while sock.recv(64):
+            pass
+
+
+def cpu_per_connection(
+    kind: str, url: str, connections: int, redis_pid: int
+) -> tuple[float, float]:
+    server = InetAddress(ipaddress.ip_address("192.0.2.1"), 25)
+    headers = [
+        encode_v2(
+            source=InetAddress(ipaddress.ip_address(f"198.51.100.{i}"), 40000 + i),
+            destination=server,
+        )
+        for i in range(CLIENTS)
+    ]
+    process = subprocess.Popen(
+        [sys.executable, __file__, "--child", kind, url], stdout=subprocess.PIPE, text=True
+    )
+    assert process.stdout is not None
+    port = int(process.stdout.readline())
+
+    def mark() -> float:
+        process.send_signal(signal.SIGUSR1)
+        return float(process.stdout.readline())  # type: ignore[union-attr]
+
+    try:
+        for i in range(min(200, connections)):  # warm-up: imports, caches, scripts loaded
+            connect(port, headers[i % CLIENTS])
+        start, redis_start = mark(), process_cpu(redis_pid)
+        for i in range(connections):
+            connect(port, headers[i % CLIENTS])
+        end, redis_end = mark(), process_cpu(redis_pid)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    return (end - start) / connections, (redis_end - redis_start) / connections
+
+
+# -- 2. accuracy across 4 processes ---------------------------------------------------------------
+
+
+async def hammer(url: str, rate: float, seconds: float) -> None:
+    from mailedge.hooks.redis import RedisStore
+
+    allowed = 0
+    async with RedisStore(url=url, timeout=1.0) as store:
+        start = trio.current_time()
+        while trio.current_time() - start < seconds:
+            result = await store.gcra("rl:bench:198.51.100.7", 1 / rate, 0.0)
+            allowed += result.allowed
+    print(allowed, flush=True)
+
+
+def accuracy(url: str, rate: float, seconds: float) -> tuple[int, float]:
+    processes = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--hammer", url, str(rate), str(seconds)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(4)
+    ]
+    total = 0
+    for process in processes:
+        out, _ = process.communicate(timeout=seconds + 30)
+        total += int(out)
+    return total, rate * seconds
+
+
+# -- 3. worker spread ------------------------------------------------------------------------------
+
+WORKER = """\
+import os, sys, trio
+from mailedge.workers import inherited
+
+async def main():
+    given = inherited()
+    [sock] = given.sockets["smtp"]
+    listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+    given.ready()
+    async with trio.open_nursery() as nursery:
+        async def watch():
+            await trio.lowlevel.FdStream(given.parent_fd).receive_some(1)
+            nursery.cancel_scope.cancel()
+        nursery.start_soon(watch)
+        while True:
+            stream = await listener.accept()
+            await stream.send_all(str(os.getpid()).encode())
+            await stream.aclose()
+
+trio.run(main)
+"""
+
+
+async def spread(reuse_port: bool, connections: int, directory: Path) -> list[int]:
+    from mailedge.config import loads
+    from mailedge.workers import Supervisor, bind_listeners
+
+    script = directory / "spread_worker.py"
+    script.write_text(WORKER)
+    settings = loads(
+        '[[NetworkListener]]\nname = "smtp"\nprotocol = "smtp"\nbind = ["127.0.0.1:0"]\n',
+        format="toml",
+    )
+    sockets = bind_listeners(settings, 2, reuse_port=reuse_port)
+    port = sockets[0]["smtp"][0].getsockname()[1]
+    supervisor = Supervisor([sys.executable, str(script)], sockets)
+    served: collections.Counter[str] = collections.Counter()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(supervisor.run)
+        for _ in range(connections):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            async with stream:
+                served[(await stream.receive_some(32)).decode()] += 1
+        supervisor.stop()
+    for worker in sockets:
+        for sock in worker["smtp"]:
+            sock.close()
+    return sorted(served.values())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--rate", type=float, default=50.0)
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args()
+    if args.quick:
+        args.connections, args.seconds = 300, 2.0
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        redis = start_redis(directory)
+        url = f"unix://{directory / 'redis.sock'}"
+        try:
+            print(f"1. server CPU per proxied connection ({args.connections} connections)")
+            results = {}
+            for kind in ("memory", "redis", "redis+counts"):
+                results[kind] = cpu_per_connection(kind, url, args.connections, redis.pid)
+            base = results["memory"][0]
+            for kind, (cpu, redis_cpu) in results.items():
+                print(
+                    f"   {kind:<13} {cpu * 1e6:7.0f} us  ({cpu / base:.2f}x memory)"
+                    f"   redis-server {redis_cpu * 1e6:5.0f} us"
+                )
+            print(f"2. one limit of {args.rate:g}/s across 4 processes for {args.seconds:g} s")
+            allowed, expected = accuracy(url, args.rate, args.seconds)
+            error = (allowed - expected) / expected
+            print(f"   allowed {allowed}, expected {expected:.0f} ({error:+.1%})")
+            print("3. 2 workers, 400 sequential connections")
+            for reuse in (False, True):
+                counts = trio.run(spread, reuse, 400, directory)
+                name = "SO_REUSEPORT" if reuse else "shared socket"
+                print(f"   {name:<13} {counts[0]}/{counts[-1]}")
+        finally:
+            redis.terminate()
+            redis.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        trio.run(child, sys.argv[2], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--hammer":
+        trio.run(hammer, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
+    else:
+        main()
