@@ -459,6 +459,9 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 # How often a worker copies its in-memory metrics into the shared files: a scrape that lands
 # on another worker sees this one's counts at most a second old.
 METRICS_SYNC_INTERVAL = 1.0
+# Gauges every worker reports alike (the bans in the shared store, the listeners' PROXY
+# switch from the one config): summing them would count each once per worker.
+SHARED_GAUGES = frozenset({"mailedge_bans", "mailedge_listener_proxy_enabled"})
 
 
 @attrs.define(repr=False)
@@ -470,7 +473,8 @@ class MetricsMirror:
     the gate keeps in memory. Every second, and on each scrape of this worker, each counter
     sample's growth is added to a multiprocess ``Counter`` of the same name and labels (summed
     over every process that ever ran, so a restart never makes a total go down), and each
-    gauge sample is set on a ``livesum`` ``Gauge`` (dead workers' are dropped).
+    gauge sample is set on a ``livesum`` ``Gauge`` (dead workers' are dropped), or a
+    ``livemax`` one for the gauges in :data:`SHARED_GAUGES`.
     """
 
     source: CollectorRegistry
@@ -525,7 +529,13 @@ class MetricsMirror:
             metric = (
                 Counter(name, documentation, names, registry=None)
                 if kind == "counter"
-                else Gauge(name, documentation, names, registry=None, multiprocess_mode="livesum")
+                else Gauge(
+                    name,
+                    documentation,
+                    names,
+                    registry=None,
+                    multiprocess_mode="livemax" if name in SHARED_GAUGES else "livesum",
+                )
             )
             self._metrics[name] = metric
         return metric

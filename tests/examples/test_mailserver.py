@@ -922,6 +922,19 @@ def test_workers_serve_one_port_and_metrics_count_every_worker(
             assert time.monotonic() < deadline, script.log.read_text()
             time.sleep(0.1)
         assert decisions() == 20
+        # A gauge every worker reports alike is reported once, not once per worker.
+        conn = http.client.HTTPConnection(*http_address, timeout=CLIENT_TIMEOUT)
+        try:
+            conn.request("GET", "/metrics")
+            text = conn.getresponse().read().decode()
+        finally:
+            conn.close()
+        proxy_on = [
+            line
+            for line in text.splitlines()
+            if line.startswith("mailedge_listener_proxy_enabled{") and 'listener="smtp"' in line
+        ]
+        assert [float(line.rpartition(" ")[2]) for line in proxy_on] == [1.0]
         script.process.send_signal(signal.SIGTERM)
         assert script.process.wait(timeout=CLIENT_TIMEOUT) == 0
         assert script.log.read_text().count(") exited: 0") == 2
