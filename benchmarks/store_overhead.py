@@ -26,7 +26,6 @@ import argparse
 import collections
 import ipaddress
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -37,6 +36,7 @@ from functools import partial
 from pathlib import Path
 
 import trio
+from redis_clients import start_redis
 
 from mailedge.proxy import InetAddress, encode_v2
 
@@ -53,26 +53,6 @@ rateLimitConnections = "100000/1s"
 maxConnectionsPerIp = 100
 """
 CLIENTS = 256
-
-
-def start_redis(directory: Path) -> subprocess.Popen[bytes]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        sys.exit("redis-server is not installed: apt-get install redis-server")
-    path = directory / "redis.sock"
-    process = subprocess.Popen(
-        [binary, "--port", "0", "--unixsocket", str(path), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.connect(str(path))
-                return process
-        except OSError:
-            time.sleep(0.01)
-    sys.exit("redis-server did not start")
 
 
 def process_cpu(pid: int) -> float:
