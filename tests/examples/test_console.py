@@ -12,13 +12,12 @@ import os
 import pathlib
 import shutil
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 
 import pytest
 from interop_support import missing
+from mailserver_support import CLIENT_TIMEOUT, Script
 
 from mailedge.proxy import InetAddress, encode_v1
 
@@ -32,7 +31,6 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
 PACKAGES = (
@@ -40,8 +38,6 @@ PACKAGES = (
 )
 # "Each decision appears within a second."
 APPEARS_WITHIN = 1.0
-# Socket timeout of the raw clients, and how long the page and the server get to start.
-CLIENT_TIMEOUT = 10.0
 # The smtp-proxy listener's header timeout: the silent peer's decision comes this late.
 HEADER_TIMEOUT = 1.0
 # Where to also save the screenshot (docs/images/ when regenerating the docs' picture).
@@ -79,43 +75,6 @@ stateDir = "{state}"
 """
 
 
-class Server:
-    """``examples/mailserver.py --config FILE`` in a subprocess, stopped in ``close``."""
-
-    def __init__(self, tmp_path: pathlib.Path, config: pathlib.Path) -> None:
-        self.log = tmp_path / "server.log"
-        self._log = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "mailserver.py"), "--config", str(config)],
-            cwd=tmp_path,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-        )
-        assert self.process.stdout is not None
-        self.listeners: dict[str, list[tuple[str, int]]] = {}
-        # One line per bound address, a "try:" line per listener, then "ready"; bounded.
-        for _ in range(100):
-            line = self.process.stdout.readline().decode()
-            if not line or line.strip() == "ready":
-                break
-            fields = line.split()
-            if len(fields) >= 3 and fields[1] in ("smtp", "imap", "http"):
-                host, _, port = fields[2].rpartition(":")
-                self.listeners.setdefault(fields[0], []).append((host.strip("[]"), int(port)))
-        assert self.listeners, self.log.read_text()
-
-    def address(self, name: str, family: int = 4) -> tuple[str, int]:
-        return next((h, p) for h, p in self.listeners[name] if (":" in h) == (family == 6))
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=CLIENT_TIMEOUT)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        self._log.close()
-
-
 @pytest.fixture
 def config(tmp_path: pathlib.Path) -> pathlib.Path:
     path = tmp_path / "mailedge.toml"
@@ -124,8 +83,8 @@ def config(tmp_path: pathlib.Path) -> pathlib.Path:
 
 
 @pytest.fixture
-def server(tmp_path: pathlib.Path, config: pathlib.Path) -> Iterator[Server]:
-    running = Server(tmp_path, config)
+def server(tmp_path: pathlib.Path, config: pathlib.Path) -> Iterator[Script]:
+    running = Script(tmp_path, "--config", str(config))
     try:
         yield running
     finally:
@@ -210,7 +169,7 @@ def decision_row(driver: WebDriver, event: str, within: float, **match: str) -> 
     return found
 
 
-def open_console(driver: WebDriver, server: Server) -> str:
+def open_console(driver: WebDriver, server: Script) -> str:
     host, port = server.address("http")
     url = f"http://{host}:{port}/admin/"
     driver.get(url)
@@ -221,7 +180,7 @@ def open_console(driver: WebDriver, server: Server) -> str:
 
 
 def test_decisions_appear_live_with_their_diagnosis(
-    server: Server, browser: WebDriver, tmp_path: pathlib.Path
+    server: Script, browser: WebDriver, tmp_path: pathlib.Path
 ) -> None:
     open_console(browser, server)
     proxy = server.address("smtp-proxy")
@@ -276,7 +235,7 @@ def screenshot(driver: WebDriver, tmp_path: pathlib.Path) -> None:
 
 
 def test_lifting_a_ban_from_the_page_lets_the_client_back_in(
-    server: Server, browser: WebDriver
+    server: Script, browser: WebDriver
 ) -> None:
     url = open_console(browser, server)
     direct6 = server.address("smtp", family=6)
@@ -313,7 +272,7 @@ def test_lifting_a_ban_from_the_page_lets_the_client_back_in(
 
 
 def test_editing_trusted_networks_changes_the_next_decision_and_the_file(
-    server: Server, browser: WebDriver, config: pathlib.Path
+    server: Script, browser: WebDriver, config: pathlib.Path
 ) -> None:
     open_console(browser, server)
     proxy = server.address("smtp-proxy")

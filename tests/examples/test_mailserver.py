@@ -32,6 +32,7 @@ import attrs
 import pytest
 import trio
 from mailedge_examples import mailserver
+from mailserver_support import CLIENT_TIMEOUT, EXAMPLES, Script
 from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
 from redis_support import RedisServer
 
@@ -49,8 +50,6 @@ from mailedge.proxy import (
 from mailedge.server import Server, serve
 from mailedge.settings import ListenerProtocol
 
-EXAMPLES = pathlib.Path(__file__).parents[2] / "examples"
-
 
 def load_script(name: str) -> types.ModuleType:
     """An example script (not part of the mailedge_examples package), loaded from its file."""
@@ -67,8 +66,6 @@ CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
 CLIENT6 = InetAddress(ipaddress.ip_address("2001:db8::7"), 40123)
 SERVER = InetAddress(ipaddress.ip_address("192.0.2.25"), 25)
 SERVER6 = InetAddress(ipaddress.ip_address("2001:db8::25"), 25)
-# Every blocking client call is bounded: a hung server fails the test instead of hanging it.
-CLIENT_TIMEOUT = 10.0
 
 T = TypeVar("T")
 
@@ -279,60 +276,6 @@ def test_embedded_default_loads_and_announces_what_to_try() -> None:
 
 
 # -- the real script, with real signals ------------------------------------------------------
-
-
-class Script:
-    """``python examples/mailserver.py`` in a subprocess, stopped in ``close``."""
-
-    def __init__(
-        self,
-        tmp_path: pathlib.Path,
-        *args: str,
-        cwd: pathlib.Path | None = None,
-        env: dict[str, str] | None = None,
-    ) -> None:
-        self.log = tmp_path / "server.log"
-        self._log = self.log.open("wb")
-        self.process = subprocess.Popen(
-            [sys.executable, str(EXAMPLES / "mailserver.py"), *args],
-            cwd=tmp_path if cwd is None else cwd,
-            stdout=subprocess.PIPE,
-            stderr=self._log,
-            env=env,
-        )
-        assert self.process.stdout is not None
-        self.listeners: dict[str, list[tuple[str, int]]] = {}
-        self.announced: list[str] = []
-        # The script prints one line per bound address, a "try:" line per listener, then
-        # "ready"; the loop is bounded in case it prints something else forever.
-        for _ in range(100):
-            line = self.process.stdout.readline().decode()
-            if not line or line.strip() == "ready":
-                break
-            self.announced.append(line)
-            fields = line.split()
-            if len(fields) >= 3 and fields[1] in ("smtp", "imap", "http"):
-                host, _, port = fields[2].rpartition(":")
-                self.listeners.setdefault(fields[0], []).append((host.strip("[]"), int(port)))
-        assert self.listeners, self.log.read_text()
-
-    def address(self, name: str) -> tuple[str, int]:
-        return self.listeners[name][0]
-
-    def wait_for_log(self, text: str, timeout: float = CLIENT_TIMEOUT) -> None:
-        """Wait (bounded) until the server's log shows ``text``."""
-        deadline = time.monotonic() + timeout
-        while text not in self.log.read_text():
-            assert time.monotonic() < deadline, self.log.read_text()
-            time.sleep(0.02)
-
-    def close(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait(timeout=CLIENT_TIMEOUT)
-        assert self.process.stdout is not None
-        self.process.stdout.close()
-        self._log.close()
 
 
 @pytest.fixture
