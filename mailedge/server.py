@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import contextvars
 import enum
 import errno
 import ipaddress
@@ -27,32 +26,29 @@ import signal
 import socket
 import ssl
 import time
-from collections.abc import Awaitable, Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 
 import attrs
 import trio
 
-from mailedge.clients import Nat64Prefixes, client_key
 from mailedge.config import ConfigError, listener_changes, load_document, rebind_problem
 from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.gate import ProxyGate, ProxyRejected
 from mailedge.limits import ConnectionLimits, SharedCounts, shared_key
 from mailedge.names import ENHANCED_STATUS
-from mailedge.networks import IPAddress, IPNetwork, format_endpoint
+from mailedge.networks import format_endpoint
 from mailedge.policy import Action, BaseHooks, Hooks, Verdict
+from mailedge.sessions import LiveSession, OpenSessions
 from mailedge.settings import ListenerProtocol, NetworkListener, Settings
+from mailedge.shutdown import DRAIN, Drain
 from mailedge.streams import IdleTimeoutStream, SessionEnded
 from mailedge.tls import starttls
 
 __all__ = [
     "BindError",
     "Handler",
-    "OpenSessions",
     "Refusal",
     "Server",
-    "ShuttingDown",
-    "awaiting_command",
-    "draining",
     "refusal",
     "serve",
 ]
@@ -96,11 +92,6 @@ ACCEPT_PAUSE = 0.1
 
 # A refusal is one short line; a peer that will not take it within a second gets closed.
 REFUSAL_SEND_TIMEOUT = 1.0
-
-# A session a policy ends (a ban) gets this long to say goodbye before it is cancelled: a
-# handler reading is told at once; one stuck sending to a peer that does not read, or in a
-# slow hook, is cut here, so a banned client's sessions are gone within a second.
-SESSION_END_GRACE = 1.0
 
 # The log limiter's event name for the server's refusals (its keys are listener, event, reason).
 REFUSED_EVENT = "connect.refused"
@@ -165,82 +156,6 @@ class Refusal(enum.StrEnum):
     ON_CONNECT = "on_connect"
 
 
-@attrs.define(eq=False, repr=False)
-class _Live:
-    """One open session as the registry holds it."""
-
-    scope: trio.CancelScope
-    stream: IdleTimeoutStream | None = None
-    # Why a policy ended it; None while it runs.
-    ended: str | None = None
-
-    def end(self, reason: str) -> None:
-        if self.ended is not None:
-            return
-        self.ended = reason
-        if self.stream is not None:
-            self.stream.end(reason)
-        self.scope.deadline = min(self.scope.deadline, trio.current_time() + SESSION_END_GRACE)
-
-
-@attrs.define(repr=False)
-class OpenSessions:
-    """The open sessions with a known client, by client; a :class:`~mailedge.policy.Sessions`.
-
-    ``end(client, reason)`` ends those of one client (an address) or of a network (a ban's
-    IPv6 /64), matched with :func:`~mailedge.clients.client_key` at the network's prefix, the
-    rule bans are keyed by. It does not wait: each session's handler is told at its next read
-    (at once, if it is reading), and its scope is cancelled ``SESSION_END_GRACE`` later.
-    """
-
-    # The operator's NAT64 prefixes as the settings say now (the server passes its gate's), so
-    # that a ban on an IPv4 client ends its sessions that came through them.
-    nat64_prefixes: Callable[[], Nat64Prefixes] = attrs.field(default=tuple, kw_only=True)
-    _by_client: dict[IPAddress, set[_Live]] = attrs.field(factory=dict, init=False)
-
-    def __repr__(self) -> str:
-        return f"<OpenSessions {len(self)} of {len(self._by_client)} clients>"
-
-    def __len__(self) -> int:
-        return sum(map(len, self._by_client.values()))
-
-    def add(self, client: IPAddress, live: _Live) -> None:
-        self._by_client.setdefault(client, set()).add(live)
-
-    def discard(self, client: IPAddress, live: _Live) -> None:
-        lives = self._by_client.get(client)
-        if lives is not None:
-            lives.discard(live)
-            if not lives:
-                del self._by_client[client]
-
-    def end(self, client: IPAddress | IPNetwork, reason: str) -> int:
-        match = _client_matcher(client, self.nat64_prefixes())
-        ended = 0
-        for ip, lives in list(self._by_client.items()):
-            if match(ip):
-                for live in lives:
-                    if live.ended is None:
-                        live.end(reason)
-                        ended += 1
-        return ended
-
-
-def _client_matcher(
-    client: IPAddress | IPNetwork, nat64: Nat64Prefixes
-) -> Callable[[IPAddress], bool]:
-    """Whether a session's client is ``client``, or in it, by the rule of clients.client_key."""
-    if isinstance(client, ipaddress.IPv4Address | ipaddress.IPv6Address):
-        client = ipaddress.ip_network(client)
-    if isinstance(client, ipaddress.IPv4Network):
-        low, high = int(client.network_address), int(client.broadcast_address)
-        # client_key is the IPv4 address for IPv4 clients (and IPv4 clients in IPv6 dress).
-        return lambda ip: low <= client_key(ip, nat64_prefixes=nat64) <= high
-    prefix = client.prefixlen
-    wanted = client_key(client.network_address, prefix, nat64)
-    return lambda ip: client_key(ip, prefix, nat64) == wanted
-
-
 class BindError(OSError):
     """A listener could not bind one of its addresses.
 
@@ -256,58 +171,6 @@ class BindError(OSError):
 
     def __str__(self) -> str:
         return f"listener {self.listener!r} cannot bind {self.address}: {self.strerror}"
-
-
-class ShuttingDown(trio.TooSlowError):
-    """Raised from a wait for the client's next command once the server is shutting down.
-
-    A ``TooSlowError``, so a handler that already says goodbye on its idle timeout says
-    goodbye here too; one that knows this class can say why (SMTP ``421 4.3.2``).
-    """
-
-
-@attrs.define(repr=False, eq=False)
-class _Drain:
-    """Shutdown's view of the sessions: whether it began, and who waits for a command."""
-
-    stopping: bool = False
-    # The cancel scope of each wait in awaiting_command(), cancelled when shutdown begins.
-    idle: set[trio.CancelScope] = attrs.field(factory=set)
-
-
-# The running server's drain state, inherited by every session task it starts.
-_DRAIN: contextvars.ContextVar[_Drain] = contextvars.ContextVar("mailedge_drain")
-
-
-def draining() -> bool:
-    """True once the server running this session is shutting down (e.g. to send HTTP's
-    ``Connection: close``); False outside a server."""
-    drain = _DRAIN.get(None)
-    return drain is not None and drain.stopping
-
-
-@contextlib.contextmanager
-def awaiting_command() -> Iterator[None]:
-    """Mark a wait for the client's next command: the session is idle, not mid-transaction.
-
-    At shutdown such a wait ends at once with :class:`ShuttingDown`, as does entering one
-    after shutdown began, so the handler can send its goodbye; every other wait gets the
-    drain time. Outside a server it does nothing.
-    """
-    drain = _DRAIN.get(None)
-    if drain is None:
-        yield
-        return
-    if drain.stopping:
-        raise ShuttingDown("the server is shutting down")
-    with trio.CancelScope() as scope:
-        drain.idle.add(scope)
-        try:
-            yield
-        finally:
-            drain.idle.discard(scope)
-    if scope.cancelled_caught:
-        raise ShuttingDown("the server is shutting down")
 
 
 Handlers = Mapping[ListenerProtocol, Handler] | Mapping[str, Handler]
@@ -352,7 +215,7 @@ class Server:
         factory=collections.Counter, init=False
     )
     _accepting: trio.CancelScope = attrs.field(factory=trio.CancelScope, init=False)
-    _drain: _Drain = attrs.field(factory=_Drain, init=False)
+    _drain: Drain = attrs.field(factory=Drain, init=False)
     _sessions: trio.Nursery | None = attrs.field(default=None, init=False)
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
 
@@ -463,7 +326,7 @@ class Server:
 
     async def _run(self, task_status: trio.TaskStatus[Server]) -> None:
         bound = await self._bind()
-        _DRAIN.set(self._drain)
+        DRAIN.set(self._drain)
         self.hooks.on_start(self.sessions)
         async with trio.open_nursery() as sessions:
             self._sessions = sessions
@@ -615,9 +478,9 @@ class Server:
                 )
                 await _refuse(stream, conf.protocol, "Too many connections from your address")
                 return
-            live: _Live | None = None
+            live: LiveSession | None = None
             if context.client_known:
-                live = _Live(deadline)
+                live = LiveSession(deadline)
                 self.sessions.add(client, live)
             try:
                 await self._serve(conf, stream, context, deadline, live)
@@ -645,7 +508,7 @@ class Server:
         stream: trio.abc.Stream,
         context: ConnectionContext,
         session: trio.CancelScope,
-        live: _Live | None,
+        live: LiveSession | None,
     ) -> None:
         # Hooks that keep BaseHooks' on_connect accept everyone: skip the call and its timeout.
         if type(self.hooks).on_connect is not BaseHooks.on_connect:

@@ -52,6 +52,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.limits",
             "mailedge.lines",
             "mailedge.policy",
+            "mailedge.sessions",
+            "mailedge.shutdown",
             "mailedge.workers",
         ),
     ),

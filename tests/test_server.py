@@ -20,6 +20,7 @@ import trustme
 
 import mailedge
 from mailedge import server as server_module
+from mailedge import sessions as sessions_module
 from mailedge.context import ConnectionContext
 from mailedge.events import LOG_BURST, EventName
 from mailedge.hooks import Action, BaseHooks, HookChain, Hooks, Verdict
@@ -28,6 +29,7 @@ from mailedge.hooks.ratelimit import RateLimitHooks
 from mailedge.networks import TrustedNetworks
 from mailedge.proxy import ClientFlags, Command, InetAddress, SSLInfo, encode_v1, encode_v2
 from mailedge.server import Handler, Server, refusal, serve
+from mailedge.sessions import OpenSessions
 from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
@@ -37,6 +39,7 @@ from mailedge.settings import (
     Settings,
     SystemSettings,
 )
+from mailedge.shutdown import ShuttingDown, awaiting_command, draining
 from mailedge.streams import SessionEnded
 
 CLIENT = InetAddress(ipaddress.ip_address("198.51.100.7"), 40123)
@@ -767,7 +770,7 @@ async def test_an_ended_session_that_does_not_finish_is_cancelled_after_the_grac
         await stream.send_all(f"220 {context.client_ip}\r\n".encode())
         await trio.sleep_forever()  # never reads, so it is never told
 
-    monkeypatch.setattr(server_module, "SESSION_END_GRACE", 0.05)
+    monkeypatch.setattr(sessions_module, "SESSION_END_GRACE", 0.05)
     server = await start(nursery, settings(), stubborn)
     stream = await open_session(server, CLIENT)
     assert server.sessions.end(ipaddress.ip_network("198.51.100.0/24"), "banned") == 1
@@ -785,10 +788,10 @@ async def test_a_session_ended_before_its_handler_gets_the_protocols_goodbye(
     class EndsItself(BaseHooks):
         """Ends the session's own client while on_connect runs: the handler must not run."""
 
-        sessions: server_module.OpenSessions | None = None
+        sessions: OpenSessions | None = None
 
         def on_start(self, sessions: object) -> None:
-            assert isinstance(sessions, server_module.OpenSessions)
+            assert isinstance(sessions, OpenSessions)
             self.sessions = sessions
 
         async def on_connect(self, context: ConnectionContext) -> Verdict:
@@ -855,9 +858,9 @@ async def test_shutdown_ends_idle_waits_at_once_and_drains_the_rest(
     async def handler(stream: trio.abc.Stream, context: ConnectionContext) -> None:
         await stream.send_all(b"220 hi\r\n")
         try:
-            with server_module.awaiting_command():
+            with awaiting_command():
                 await stream.receive_some()
-        except server_module.ShuttingDown:
+        except ShuttingDown:
             said.append("goodbye")
             await stream.send_all(b"421 4.3.2 shutting down\r\n")
 
@@ -865,7 +868,7 @@ async def test_shutdown_ends_idle_waits_at_once_and_drains_the_rest(
         await stream.send_all(b"220 hi\r\n")
         await stream.receive_some()  # not marked idle: mid-transaction
         said.append("finished")
-        assert server_module.draining()
+        assert draining()
 
     caplog.set_level(logging.INFO, "mailedge.server")
     conf = settings(listener("idle"), listener("busy"))

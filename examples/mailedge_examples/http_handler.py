@@ -47,7 +47,7 @@ from prometheus_client.registry import Collector
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, context_to_json
 from mailedge.hooks.autoban import AutoBan
-from mailedge.server import ShuttingDown, awaiting_command, draining
+from mailedge.shutdown import ShuttingDown, awaiting_command, draining
 from mailedge_examples.console import (
     STATIC,
     Console,

@@ -42,8 +42,8 @@ from mailedge.context import ConnectionContext
 from mailedge.hooks import BaseHooks, Hooks
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.policy import Action, Verdict
-from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
+from mailedge.shutdown import ShuttingDown, awaiting_command
 from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 

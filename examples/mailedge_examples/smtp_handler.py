@@ -68,8 +68,8 @@ from mailedge.context import ConnectionContext, TLSTerminator
 from mailedge.lines import ClientClosed, LineReader, LineTooLongError
 from mailedge.names import ENHANCED_STATUS, is_hostname
 from mailedge.policy import Action, BaseHooks, Envelope, Hooks, Message, Verdict
-from mailedge.server import ShuttingDown, awaiting_command
 from mailedge.settings import Settings
+from mailedge.shutdown import ShuttingDown, awaiting_command
 from mailedge.streams import SessionEnded
 from mailedge.tls import listener_handshake_timeout, negotiate_starttls
 
