@@ -50,16 +50,14 @@ from mailedge.settings import (
     AutoBanSettings,
     BindAddress,
     HeaderMode,
-    InvalidSettingError,
     ListenerProtocol,
     NetworkListener,
     RateLimit,
     Settings,
-    StoreBackend,
-    StoreFailurePolicy,
-    StoreSettings,
     SystemSettings,
 )
+from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
+from mailedge.validation import InvalidSettingError
 
 __all__ = [
     "ConfigError",

@@ -18,9 +18,9 @@ from __future__ import annotations
 import enum
 import re
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from ipaddress import IPv4Address, IPv6Address, IPv6Network
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import attrs
 
@@ -33,6 +33,16 @@ from mailedge.networks import (
     format_endpoint,
     split_host_port,
 )
+from mailedge.store_settings import StoreSettings
+from mailedge.validation import (
+    InvalidSettingError,
+    count,
+    enum_value,
+    expect_int,
+    of_type,
+    parsed,
+    seconds,
+)
 
 __all__ = [
     "AutoBanSettings",
@@ -43,9 +53,6 @@ __all__ = [
     "ListenerProtocol",
     "RateLimit",
     "Settings",
-    "StoreBackend",
-    "StoreFailurePolicy",
-    "StoreSettings",
     "SystemSettings",
     "UnknownListenerError",
 ]
@@ -57,17 +64,6 @@ _NAME = re.compile(r"[^\s\x00-\x1f\x7f]+")
 _RATE = re.compile(r"([0-9]{1,9})/([0-9]{1,9})([smhd])")
 _RATE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 _RATE_EXAMPLE = "such as '60/1m' or '200/1h'"
-
-
-class InvalidSettingError(ValueError):
-    """A setting with a wrong type or an out-of-range value. The message names the field."""
-
-    def __init__(self, field: str, detail: str) -> None:
-        super().__init__(f"{field}: {detail}")
-        # The attribute's name ("proxy_header_timeout"); mailedge.config maps it to its key.
-        self.field = field
-        # The message without the field, e.g. "must be more than 0 ..., got 0".
-        self.detail = detail
 
 
 class UnknownListenerError(KeyError):
@@ -107,61 +103,14 @@ class HeaderMode(enum.StrEnum):
     OPTIONAL = "optional"
 
 
-Validator = Callable[[Any, "attrs.Attribute[Any]", Any], None]
-
-
-def _of_type(kind: str, *types: type) -> Validator:
-    """An attrs validator: ``value`` is one of ``types`` (and a bool only if bool is listed)."""
-
-    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise InvalidSettingError(attribute.name, f"expected {kind}, got {value!r}")
-
-    return check
-
-
-def _expect_int(attribute: attrs.Attribute[Any], value: object) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidSettingError(attribute.name, f"expected an integer, got {value!r}")
-    return value
-
-
-def _number(value: float) -> str:
-    """A limit as a person writes it: 2592000, not 2.592e+06; 0.25 as is."""
-    return str(int(value)) if value == int(value) else f"{value:g}"
-
-
-def _seconds(maximum: float) -> Validator:
-    """An attrs validator: a number of seconds, more than 0 and at most ``maximum``."""
-
-    def check(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise InvalidSettingError(
-                attribute.name, f"expected a number of seconds, got {value!r}"
-            )
-        # Written so that NaN, which compares false with everything, fails too.
-        if not 0 < value <= maximum:
-            raise InvalidSettingError(
-                attribute.name,
-                f"must be more than 0 and at most {_number(maximum)} seconds, got {value!r}",
-            )
-
-    return check
-
-
 def _check_header_length(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    length = _expect_int(attribute, value)
+    length = expect_int(attribute, value)
     if not defaults.MIN_PROXY_MAX_HEADER_LENGTH <= length <= defaults.MAX_PROXY_MAX_HEADER_LENGTH:
         raise InvalidSettingError(
             attribute.name,
             f"must be from {defaults.MIN_PROXY_MAX_HEADER_LENGTH} (a v2 header with a UNIX address "
             f"and no TLVs) to {defaults.MAX_PROXY_MAX_HEADER_LENGTH} bytes, got {length!r}",
         )
-
-
-def _count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if _expect_int(attribute, value) < 1:
-        raise InvalidSettingError(attribute.name, f"must be at least 1, got {value!r}")
 
 
 def _check_name(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -175,7 +124,7 @@ def _check_name(_instance: object, attribute: attrs.Attribute[Any], value: objec
 
 
 def _check_host(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    _of_type("an IPv4Address or IPv6Address", IPv4Address, IPv6Address)(_instance, attribute, value)
+    of_type("an IPv4Address or IPv6Address", IPv4Address, IPv6Address)(_instance, attribute, value)
     if isinstance(value, IPv6Address):
         if value.scope_id is not None:
             raise InvalidSettingError(attribute.name, f"zone ids are not supported, got {value}")
@@ -187,7 +136,7 @@ def _check_host(_instance: object, attribute: attrs.Attribute[Any], value: objec
 
 def _check_port(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     # Port 0 asks the system for a free port: tests bind that way.
-    if not 0 <= _expect_int(attribute, value) <= 0xFFFF:
+    if not 0 <= expect_int(attribute, value) <= 0xFFFF:
         raise InvalidSettingError(attribute.name, f"must be from 0 to 65535, got {value!r}")
 
 
@@ -247,12 +196,12 @@ class BindAddress:
 
 
 def _check_networks(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    _of_type("a TrustedNetworks", TrustedNetworks)(_instance, attribute, value)
+    of_type("a TrustedNetworks", TrustedNetworks)(_instance, attribute, value)
 
 
 def _check_override(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
-        _of_type("a TrustedNetworks or None", TrustedNetworks)(_instance, attribute, value)
+        of_type("a TrustedNetworks or None", TrustedNetworks)(_instance, attribute, value)
 
 
 def _check_bind(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -272,7 +221,7 @@ def _check_bind(_instance: object, attribute: attrs.Attribute[Any], value: objec
 
 
 def _rate_count(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not 1 <= _expect_int(attribute, value) <= defaults.MAX_RATE_LIMIT_COUNT:
+    if not 1 <= expect_int(attribute, value) <= defaults.MAX_RATE_LIMIT_COUNT:
         raise InvalidSettingError(
             attribute.name, f"must be from 1 to {defaults.MAX_RATE_LIMIT_COUNT}, got {value!r}"
         )
@@ -291,7 +240,7 @@ class RateLimit:
     """
 
     count: int = attrs.field(validator=_rate_count)
-    period: float = attrs.field(validator=_seconds(defaults.MAX_RATE_LIMIT_PERIOD))
+    period: float = attrs.field(validator=seconds(defaults.MAX_RATE_LIMIT_PERIOD))
 
     @classmethod
     def parse(cls, text: str) -> RateLimit:
@@ -355,11 +304,11 @@ class RateLimit:
 
 def _check_rate_limit(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
     if value is not None:
-        _of_type("a RateLimit or None", RateLimit)(_instance, attribute, value)
+        of_type("a RateLimit or None", RateLimit)(_instance, attribute, value)
 
 
 def _ipv6_prefix(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not defaults.MIN_IPV6_PREFIX <= _expect_int(attribute, value) <= defaults.MAX_IPV6_PREFIX:
+    if not defaults.MIN_IPV6_PREFIX <= expect_int(attribute, value) <= defaults.MAX_IPV6_PREFIX:
         raise InvalidSettingError(
             attribute.name,
             f"must be from {defaults.MIN_IPV6_PREFIX} to {defaults.MAX_IPV6_PREFIX}, got {value!r}",
@@ -367,7 +316,7 @@ def _ipv6_prefix(_instance: object, attribute: attrs.Attribute[Any], value: obje
 
 
 def _check_failures(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not 1 <= _expect_int(attribute, value) <= defaults.MAX_AUTO_BAN_FAILURES:
+    if not 1 <= expect_int(attribute, value) <= defaults.MAX_AUTO_BAN_FAILURES:
         raise InvalidSettingError(
             attribute.name, f"must be from 1 to {defaults.MAX_AUTO_BAN_FAILURES}, got {value!r}"
         )
@@ -380,46 +329,26 @@ def _check_failures(_instance: object, attribute: attrs.Attribute[Any], value: o
 # field's validator names it. Text that does not convert is an InvalidSettingError naming the
 # field, like every other bad value.
 
-_E = TypeVar("_E", bound=enum.Enum)
-_S = TypeVar("_S")
-_T = TypeVar("_T")
-
-
-def _parsed(field: str, parse: Callable[[_S], _T], value: _S) -> _T:
-    try:
-        return parse(value)
-    except ValueError as error:
-        raise InvalidSettingError(field, str(error)) from None
-
-
-def _enum_value(kind: type[_E], field: str, value: _E | str) -> _E:
-    if isinstance(value, kind) or not isinstance(value, str):
-        return value
-    try:
-        return kind(value)
-    except ValueError:
-        raise InvalidSettingError(field, f"expected a {kind.__name__}, got {value!r}") from None
-
 
 def _networks(field: str, value: TrustedNetworks | Iterable[NetworkEntry]) -> TrustedNetworks:
     if isinstance(value, list | tuple):
-        return _parsed(field, TrustedNetworks, value)
+        return parsed(field, TrustedNetworks, value)
     return cast(TrustedNetworks, value)
 
 
 def _rate_limit(field: str, value: RateLimit | str | None) -> RateLimit | None:
-    return _parsed(field, RateLimit.parse, value) if isinstance(value, str) else value
+    return parsed(field, RateLimit.parse, value) if isinstance(value, str) else value
 
 
 # attrs' mypy plugin takes only named functions as converters: one per field.
 
 
 def _to_protocol(value: ListenerProtocol | str) -> ListenerProtocol:
-    return _enum_value(ListenerProtocol, "protocol", value)
+    return enum_value(ListenerProtocol, "protocol", value)
 
 
 def _to_header_mode(value: HeaderMode | str) -> HeaderMode:
-    return _enum_value(HeaderMode, "proxy_header_mode", value)
+    return enum_value(HeaderMode, "proxy_header_mode", value)
 
 
 def _to_trusted_networks(value: TrustedNetworks | Iterable[NetworkEntry]) -> TrustedNetworks:
@@ -438,8 +367,7 @@ def _to_bind(value: str | BindAddress | Iterable[str | BindAddress]) -> tuple[Bi
     if not isinstance(value, list | tuple):
         return cast(tuple[BindAddress, ...], value)
     return tuple(
-        _parsed("bind", BindAddress.parse, item) if isinstance(item, str) else item
-        for item in value
+        parsed("bind", BindAddress.parse, item) if isinstance(item, str) else item for item in value
     )
 
 
@@ -518,12 +446,12 @@ class NetworkListener:
     # Names the listener in events and in Settings.listener(); unique across the settings.
     name: str = attrs.field(validator=_check_name)
     protocol: ListenerProtocol = attrs.field(
-        converter=_to_protocol, validator=_of_type("a ListenerProtocol", ListenerProtocol)
+        converter=_to_protocol, validator=of_type("a ListenerProtocol", ListenerProtocol)
     )
     # One or more addresses: "127.0.0.1:25", ["[::1]:25", ...] or BindAddress values.
     bind: tuple[BindAddress, ...] = attrs.field(converter=_to_bind, validator=_check_bind)
     # Implicit TLS: the server's own handshake follows the PROXY header (smtps, imaps, https).
-    tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
+    tls: bool = attrs.field(default=False, validator=of_type("a boolean", bool))
     # None inherits the server-wide list; a list replaces it; an empty list turns PROXY off.
     override_proxy_trusted_networks: TrustedNetworks | None = attrs.field(
         default=None, converter=_to_override, validator=_check_override
@@ -531,7 +459,7 @@ class NetworkListener:
     # How long a trusted peer has to deliver its whole header (see the constant for why 5 s).
     proxy_header_timeout: float = attrs.field(
         default=defaults.DEFAULT_PROXY_HEADER_TIMEOUT,
-        validator=_seconds(defaults.MAX_PROXY_HEADER_TIMEOUT),
+        validator=seconds(defaults.MAX_PROXY_HEADER_TIMEOUT),
     )
     # Cap on a whole v2 header, TLVs included (v1 is capped at 107 bytes by the spec).
     proxy_max_header_length: int = attrs.field(
@@ -541,35 +469,35 @@ class NetworkListener:
     proxy_header_mode: HeaderMode = attrs.field(
         default=HeaderMode.REQUIRED,
         converter=_to_header_mode,
-        validator=_of_type("a HeaderMode", HeaderMode),
+        validator=of_type("a HeaderMode", HeaderMode),
     )
     # Optional mode, server-first protocols: how long to wait for a trusted peer's first bytes
     # before greeting it as a direct client.
     proxy_optional_wait: float = attrs.field(
         default=defaults.DEFAULT_PROXY_OPTIONAL_WAIT,
-        validator=_seconds(defaults.MAX_PROXY_OPTIONAL_WAIT),
+        validator=seconds(defaults.MAX_PROXY_OPTIONAL_WAIT),
     )
     # nginx terminating TLS sends v1, which has no way to say so; off unless you know it is.
-    proxy_v1_implies_tls: bool = attrs.field(default=False, validator=_of_type("a boolean", bool))
+    proxy_v1_implies_tls: bool = attrs.field(default=False, validator=of_type("a boolean", bool))
     # nginx's out-of-spec "PROXY TCP6" line carrying IPv4 addresses; off, the spec forbids it.
     proxy_allow_v1_mixed_family: bool = attrs.field(
-        default=False, validator=_of_type("a boolean", bool)
+        default=False, validator=of_type("a boolean", bool)
     )
 
     # Open connections on this listener, from accept to close; over it, a protocol refusal.
-    max_connections: int = attrs.field(default=defaults.DEFAULT_MAX_CONNECTIONS, validator=_count)
+    max_connections: int = attrs.field(default=defaults.DEFAULT_MAX_CONNECTIONS, validator=count)
     # Open connections per recovered client IP (IPv6: per /64); never counted on the proxy.
     max_connections_per_ip: int = attrs.field(
-        default=defaults.DEFAULT_MAX_CONNECTIONS_PER_IP, validator=_count
+        default=defaults.DEFAULT_MAX_CONNECTIONS_PER_IP, validator=count
     )
     # A session in which the peer neither sends nor reads for this long is closed.
     idle_timeout: float = attrs.field(
-        default=defaults.DEFAULT_IDLE_TIMEOUT, validator=_seconds(defaults.MAX_IDLE_TIMEOUT)
+        default=defaults.DEFAULT_IDLE_TIMEOUT, validator=seconds(defaults.MAX_IDLE_TIMEOUT)
     )
     # The server's own handshake (implicit TLS, STARTTLS) must finish within this.
     tls_handshake_timeout: float = attrs.field(
         default=defaults.DEFAULT_TLS_HANDSHAKE_TIMEOUT,
-        validator=_seconds(defaults.MAX_TLS_HANDSHAKE_TIMEOUT),
+        validator=seconds(defaults.MAX_TLS_HANDSHAKE_TIMEOUT),
     )
     # New connections per recovered client (see rate_limit_ipv6_prefix), checked by
     # RateLimitHooks.on_connect. Off by default: the right number depends on the site (an MX
@@ -625,100 +553,22 @@ class AutoBanSettings:
 
     # On by default: it acts only on failures (bad logins, PROXY headers from untrusted peers,
     # protocol errors), and trusted proxies are exempt, so it cannot lock out a whole proxy.
-    enable: bool = attrs.field(default=True, validator=_of_type("a boolean", bool))
+    enable: bool = attrs.field(default=True, validator=of_type("a boolean", bool))
     # How many failures within the window ban the client (see the constant for why 10).
     failures: int = attrs.field(
         default=defaults.DEFAULT_AUTO_BAN_FAILURES, validator=_check_failures
     )
     # The sliding window the failures are counted in, in seconds.
     window: float = attrs.field(
-        default=defaults.DEFAULT_AUTO_BAN_WINDOW, validator=_seconds(defaults.MAX_AUTO_BAN_WINDOW)
+        default=defaults.DEFAULT_AUTO_BAN_WINDOW, validator=seconds(defaults.MAX_AUTO_BAN_WINDOW)
     )
     # How long a ban lasts, in seconds.
     duration: float = attrs.field(
         default=defaults.DEFAULT_AUTO_BAN_DURATION,
-        validator=_seconds(defaults.MAX_AUTO_BAN_DURATION),
+        validator=seconds(defaults.MAX_AUTO_BAN_DURATION),
     )
     # How many leading bits of an IPv6 client one ban covers.
     ipv6_prefix: int = attrs.field(default=defaults.DEFAULT_IPV6_PREFIX, validator=_ipv6_prefix)
-
-
-class StoreBackend(enum.StrEnum):
-    """Where rate-limit and ban state lives."""
-
-    MEMORY = "memory"
-    REDIS = "redis"
-
-
-class StoreFailurePolicy(enum.StrEnum):
-    """What a Redis store answers while Redis does not (docs/scale-out.md)."""
-
-    # A per-process memory store, and the bans this process knows: limits per process.
-    LOCAL = "local"
-    # Everyone is allowed; known bans still hold.
-    OPEN = "open"
-    # Every rate-limited event is refused; known bans still hold.
-    CLOSED = "closed"
-
-
-_STORE_SCHEMES = ("redis://", "rediss://", "unix://")
-
-
-def _check_store_url(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value.startswith(_STORE_SCHEMES):
-        raise InvalidSettingError(
-            attribute.name,
-            f"expected a redis://, rediss:// or unix:// URL, got {value!r}",
-        )
-
-
-def _check_key_prefix(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
-    if not isinstance(value, str) or not value:
-        raise InvalidSettingError(attribute.name, f"expected a non-empty string, got {value!r}")
-    # Braces would start a Cluster hash tag of their own and split one client's keys.
-    if "{" in value or "}" in value or any(ch.isspace() for ch in value):
-        raise InvalidSettingError(
-            attribute.name, f"must not contain braces or whitespace, got {value!r}"
-        )
-
-
-def _to_store_backend(value: StoreBackend | str) -> StoreBackend:
-    return _enum_value(StoreBackend, "backend", value)
-
-
-def _to_failure_policy(value: StoreFailurePolicy | str) -> StoreFailurePolicy:
-    return _enum_value(StoreFailurePolicy, "on_failure", value)
-
-
-@attrs.frozen
-class StoreSettings:
-    """Where limits and bans live: this process's memory, or a Redis shared by many."""
-
-    # Memory by default: one process needs nothing else, and `make serve` stays self-contained.
-    backend: StoreBackend = attrs.field(
-        default=StoreBackend.MEMORY,
-        converter=_to_store_backend,
-        validator=_of_type("a StoreBackend", StoreBackend),
-    )
-    url: str = attrs.field(default=defaults.DEFAULT_STORE_URL, validator=_check_store_url)
-    key_prefix: str = attrs.field(
-        default=defaults.DEFAULT_STORE_KEY_PREFIX, validator=_check_key_prefix
-    )
-    # Seconds one store call may wait on Redis before the failure policy answers instead.
-    timeout: float = attrs.field(
-        default=defaults.DEFAULT_STORE_TIMEOUT, validator=_seconds(defaults.MAX_STORE_TIMEOUT)
-    )
-    # The local fallback by default: a Redis outage must never become a mail outage.
-    on_failure: StoreFailurePolicy = attrs.field(
-        default=StoreFailurePolicy.LOCAL,
-        converter=_to_failure_policy,
-        validator=_of_type("a StoreFailurePolicy", StoreFailurePolicy),
-    )
-    # Seconds between full re-reads of the mirrored ban list (a lost message's longest effect).
-    resync_period: float = attrs.field(
-        default=defaults.DEFAULT_STORE_RESYNC_PERIOD,
-        validator=_seconds(defaults.MAX_STORE_RESYNC_PERIOD),
-    )
 
 
 def _check_listeners(_instance: object, attribute: attrs.Attribute[Any], value: object) -> None:
@@ -746,17 +596,17 @@ class Settings:
     """The whole configuration: the server-wide settings and every listener."""
 
     system: SystemSettings = attrs.field(
-        default=SystemSettings(), validator=_of_type("a SystemSettings", SystemSettings)
+        default=SystemSettings(), validator=of_type("a SystemSettings", SystemSettings)
     )
     # Listener names are unique, so events and Settings.listener() can name one unambiguously.
     listeners: tuple[NetworkListener, ...] = attrs.field(
         default=(), converter=_to_listeners, validator=_check_listeners
     )
     auto_ban: AutoBanSettings = attrs.field(
-        default=AutoBanSettings(), validator=_of_type("an AutoBanSettings", AutoBanSettings)
+        default=AutoBanSettings(), validator=of_type("an AutoBanSettings", AutoBanSettings)
     )
     store: StoreSettings = attrs.field(
-        default=StoreSettings(), validator=_of_type("a StoreSettings", StoreSettings)
+        default=StoreSettings(), validator=of_type("a StoreSettings", StoreSettings)
     )
 
     def listener(self, name: str) -> NetworkListener:

@@ -28,6 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.defaults",
             "mailedge.names",
             "mailedge.settings",
+            "mailedge.store_settings",
+            "mailedge.validation",
             "mailedge.config",
             "mailedge.config_edit",
         ),

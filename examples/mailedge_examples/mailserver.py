@@ -54,7 +54,8 @@ from mailedge.hooks.spf import SPFHook
 from mailedge.hooks.store import MemoryStore, RateStore
 from mailedge.networks import TrustedNetworks, format_endpoint
 from mailedge.server import BindError, Handler, Server, handle_signals
-from mailedge.settings import ListenerProtocol, NetworkListener, StoreBackend
+from mailedge.settings import ListenerProtocol, NetworkListener
+from mailedge.store_settings import StoreBackend
 from mailedge.tls import server_ssl_context
 from mailedge.workers import Supervisor, bind_listeners, inherited, watch_parent
 from mailedge_examples.console import Console, CountedRateLimits

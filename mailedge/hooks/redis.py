@@ -39,7 +39,7 @@ import trio
 
 from mailedge.hooks import _redis_scripts as scripts
 from mailedge.hooks.store import Entry, GCRAResult, MemoryStore, RateStore
-from mailedge.settings import StoreBackend, StoreFailurePolicy, StoreSettings
+from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
 
 __all__ = [
     "DEFAULT_MIRRORED_PREFIXES",

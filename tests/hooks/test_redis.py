@@ -30,7 +30,7 @@ from mailedge.hooks.redis import (
     redis_key,
 )
 from mailedge.hooks.store import Entry, MemoryStore
-from mailedge.settings import StoreFailurePolicy, StoreSettings
+from mailedge.store_settings import StoreFailurePolicy, StoreSettings
 
 pytest.importorskip("coredis")
 
@@ -162,7 +162,7 @@ _WORKER = textwrap.dedent(
     """
     import json, sys, time, trio
     from mailedge.hooks.redis import RedisStore
-    from mailedge.settings import StoreFailurePolicy
+    from mailedge.store_settings import StoreFailurePolicy
 
     async def main(url, interval, seconds):
         # "closed": a call Redis did not answer is refused, so it can never inflate the count.
