@@ -1,0 +1,174 @@
+"""Rate-limit tokens taken from a shared store in advance and spent here: GCRA leases.
+
+A shared store costs one round trip per decision, and a round trip costs a Python process
+about as much CPU as the whole connection it decides on. A client that connects again and
+again (a large sender's relays, an IMAP client's several connections) would pay it every
+time. So when one client's decisions come quickly, a process asks the store for several
+tokens in one step (the store advances the client's GCRA time by all of them, atomically,
+and grants only what its burst still holds) and spends them locally, with no round trip.
+
+The bounds, which docs/scale-out.md states:
+
+- **Never looser than configured, beyond the tokens held.** Every token was counted in the
+  shared store when it was granted. A token spent later than it was granted can carry at
+  most itself past the window, so the excess is at most what the processes hold: at most
+  :func:`lease_cap` each, and for at most :data:`LEASE_SECONDS`.
+- **Briefly stricter, then repaired.** Tokens a process holds are not available to the
+  others; a lease that expires unspent is handed back to the store (:meth:`LeaseTable.sweep`).
+- **Small limits are exact.** A limit whose burst is below ``2 * LEASE_FRACTION`` tokens
+  never leases more than one token at a time, which is exactly the one-step decision.
+
+This module is sans-IO: it keeps the table and says what to ask for; the store talks to Redis.
+"""
+
+from __future__ import annotations
+
+import math
+
+import attrs
+
+__all__ = ["LEASE_FRACTION", "LEASE_SECONDS", "MAX_LEASE", "MAX_LEASES", "LeaseTable", "lease_cap"]
+
+# A token is spent within this long of being granted, or handed back: long enough that a
+# client connecting every few hundred milliseconds reuses one lease many times, short enough
+# that tokens held but unused come back to the other processes within seconds.
+LEASE_SECONDS = 2.0
+# One lease holds at most 1/20 of the limit's burst: with a few hosts holding one each, a
+# client's limit stays within a few percent of the configured one.
+LEASE_FRACTION = 20
+# And never more than this many tokens, however large the burst: a lease of 64 already makes
+# the round trip 1/64 of a connection's cost.
+MAX_LEASE = 64
+# The shortest time a pace is measured over: two decisions in the same instant mean "busy",
+# not an infinite rate (the cap bounds the lease anyway).
+_MIN_ELAPSED = 0.001
+# Clients with a lease held at once; beyond this, decisions for new clients take one token
+# each (the exact one-step decision). Each entry is about 200 bytes.
+MAX_LEASES = 10_000
+
+
+def lease_cap(emission_interval: float, burst_tolerance: float) -> int:
+    """The most tokens one lease may hold for a limit: 1 means no leasing."""
+    if emission_interval <= 0:
+        return 1
+    burst = int(burst_tolerance / emission_interval + 1e-9) + 1
+    return max(1, min(MAX_LEASE, burst // LEASE_FRACTION))
+
+
+@attrs.define(repr=False, slots=True)
+class _Lease:
+    granted: int
+    remaining: int
+    granted_at: float
+    expires_at: float
+    emission_interval: float
+    burst_tolerance: float
+
+
+@attrs.define(repr=False)
+class LeaseTable:
+    """The tokens this process holds, by key, and how many to ask for next.
+
+    A key's first decision takes one token. After that, a lease asks for what the client would
+    spend in a lease's life at its recent pace, from one up to :func:`lease_cap`; what it
+    does not spend is handed back when the lease expires.
+    """
+
+    seconds: float = LEASE_SECONDS
+    max_keys: int = MAX_LEASES
+    spent: int = attrs.field(default=0, init=False)
+    _leases: dict[str, _Lease] = attrs.field(factory=dict, init=False)
+
+    def __repr__(self) -> str:
+        return f"<LeaseTable keys={len(self._leases)} held={self.held}>"
+
+    @property
+    def held(self) -> int:
+        """Tokens held and not yet spent, over every key."""
+        return sum(lease.remaining for lease in self._leases.values())
+
+    def spend(self, key: str, emission_interval: float, burst_tolerance: float, now: float) -> bool:
+        """Spend one token held for ``key`` (True), or say a round trip is needed (False)."""
+        lease = self._leases.get(key)
+        if (
+            lease is None
+            or lease.remaining <= 0
+            or now >= lease.expires_at
+            or lease.emission_interval != emission_interval
+            or lease.burst_tolerance != burst_tolerance
+        ):
+            return False
+        lease.remaining -= 1
+        self.spent += 1
+        return True
+
+    def want(
+        self, key: str, emission_interval: float, burst_tolerance: float, now: float
+    ) -> tuple[int, int]:
+        """How many tokens to ask for, and how many held ones to hand back first.
+
+        Call it after :meth:`spend` said False. The handed-back count is what an expired or
+        outdated lease still held (the caller returns them to the store).
+        """
+        cap = lease_cap(emission_interval, burst_tolerance)
+        lease = self._leases.get(key)
+        if lease is None:
+            return 1, 0
+        unused = lease.remaining
+        if lease.emission_interval != emission_interval or lease.burst_tolerance != burst_tolerance:
+            # The limit changed (a reload): start again from one, under the new limit.
+            del self._leases[key]
+            return 1, unused
+        if unused > 0:
+            # Expired with tokens left: the client spent this many in a lease's life.
+            lease.remaining = 0
+            return max(1, min(cap, lease.granted - unused)), unused
+        # Spent: this many tokens since the lease was granted.
+        pace = lease.granted / max(now - lease.granted_at, _MIN_ELAPSED)
+        return max(1, min(cap, math.ceil(pace * self.seconds))), 0
+
+    def granted(
+        self,
+        key: str,
+        emission_interval: float,
+        burst_tolerance: float,
+        now: float,
+        granted: int,
+    ) -> None:
+        """Record a grant of ``granted`` tokens (one of them spent at once) for ``key``."""
+        if granted <= 0 or lease_cap(emission_interval, burst_tolerance) <= 1:
+            return
+        if key not in self._leases and len(self._leases) >= self.max_keys:
+            # Full: this key's decisions take one token each, the exact one-step decision.
+            return
+        self._leases[key] = _Lease(
+            granted=granted,
+            remaining=granted - 1,
+            granted_at=now,
+            expires_at=now + self.seconds,
+            emission_interval=emission_interval,
+            burst_tolerance=burst_tolerance,
+        )
+
+    def drop(self, key: str) -> int:
+        """Forget ``key``'s lease (a refusal, say); returns the tokens it still held."""
+        lease = self._leases.pop(key, None)
+        return 0 if lease is None else lease.remaining
+
+    def sweep(self, now: float) -> list[tuple[str, float, int]]:
+        """Forget expired leases; returns (key, emission interval, unused) to hand back.
+
+        A lease expired for less than another :data:`LEASE_SECONDS` with nothing left is
+        kept, so that a client coming back soon still gets its larger lease.
+        """
+        handed_back = []
+        for key, lease in list(self._leases.items()):
+            if now < lease.expires_at:
+                continue
+            if lease.remaining > 0:
+                handed_back.append((key, lease.emission_interval, lease.remaining))
+                lease.granted -= lease.remaining
+                lease.remaining = 0
+            if now >= lease.expires_at + self.seconds:
+                del self._leases[key]
+        return handed_back

@@ -1,0 +1,107 @@
+"""GCRA leases: how many tokens to ask for, when to spend them, and what to hand back."""
+
+from __future__ import annotations
+
+import pytest
+
+from mailedge.hooks.leases import LEASE_SECONDS, MAX_LEASE, LeaseTable, lease_cap
+from mailedge.settings import RateLimit
+
+
+def limit(text: str) -> tuple[float, float]:
+    rate = RateLimit.parse(text)
+    return rate.emission_interval, rate.burst_tolerance
+
+
+@pytest.mark.parametrize(
+    ("text", "cap"),
+    [
+        ("1/1s", 1),
+        ("10/1m", 1),
+        ("39/1m", 1),  # below two leases' worth: every decision is the exact one-step one
+        ("40/1m", 2),
+        ("100/1m", 5),
+        ("1000/1h", 50),
+        ("100000/1s", MAX_LEASE),
+    ],
+)
+def test_a_lease_holds_at_most_a_twentieth_of_the_burst(text: str, cap: int) -> None:
+    assert lease_cap(*limit(text)) == cap
+
+
+def test_the_first_decision_asks_for_one_token() -> None:
+    table = LeaseTable()
+    assert table.want("k", *limit("100/1m"), now=0.0) == (1, 0)
+    assert not table.spend("k", *limit("100/1m"), now=0.0)
+
+
+def test_a_busy_client_gets_a_larger_lease_and_spends_it_locally() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")  # cap 50
+    table.granted("k", interval, tolerance, 0.0, 1)
+    # Back 0.1 s later: 10 per second, so a 2 s lease of 20.
+    want, unused = table.want("k", interval, tolerance, now=0.1)
+    assert (want, unused) == (20, 0)
+    table.granted("k", interval, tolerance, 0.1, want)
+    spent = [table.spend("k", interval, tolerance, now=0.1 + i * 0.01) for i in range(20)]
+    assert spent == [True] * 19 + [False]
+    assert table.spent == 19
+    # Twenty in 0.2 s is 100 per second: the cap holds it to 50.
+    assert table.want("k", interval, tolerance, now=0.3) == (50, 0)
+
+
+def test_a_slow_client_keeps_asking_for_one() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")
+    for minute in range(5):
+        now = minute * 60.0
+        assert not table.spend("k", interval, tolerance, now)
+        assert table.want("k", interval, tolerance, now) == (1, 0)
+        table.granted("k", interval, tolerance, now, 1)
+
+
+def test_tokens_are_not_spent_after_the_lease_expires_and_are_handed_back() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")
+    table.granted("k", interval, tolerance, 0.0, 10)
+    assert table.spend("k", interval, tolerance, now=1.0)
+    assert table.held == 8
+    assert not table.spend("k", interval, tolerance, now=LEASE_SECONDS)
+    # Two of ten were spent in the lease's life: ask for two, and hand the eight back.
+    assert table.want("k", interval, tolerance, now=LEASE_SECONDS) == (2, 8)
+    assert table.held == 0
+
+
+def test_the_sweep_hands_back_what_expired_leases_hold_and_forgets_old_ones() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")
+    table.granted("a", interval, tolerance, 0.0, 10)
+    table.granted("b", interval, tolerance, 1.0, 10)
+    assert table.sweep(now=1.0) == []
+    assert table.sweep(now=LEASE_SECONDS) == [("a", interval, 9)]
+    assert table.sweep(now=LEASE_SECONDS) == []  # handed back once
+    assert table.sweep(now=1.0 + LEASE_SECONDS) == [("b", interval, 9)]
+    assert repr(table) == "<LeaseTable keys=2 held=0>"
+    table.sweep(now=1.0 + 2 * LEASE_SECONDS)
+    assert repr(table) == "<LeaseTable keys=0 held=0>"
+
+
+def test_a_changed_limit_starts_again_and_hands_back() -> None:
+    table = LeaseTable()
+    old, new = limit("1000/1h"), limit("2000/1h")
+    table.granted("k", *old, 0.0, 10)
+    assert not table.spend("k", *new, now=0.1)
+    assert table.want("k", *new, now=0.1) == (1, 9)
+    assert table.held == 0
+
+
+def test_small_limits_and_a_full_table_keep_no_lease() -> None:
+    table = LeaseTable(max_keys=2)
+    table.granted("small", *limit("10/1m"), 0.0, 1)
+    assert repr(table) == "<LeaseTable keys=0 held=0>"
+    interval, tolerance = limit("1000/1h")
+    for key in ("a", "b", "c"):
+        table.granted(key, interval, tolerance, 0.0, 5)
+    assert repr(table) == "<LeaseTable keys=2 held=8>"
+    assert not table.spend("c", interval, tolerance, now=0.0)
+    assert table.want("c", interval, tolerance, now=0.0) == (1, 0)
