@@ -20,7 +20,7 @@ delete), so every process's view sees changes in the order Redis made them.
 
 from __future__ import annotations
 
-__all__ = ["DELETE", "GCRA", "GET", "HIT", "SET", "TIME"]
+__all__ = ["BATCH", "DELETE", "GCRA", "GET", "HIT", "SET", "TIME"]
 
 # Each script reads the server clock in microseconds as `now` and the write's version string.
 _NOW = """
@@ -110,3 +110,75 @@ return {deleted, version}
 
 # No keys. The server's clock as a version string: where a full re-read of the view starts.
 TIME = _NOW + "\nreturn version\n"
+
+# Many decisions in one step, each on its own key (one client's key, in its hash tag):
+# concurrent connections share one round trip. KEYS[i] is the i-th decision's key and
+# ARGV[4i-3 .. 4i] its operation and three arguments (unused ones ''):
+#
+# - 'g' interval, tolerance (µs), want: GCRA for up to `want` events at once (a lease): grants
+#   as many as the burst still holds, at least one or none. Returns granted, 0; or 0 and the
+#   µs until one would be granted.
+# - 'r' interval (µs), count: hand back `count` unspent granted events. Returns 0, 0.
+# - 't' limit, member, lease (ms): take a connection slot if fewer than `limit` members are
+#   live (each scored by when it expires). Returns 1 or 0, and 0.
+# - 'n' lease (ms), member: renew a slot (re-adding one a restarted Redis lost). Returns 1, 0.
+# - 'x' member: give a slot back. Returns 1 or 0 (was it there), and 0.
+#
+# The reply is flat: two integers per decision, in order.
+BATCH = (
+    _NOW
+    + """
+local now_ms = math.floor(now / 1000)
+local out = {}
+for i = 1, #KEYS do
+  local key = KEYS[i]
+  local op, a, b, c = ARGV[4 * i - 3], ARGV[4 * i - 2], ARGV[4 * i - 1], ARGV[4 * i]
+  local first, second = 0, 0
+  if op == 'g' or op == 'r' then
+    local interval = tonumber(a)
+    local tat = now
+    local old = redis.call('GET', key)
+    if old and string.sub(old, 1, 1) == 'g' then
+      local stored = tonumber(string.sub(old, 2))
+      if stored and stored > now then tat = stored end
+    end
+    local new_tat = nil
+    if op == 'g' then
+      local tolerance, want = tonumber(b), tonumber(c)
+      local room = tolerance - (tat - now)
+      if room < 0 then
+        second = tat - tolerance - now
+      else
+        first = want
+        if interval > 0 then first = math.min(want, math.floor(room / interval) + 1) end
+        new_tat = tat + first * interval
+      end
+    elseif tat > now then
+      new_tat = math.max(now, tat - tonumber(b) * interval)
+    end
+    if new_tat and new_tat > now then
+      redis.call('SET', key, 'g' .. string.format('%d', new_tat),
+                 'PX', math.max(1, math.ceil((new_tat - now) / 1000)))
+    elseif new_tat then
+      redis.call('DEL', key)
+    end
+  elseif op == 't' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now_ms)
+    if redis.call('ZCARD', key) < tonumber(a) then
+      redis.call('ZADD', key, now_ms + tonumber(c), b)
+      redis.call('PEXPIRE', key, tonumber(c))
+      first = 1
+    end
+  elseif op == 'n' then
+    redis.call('ZADD', key, now_ms + tonumber(a), b)
+    redis.call('PEXPIRE', key, tonumber(a))
+    first = 1
+  elseif op == 'x' then
+    first = redis.call('ZREM', key, b)
+  end
+  out[2 * i - 1] = first
+  out[2 * i] = second
+end
+return out
+"""
+)

@@ -38,6 +38,8 @@ import attrs
 import trio
 
 from mailedge.hooks import _redis_scripts as scripts
+from mailedge.hooks.leases import LeaseTable
+from mailedge.hooks.redis_batch import Batcher, Op, Reply
 from mailedge.hooks.store import Entry, GCRAResult, MemoryStore, RateStore
 from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
 
@@ -85,35 +87,6 @@ _CHANNEL = "mirror"
 # 5 s: "a few seconds" after a crash, and five missed heartbeats before a live slot lapses.
 CONNECTION_LEASE = 5.0
 CONNECTION_HEARTBEAT = 1.0
-
-# Take a slot: drop expired members, count the rest, add ours if under the limit. Server time.
-# KEYS[1] the client's set; ARGV: limit, member, lease in ms. Returns 1 (taken) or 0 (full).
-CONNECTION_TAKE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then
-  return 0
-end
-redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return 1
-"""
-# Renew this process's members of one set (re-adding any a restarted Redis lost).
-# KEYS[1] the set; ARGV: lease in ms, then the members.
-CONNECTION_RENEW = """
-local t = redis.call('TIME')
-local expires = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000) + tonumber(ARGV[1])
-for i = 2, #ARGV do
-  redis.call('ZADD', KEYS[1], expires, ARGV[i])
-end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
-return 1
-"""
-# Give a slot back. KEYS[1] the set; ARGV[1] the member.
-CONNECTION_RELEASE = """
-return redis.call('ZREM', KEYS[1], ARGV[1])
-"""
 
 
 def _is_client(text: str) -> bool:
@@ -382,12 +355,19 @@ class RedisStore:
     _nursery_manager: Any = attrs.field(default=None, init=False)
     # Shared connection slots this process holds, by caller's key: their members.
     _slots: dict[str, set[str]] = attrs.field(factory=dict, init=False)
-    _released: list[tuple[str, str]] = attrs.field(factory=list, init=False)
-    _release_now: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Slots that may be held for nobody (a call failed), to remove until their lease lapses.
+    _orphans: dict[tuple[str, str], float] = attrs.field(factory=dict, init=False)
     _member_prefix: str = attrs.field(
         factory=lambda: f"{os.getpid()}.{uuid.uuid4().hex[:12]}.", init=False
     )
     _member_numbers: Iterator[int] = attrs.field(factory=itertools.count, init=False)
+    # Rate-limit tokens granted ahead and spent here (mailedge.hooks.leases).
+    leases: LeaseTable = attrs.field(factory=LeaseTable)
+    _batcher: Batcher = attrs.field(init=False)
+
+    @_batcher.default
+    def _make_batcher(self) -> Batcher:
+        return Batcher(self._batch_call)
 
     @classmethod
     def from_settings(cls, settings: StoreSettings) -> RedisStore:
@@ -439,19 +419,14 @@ class RedisStore:
                 self._client = client
                 self._scripts = {
                     name: client.register_script(getattr(scripts, name))
-                    for name in ("GCRA", "HIT", "GET", "SET", "DELETE", "TIME")
+                    for name in ("BATCH", "HIT", "GET", "SET", "DELETE", "TIME")
                 }
-                for name, text in (
-                    ("CONNECTION_TAKE", CONNECTION_TAKE),
-                    ("CONNECTION_RENEW", CONNECTION_RENEW),
-                    ("CONNECTION_RELEASE", CONNECTION_RELEASE),
-                ):
-                    self._scripts[name] = client.register_script(text)
                 try:
                     async with trio.open_nursery() as nursery:
                         first = trio.Event()
                         nursery.start_soon(self._subscriber, first)
-                        nursery.start_soon(self._connection_keeper)
+                        nursery.start_soon(self._batcher.run)
+                        nursery.start_soon(self._keeper)
                         # Started once the first subscription and re-read are done, or
                         # failed: a store that starts during an outage serves by its policy.
                         with trio.move_on_after(max(self.timeout, 1.0)):
@@ -559,18 +534,26 @@ class RedisStore:
         return key.startswith(self.mirrored_prefixes)
 
     async def _call(
-        self, call: Callable[[], Coroutine[Any, Any, Any]], bound: float | None = None
+        self,
+        call: Callable[[], Coroutine[Any, Any, Any]],
+        bound: float | None = None,
+        *,
+        fallbacks: int = 1,
     ) -> tuple[bool, Any]:
-        """``call`` on Redis under the timeout and the breaker: (True, reply) or (False, None)."""
+        """``call`` on Redis under the timeout and the breaker: (True, reply) or (False, None).
+
+        ``fallbacks`` is how many answers the failure policy gives if it fails (a batch's
+        callers count their own).
+        """
         if self._client is None or not self.breaker.allow():
-            self.fallbacks += 1
+            self.fallbacks += fallbacks
             return False, None
         try:
             with trio.fail_after(bound or self.timeout):
                 reply = await call()
         except Exception as error:
             self.errors += 1
-            self.fallbacks += 1
+            self.fallbacks += fallbacks
             self.breaker.failure(error)
             return False, None
         if self.breaker.success():
@@ -578,17 +561,47 @@ class RedisStore:
             self._resync_now.set()
         return True, reply
 
-    async def gcra(self, key: str, emission_interval: float, burst_tolerance: float) -> GCRAResult:
-        script = self._scripts.get("GCRA")
-        ok, reply = await self._call(
-            lambda: script(  # type: ignore[misc]
-                keys=[redis_key(self.key_prefix, key)],
-                args=[round(emission_interval * 1e6), round(burst_tolerance * 1e6)],
-            )
+    async def _batch_call(self, keys: list[str], args: list[str | int]) -> tuple[bool, Any]:
+        script = self._scripts.get("BATCH")
+        return await self._call(
+            lambda: script(keys=keys, args=args),  # type: ignore[misc]
+            fallbacks=0,
         )
-        if ok:
-            allowed, retry_us = reply
-            return GCRAResult(bool(allowed), int(retry_us) / 1e6)
+
+    async def _submit(self, op: Op) -> Reply | None:
+        """One decision through the batcher, within ``timeout``; None if Redis did not answer."""
+        if self._client is None:
+            reply = None
+        else:
+            reply = await self._batcher.submit(op, self.timeout)
+        if reply is None:
+            self.fallbacks += 1
+        return reply
+
+    async def gcra(self, key: str, emission_interval: float, burst_tolerance: float) -> GCRAResult:
+        now = trio.current_time()
+        if self.leases.spend(key, emission_interval, burst_tolerance, now):
+            return GCRAResult(True)
+        want, unused = self.leases.want(key, emission_interval, burst_tolerance, now)
+        name = redis_key(self.key_prefix, key)
+        interval_us = round(emission_interval * 1e6)
+        if unused:
+            self._batcher.background(Op(name, "r", interval_us, unused))
+
+        def hand_back(reply: Reply) -> None:
+            # Granted to a caller that left: give the tokens back to the other processes.
+            if reply[0] > 0:
+                self._batcher.background(Op(name, "r", interval_us, reply[0]))
+
+        reply = await self._submit(
+            Op(name, "g", interval_us, round(burst_tolerance * 1e6), want, undo=hand_back)
+        )
+        if reply is not None:
+            granted, retry_us = reply
+            if granted > 0:
+                self.leases.granted(key, emission_interval, burst_tolerance, now, granted)
+                return GCRAResult(True)
+            return GCRAResult(False, retry_us / 1e6)
         if self.on_failure is StoreFailurePolicy.LOCAL:
             return await self.fallback.gcra(key, emission_interval, burst_tolerance)
         if self.on_failure is StoreFailurePolicy.OPEN:
@@ -702,20 +715,40 @@ class RedisStore:
         within ``timeout`` (under every ``onFailure`` the server's local count then decides:
         it is never looser than one process's share, and never refuses for an outage).
         """
-        script = self._scripts.get("CONNECTION_TAKE")
         member = f"{self._member_prefix}{next(self._member_numbers)}"
+        name = redis_key(self.key_prefix, key)
         lease_ms = math.ceil(self.connection_lease * 1000)
-        ok, reply = await self._call(
-            lambda: script(  # type: ignore[misc]
-                keys=[redis_key(self.key_prefix, key)], args=[limit, member, lease_ms]
+
+        def give_back() -> None:
+            self._give_back(name, member, trio.current_time() + self.connection_lease)
+
+        # Taken for a connection that was cancelled or gave up waiting, or perhaps taken by a
+        # call that failed: free it now, not when its lease runs out.
+        reply = await self._submit(
+            Op(
+                name,
+                "t",
+                limit,
+                member,
+                lease_ms,
+                undo=lambda reply: give_back() if reply[0] else None,
+                lost=give_back,
             )
         )
-        if not ok:
+        if reply is None:
             return None
-        if not int(reply):
+        if not reply[0]:
             return False
         self._slots.setdefault(key, set()).add(member)
         return member
+
+    def _give_back(self, name: str, member: str, lapses_at: float) -> None:
+        """Remove a slot; if that call fails too, the keeper tries again until it lapses."""
+
+        def retry() -> None:
+            self._orphans[name, member] = lapses_at
+
+        self._batcher.background(Op(name, "x", "", member, lost=retry))
 
     def release_connection(self, key: str, token: str) -> None:
         """Stop renewing the slot and remove it in the background (it expires anyway)."""
@@ -724,39 +757,32 @@ class RedisStore:
             members.discard(token)
             if not members:
                 del self._slots[key]
-        self._released.append((key, token))
-        self._release_now.set()
+        lapses_at = trio.current_time() + self.connection_lease
+        self._give_back(redis_key(self.key_prefix, key), token, lapses_at)
 
     @property
     def connection_slots(self) -> int:
         """How many shared connection slots this process holds."""
         return sum(map(len, self._slots.values()))
 
-    async def _connection_keeper(self) -> None:
-        """Remove released slots as they come, and renew the held ones every heartbeat."""
-        next_renewal = trio.current_time() + self.connection_heartbeat
+    async def _keeper(self) -> None:
+        """Every heartbeat: renew the slots held, retry removing orphaned ones, and hand back
+        expired leases' tokens."""
         while True:
-            with trio.move_on_at(next_renewal):
-                await self._release_now.wait()
-            self._release_now = trio.Event()
-            released, self._released = self._released, []
-            for key, member in released:
-                script = self._scripts["CONNECTION_RELEASE"]
-                await self._call(
-                    functools.partial(script, keys=[redis_key(self.key_prefix, key)], args=[member])
-                )
-            if trio.current_time() >= next_renewal:
-                next_renewal = trio.current_time() + self.connection_heartbeat
-                lease_ms = math.ceil(self.connection_lease * 1000)
-                for key, members in list(self._slots.items()):
-                    script = self._scripts["CONNECTION_RENEW"]
-                    await self._call(
-                        functools.partial(
-                            script,
-                            keys=[redis_key(self.key_prefix, key)],
-                            args=[lease_ms, *members],
-                        )
-                    )
+            await trio.sleep(self.connection_heartbeat)
+            lease_ms = math.ceil(self.connection_lease * 1000)
+            for key, members in self._slots.items():
+                name = redis_key(self.key_prefix, key)
+                for member in members:
+                    self._batcher.background(Op(name, "n", lease_ms, member))
+            now = trio.current_time()
+            orphans, self._orphans = self._orphans, {}
+            for (name, member), lapses_at in orphans.items():
+                if now < lapses_at:
+                    self._give_back(name, member, lapses_at)
+            for key, interval, unused in self.leases.sweep(now):
+                name = redis_key(self.key_prefix, key)
+                self._batcher.background(Op(name, "r", round(interval * 1e6), unused))
 
     def _journal_write(self, key: str, value: str | None, ttl: float) -> None:
         self._journal.pop(key, None)

@@ -14,7 +14,7 @@ import os
 import random
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -42,16 +42,6 @@ BAN = "ab:ban:198.51.100.7"
 SLOW = 2.0
 # How long a propagated change may take to show in another process's view here.
 PROPAGATION = 5.0
-
-
-@pytest.fixture
-def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def make_store(server: RedisServer, **kwargs: object) -> RedisStore:

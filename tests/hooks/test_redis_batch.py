@@ -1,0 +1,142 @@
+"""The batcher and the leases behind RedisStore, against a real redis-server.
+
+Concurrent decisions share round trips; a slot taken for a caller that left (or by a call that
+failed) is given back at once, not when its lease lapses; leased tokens are never more than the
+limit, and what a process does not spend comes back to the others.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import pytest
+import trio
+from redis_support import RedisServer
+
+from mailedge.hooks.leases import LeaseTable
+from mailedge.hooks.redis import CircuitBreaker, RedisStore
+from mailedge.settings import RateLimit
+
+pytest.importorskip("coredis")
+
+CONN = "conn:smtp:198.51.100.7"
+SLOT_SET = "mailedge:conn:smtp:{198.51.100.7}"
+# Generous for a loaded 2-core machine: these tests check behaviour, not speed.
+SLOW = 2.0
+# How often `eventually` asks.
+POLL = 0.05
+
+
+def make_store(server: RedisServer, **kwargs: object) -> RedisStore:
+    kwargs.setdefault("timeout", SLOW)
+    kwargs.setdefault("breaker", CircuitBreaker(threshold=100, probe_interval=0.1))
+    return RedisStore(url=server.url, **kwargs)  # type: ignore[arg-type]
+
+
+async def eventually(predicate: Callable[[], Awaitable[bool] | bool], within: float) -> None:
+    """Poll ``predicate`` on the real clock (Redis keeps its own), a bounded number of times."""
+    with trio.fail_after(within + 1):
+        for _ in range(int(within / POLL) + 1):
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await trio.sleep(POLL)
+    raise AssertionError(f"not within {within} s")
+
+
+def held_slots(server: RedisServer) -> int:
+    return int(server.command("ZCARD", SLOT_SET).strip().lstrip(b":"))
+
+
+async def test_concurrent_decisions_share_round_trips(redis_server: RedisServer) -> None:
+    limit = RateLimit.parse("10/1m")  # small: no leases, every decision goes to Redis
+    async with make_store(redis_server) as store:
+        results: list[bool] = []
+
+        async def decide(n: int) -> None:
+            result = await store.gcra(f"rl:c:192.0.2.{n}", limit.emission_interval, 0.0)
+            results.append(result.allowed)
+
+        async with trio.open_nursery() as nursery:
+            for n in range(64):
+                nursery.start_soon(decide, n)
+        assert results == [True] * 64
+        assert store._batcher.sent == 64
+        assert store._batcher.batches <= 16, store._batcher
+        # And each decision was its own: the same clients again are refused (burst 1).
+        refused = [
+            (await store.gcra(f"rl:c:192.0.2.{n}", limit.emission_interval, 0.0)).allowed
+            for n in range(4)
+        ]
+        assert refused == [False] * 4
+
+
+async def test_a_slot_taken_for_a_caller_that_gave_up_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    # A lease far longer than the test: only a give-back can free the slot in time.
+    async with make_store(
+        redis_server, timeout=0.05, connection_lease=60.0, connection_heartbeat=0.1
+    ) as store:
+        redis_server.pause()
+        try:
+            assert await store.take_connection(CONN, 5) is None
+        finally:
+            await trio.sleep(0.2)
+            redis_server.resume()
+        # Redis took the slot when it woke (the command was already sent), for nobody.
+        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        assert store.connection_slots == 0
+        token = await store.take_connection(CONN, 5)
+        assert isinstance(token, str)
+        assert held_slots(redis_server) == 1
+
+
+async def test_a_slot_taken_for_a_cancelled_caller_is_given_back(
+    redis_server: RedisServer,
+) -> None:
+    async with make_store(redis_server, connection_lease=60.0) as store:
+        redis_server.pause()
+        try:
+            with trio.move_on_after(0.1) as scope:
+                await store.take_connection(CONN, 5)
+            assert scope.cancelled_caught
+        finally:
+            redis_server.resume()
+        await eventually(lambda: store._batcher.sent >= 2, SLOW)
+        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        assert store.connection_slots == 0
+
+
+async def test_leased_tokens_never_exceed_the_limit_and_unspent_ones_come_back(
+    redis_server: RedisServer,
+) -> None:
+    # 200 an hour: a burst of 200 and no refill to speak of within the test; leases up to 10.
+    limit = RateLimit.parse("200/1h")
+    args = (limit.emission_interval, limit.burst_tolerance)
+    key = "rl:conn:smtp:198.51.100.7"
+    async with (
+        make_store(redis_server, leases=LeaseTable(seconds=0.3), connection_heartbeat=0.1) as one,
+        make_store(redis_server) as two,
+    ):
+        for _ in range(150):
+            assert (await one.gcra(key, *args)).allowed
+        # Most decisions were spent from leases, not sent.
+        assert one.leases.spent >= 100
+        held = one.leases.held
+        assert 0 < held < 10
+
+        async def take_all(store: RedisStore) -> int:
+            for allowed in range(250):
+                if not (await store.gcra(key, *args)).allowed:
+                    return allowed
+            raise AssertionError("never refused")
+
+        # Never looser: what one holds is not available to two.
+        assert await take_all(two) == 200 - 150 - held
+        # One's lease expires; the keeper hands its unspent tokens back to Redis.
+        await eventually(lambda: one.leases.held == 0, SLOW)
+        await trio.sleep(0.3)
+        assert await take_all(two) == held
