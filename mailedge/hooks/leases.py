@@ -18,6 +18,11 @@ The bounds, which docs/scale-out.md states:
 - **Small limits are exact.** A limit whose burst is below ``2 * LEASE_FRACTION`` tokens
   never leases more than one token at a time, which is exactly the one-step decision.
 
+The same idea holds for shared connection counts (``maxConnectionsPerIp``): a slot whose
+connection closed is kept for :data:`LEASE_SECONDS` for the client's next connection
+(:func:`spare_cap` of them per client), so a client that comes back costs no round trip; the
+count is never looser, and stricter by at most the spares kept.
+
 This module is sans-IO: it keeps the table and says what to ask for; the store talks to Redis.
 """
 
@@ -27,7 +32,15 @@ import math
 
 import attrs
 
-__all__ = ["LEASE_FRACTION", "LEASE_SECONDS", "MAX_LEASE", "MAX_LEASES", "LeaseTable", "lease_cap"]
+__all__ = [
+    "LEASE_FRACTION",
+    "LEASE_SECONDS",
+    "MAX_LEASE",
+    "MAX_LEASES",
+    "LeaseTable",
+    "lease_cap",
+    "spare_cap",
+]
 
 # A token is spent within this long of being granted, or handed back: long enough that a
 # client connecting every few hundred milliseconds reuses one lease many times, short enough
@@ -53,6 +66,15 @@ def lease_cap(emission_interval: float, burst_tolerance: float) -> int:
         return 1
     burst = int(burst_tolerance / emission_interval + 1e-9) + 1
     return max(1, min(MAX_LEASE, burst // LEASE_FRACTION))
+
+
+def spare_cap(limit: int) -> int:
+    """How many closed connections' slots to keep for a client's next ones.
+
+    The same bound as a lease: 1/20 of the limit, so below 20 none are kept and every slot
+    is taken and given back exactly.
+    """
+    return min(MAX_LEASE, limit // LEASE_FRACTION)
 
 
 @attrs.define(repr=False, slots=True)
@@ -141,6 +163,8 @@ class LeaseTable:
         if key not in self._leases and len(self._leases) >= self.max_keys:
             # Full: this key's decisions take one token each, the exact one-step decision.
             return
+        # Re-inserted, so the table stays in the order leases expire (sweep stops early).
+        self._leases.pop(key, None)
         self._leases[key] = _Lease(
             granted=granted,
             remaining=granted - 1,
@@ -149,11 +173,6 @@ class LeaseTable:
             emission_interval=emission_interval,
             burst_tolerance=burst_tolerance,
         )
-
-    def drop(self, key: str) -> int:
-        """Forget ``key``'s lease (a refusal, say); returns the tokens it still held."""
-        lease = self._leases.pop(key, None)
-        return 0 if lease is None else lease.remaining
 
     def sweep(self, now: float) -> list[tuple[str, float, int]]:
         """Forget expired leases; returns (key, emission interval, unused) to hand back.
@@ -164,7 +183,7 @@ class LeaseTable:
         handed_back = []
         for key, lease in list(self._leases.items()):
             if now < lease.expires_at:
-                continue
+                break  # in expiry order: the rest are live
             if lease.remaining > 0:
                 handed_back.append((key, lease.emission_interval, lease.remaining))
                 lease.granted -= lease.remaining

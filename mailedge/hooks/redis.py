@@ -23,11 +23,11 @@ Install with ``pip install mailedge[redis]`` (the coredis client; docs/scale-out
 from __future__ import annotations
 
 import functools
-import ipaddress
 import itertools
 import logging
 import math
 import os
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
@@ -38,7 +38,7 @@ import attrs
 import trio
 
 from mailedge.hooks import _redis_scripts as scripts
-from mailedge.hooks.leases import LeaseTable
+from mailedge.hooks.leases import LeaseTable, spare_cap
 from mailedge.hooks.redis_batch import Batcher, Op, Reply
 from mailedge.hooks.store import Entry, GCRAResult, MemoryStore, RateStore
 from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
@@ -79,6 +79,8 @@ MAX_JOURNAL = 10_000
 _RESYNC_BATCH = 100
 # What an address or a network is written with (besides the colons between segments).
 _ADDRESS_CHARS = frozenset("0123456789abcdef./")
+# What a client part (an address or a network, IPv6 included) can hold at all.
+_CLIENT_CHARS = _ADDRESS_CHARS | frozenset(":ABCDEF")
 # The pub/sub channel under the key prefix.
 _CHANNEL = "mirror"
 # A connection slot (maxConnectionsPerIp) is a member of its client's sorted set, scored by
@@ -90,9 +92,21 @@ CONNECTION_HEARTBEAT = 1.0
 
 
 def _is_client(text: str) -> bool:
+    """Whether ``text`` is an address or a network in the form callers write them.
+
+    ``inet_pton`` rather than :mod:`ipaddress`: a key for a client never seen before is
+    split on every decision, and parsing with exceptions cost more than the rest of it.
+    """
+    # Most candidates ("conn:smtp:...") hold a letter no address has.
+    if not _CLIENT_CHARS.issuperset(text):
+        return False
+    address, slash, length = text.partition("/")
+    family, bits = (socket.AF_INET6, 128) if ":" in address else (socket.AF_INET, 32)
+    if slash and not (length.isdigit() and len(length) <= 3 and int(length) <= bits):
+        return False
     try:
-        ipaddress.ip_network(text, strict=False)
-    except ValueError:
+        socket.inet_pton(family, address)
+    except OSError:
         return False
     return True
 
@@ -355,6 +369,10 @@ class RedisStore:
     _nursery_manager: Any = attrs.field(default=None, init=False)
     # Shared connection slots this process holds, by caller's key: their members.
     _slots: dict[str, set[str]] = attrs.field(factory=dict, init=False)
+    # Slots kept after their connection closed, for the client's next one: (member, until),
+    # and how many to keep per key (mailedge.hooks.leases.spare_cap of its limit).
+    _spares: dict[str, list[tuple[str, float]]] = attrs.field(factory=dict, init=False)
+    _spare_caps: dict[str, int] = attrs.field(factory=dict, init=False)
     # Slots that may be held for nobody (a call failed), to remove until their lease lapses.
     _orphans: dict[tuple[str, str], float] = attrs.field(factory=dict, init=False)
     _member_prefix: str = attrs.field(
@@ -714,7 +732,18 @@ class RedisStore:
         The member's token when taken, False at the limit, None when Redis did not answer
         within ``timeout`` (under every ``onFailure`` the server's local count then decides:
         it is never looser than one process's share, and never refuses for an outage).
+
+        A slot this process kept after its connection closed (a spare) is reused with no
+        round trip.
         """
+        spares = self._spares.get(key)
+        now = trio.current_time()
+        while spares:
+            member, kept_until = spares.pop()
+            if now < kept_until:
+                self._slots.setdefault(key, set()).add(member)
+                return member
+            self._give_back(redis_key(self.key_prefix, key), member, now + self.connection_lease)
         member = f"{self._member_prefix}{next(self._member_numbers)}"
         name = redis_key(self.key_prefix, key)
         lease_ms = math.ceil(self.connection_lease * 1000)
@@ -740,6 +769,7 @@ class RedisStore:
         if not reply[0]:
             return False
         self._slots.setdefault(key, set()).add(member)
+        self._spare_caps[key] = spare_cap(limit)
         return member
 
     def _give_back(self, name: str, member: str, lapses_at: float) -> None:
@@ -751,19 +781,31 @@ class RedisStore:
         self._batcher.background(Op(name, "x", "", member, lost=retry))
 
     def release_connection(self, key: str, token: str) -> None:
-        """Stop renewing the slot and remove it in the background (it expires anyway)."""
+        """Keep the slot as a spare for the client's next connection, or remove it in the
+        background (it expires anyway)."""
         members = self._slots.get(key)
         if members is not None:
             members.discard(token)
             if not members:
                 del self._slots[key]
-        lapses_at = trio.current_time() + self.connection_lease
-        self._give_back(redis_key(self.key_prefix, key), token, lapses_at)
+        now = trio.current_time()
+        spares = self._spares.setdefault(key, [])
+        if len(spares) < self._spare_caps.get(key, 0):
+            spares.append((token, now + self.leases.seconds))
+            return
+        if not spares:
+            del self._spares[key]
+        self._give_back(redis_key(self.key_prefix, key), token, now + self.connection_lease)
 
     @property
     def connection_slots(self) -> int:
-        """How many shared connection slots this process holds."""
+        """How many shared connection slots this process holds for open connections."""
         return sum(map(len, self._slots.values()))
+
+    @property
+    def spare_slots(self) -> int:
+        """How many slots this process keeps for clients' next connections."""
+        return sum(map(len, self._spares.values()))
 
     async def _keeper(self) -> None:
         """Every heartbeat: renew the slots held, retry removing orphaned ones, and hand back
@@ -771,11 +813,23 @@ class RedisStore:
         while True:
             await trio.sleep(self.connection_heartbeat)
             lease_ms = math.ceil(self.connection_lease * 1000)
+            now = trio.current_time()
+            for key, spares in list(self._spares.items()):
+                name = redis_key(self.key_prefix, key)
+                kept = [(member, until) for member, until in spares if now < until]
+                for member, _ in set(spares) - set(kept):
+                    self._give_back(name, member, now + self.connection_lease)
+                if kept:
+                    self._spares[key] = kept
+                else:
+                    del self._spares[key]
+                    self._spare_caps.pop(key, None)
+                for member, _ in kept:
+                    self._batcher.background(Op(name, "n", lease_ms, member))
             for key, members in self._slots.items():
                 name = redis_key(self.key_prefix, key)
                 for member in members:
                     self._batcher.background(Op(name, "n", lease_ms, member))
-            now = trio.current_time()
             orphans, self._orphans = self._orphans, {}
             for (name, member), lapses_at in orphans.items():
                 if now < lapses_at:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mailedge.hooks.leases import LEASE_SECONDS, MAX_LEASE, LeaseTable, lease_cap
+from mailedge.hooks.leases import LEASE_SECONDS, MAX_LEASE, LeaseTable, lease_cap, spare_cap
 from mailedge.settings import RateLimit
 
 
@@ -105,3 +105,8 @@ def test_small_limits_and_a_full_table_keep_no_lease() -> None:
     assert repr(table) == "<LeaseTable keys=2 held=8>"
     assert not table.spend("c", interval, tolerance, now=0.0)
     assert table.want("c", interval, tolerance, now=0.0) == (1, 0)
+
+
+@pytest.mark.parametrize(("limit", "spares"), [(1, 0), (19, 0), (20, 1), (100, 5), (10_000, 64)])
+def test_spare_connection_slots_are_a_twentieth_of_the_limit(limit: int, spares: int) -> None:
+    assert spare_cap(limit) == spares

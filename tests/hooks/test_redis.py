@@ -73,6 +73,12 @@ def keys(server: RedisServer) -> list[str]:
         # An IPv6 client whose first group reads like a word still comes whole.
         ("ban:dead:beef::/64", "mailedge:ban:{dead:beef::/64}"),
         ("counter", "mailedge:counter"),
+        # A scope that reads like hex is not taken for part of the address.
+        ("rl:conn:add:192.0.2.1", "mailedge:rl:conn:add:{192.0.2.1}"),
+        ("ban:192.0.2.0/24", "mailedge:ban:{192.0.2.0/24}"),
+        ("ban:192.0.2.0/33", "mailedge:ban:192.0.2.0/33"),
+        ("ban:2001:db8::/129", "mailedge:ban:2001:db8::/129"),
+        ("ban:192.0.2.256", "mailedge:ban:192.0.2.256"),
     ],
 )
 def test_redis_key_puts_the_client_in_a_hash_tag(key: str, expected: str) -> None:

@@ -73,7 +73,7 @@ async def test_concurrent_decisions_share_round_trips(redis_server: RedisServer)
         assert refused == [False] * 4
 
 
-async def test_a_slot_taken_for_a_caller_that_gave_up_is_given_back(
+async def test_a_caller_that_gave_up_waiting_leaves_no_slot_held(
     redis_server: RedisServer,
 ) -> None:
     # A lease far longer than the test: only a give-back can free the slot in time.
@@ -86,7 +86,8 @@ async def test_a_slot_taken_for_a_caller_that_gave_up_is_given_back(
         finally:
             await trio.sleep(0.2)
             redis_server.resume()
-        # Redis took the slot when it woke (the command was already sent), for nobody.
+        # Whether Redis took the slot when it woke or never saw the command, nobody holds it:
+        # a slot a failed call may have taken is given back (the keeper retries).
         await eventually(lambda: held_slots(redis_server) == 0, SLOW)
         assert store.connection_slots == 0
         token = await store.take_connection(CONN, 5)
@@ -140,3 +141,34 @@ async def test_leased_tokens_never_exceed_the_limit_and_unspent_ones_come_back(
         await eventually(lambda: one.leases.held == 0, SLOW)
         await trio.sleep(0.3)
         assert await take_all(two) == held
+
+
+async def test_a_closed_connections_slot_is_kept_for_the_clients_next_one(
+    redis_server: RedisServer,
+) -> None:
+    # A limit of 40 keeps up to 2 spares per client; a spare lives as long as a lease.
+    async with make_store(
+        redis_server, leases=LeaseTable(seconds=0.5), connection_heartbeat=0.1
+    ) as store:
+        first = await store.take_connection(CONN, 40)
+        assert isinstance(first, str)
+        store.release_connection(CONN, first)
+        assert (store.connection_slots, store.spare_slots) == (0, 1)
+        # Still counted for every process: never looser.
+        assert held_slots(redis_server) == 1
+        sent = store._batcher.sent
+        assert await store.take_connection(CONN, 40) == first
+        assert store._batcher.sent == sent  # no round trip
+        store.release_connection(CONN, first)
+        # Unused for its lifetime, the spare is given back.
+        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        assert store.spare_slots == 0
+
+
+async def test_small_connection_limits_keep_no_spare(redis_server: RedisServer) -> None:
+    async with make_store(redis_server) as store:
+        token = await store.take_connection(CONN, 19)
+        assert isinstance(token, str)
+        store.release_connection(CONN, token)
+        assert store.spare_slots == 0
+        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
