@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import concurrent.futures
 import ipaddress
 import os
 import signal
@@ -53,6 +54,10 @@ rateLimitConnections = "100000/1s"
 maxConnectionsPerIp = 100
 """
 CLIENTS = 256
+# Connections at once in the "busy" workload.
+CONCURRENCY = 16
+# Eight connections per client before measuring: past the first leases, the steady state.
+WARM_UP = 8 * CLIENTS
 
 
 def process_cpu(pid: int) -> float:
@@ -98,7 +103,8 @@ async def child(kind: str, url: str) -> None:
         print(server.addresses["smtp"][0][1], flush=True)
         with trio.open_signal_receiver(signal.SIGUSR1) as marks:
             async for _ in marks:
-                print(time.process_time(), flush=True)
+                calls = store._batcher.batches if isinstance(store, RedisStore) else 0
+                print(time.process_time(), calls, flush=True)
 
 
 def connect(port: int, header: bytes) -> None:
@@ -108,38 +114,63 @@ def connect(port: int, header: bytes) -> None:
             pass
 
 
+def client_header(index: int) -> bytes:
+    """A PROXY v2 header naming client number ``index`` (a distinct IPv4 address for each)."""
+    source = ipaddress.IPv4Address(int(ipaddress.IPv4Address("10.0.0.1")) + index)
+    return encode_v2(
+        source=InetAddress(source, 40000 + index % 20000),
+        destination=InetAddress(ipaddress.ip_address("192.0.2.1"), 25),
+    )
+
+
+# The three workloads: who connects, and how many at once.
+WORKLOADS = {
+    # 256 clients in turn, one connection at a time: a client comes back every 256 connections,
+    # like relays of large senders and users' mail clients.
+    "repeat": (CLIENTS, 1),
+    # Every connection a new client, one at a time: the worst case, nothing to reuse.
+    "one-off": (0, 1),
+    # Every connection a new client, 16 at a time: a busy server.
+    "busy": (0, CONCURRENCY),
+}
+
+
 def cpu_per_connection(
-    kind: str, url: str, connections: int, redis_pid: int
-) -> tuple[float, float]:
-    server = InetAddress(ipaddress.ip_address("192.0.2.1"), 25)
-    headers = [
-        encode_v2(
-            source=InetAddress(ipaddress.ip_address(f"198.51.100.{i}"), 40000 + i),
-            destination=server,
-        )
-        for i in range(CLIENTS)
-    ]
+    kind: str, url: str, connections: int, redis_pid: int, workload: str = "repeat"
+) -> tuple[float, float, float]:
+    """Server CPU, redis-server CPU and Redis calls, each per connection."""
+    clients, concurrency = WORKLOADS[workload]
+    total = WARM_UP + connections
+    headers = [client_header(i % clients if clients else i) for i in range(total)]
     process = subprocess.Popen(
         [sys.executable, __file__, "--child", kind, url], stdout=subprocess.PIPE, text=True
     )
     assert process.stdout is not None
     port = int(process.stdout.readline())
 
-    def mark() -> float:
+    def mark() -> tuple[float, int]:
         process.send_signal(signal.SIGUSR1)
-        return float(process.stdout.readline())  # type: ignore[union-attr]
+        cpu, calls = process.stdout.readline().split()  # type: ignore[union-attr]
+        return float(cpu), int(calls)
+
+    def run(first: int, count: int) -> None:
+        with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+            for _ in pool.map(lambda i: connect(port, headers[i]), range(first, first + count)):
+                pass
 
     try:
-        for i in range(min(200, connections)):  # warm-up: imports, caches, scripts loaded
-            connect(port, headers[i % CLIENTS])
-        start, redis_start = mark(), process_cpu(redis_pid)
-        for i in range(connections):
-            connect(port, headers[i % CLIENTS])
-        end, redis_end = mark(), process_cpu(redis_pid)
+        run(0, WARM_UP)  # warm-up: imports, caches, scripts loaded, leases grown
+        (start, calls_start), redis_start = mark(), process_cpu(redis_pid)
+        run(WARM_UP, connections)
+        (end, calls_end), redis_end = mark(), process_cpu(redis_pid)
     finally:
         process.terminate()
         process.wait(timeout=10)
-    return (end - start) / connections, (redis_end - redis_start) / connections
+    return (
+        (end - start) / connections,
+        (redis_end - redis_start) / connections,
+        (calls_end - calls_start) / connections,
+    )
 
 
 # -- 2. accuracy across 4 processes ---------------------------------------------------------------
@@ -227,7 +258,7 @@ async def spread(reuse_port: bool, connections: int, directory: Path) -> list[in
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--connections", type=int, default=3000)
+    parser.add_argument("--connections", type=int, default=10000)
     parser.add_argument("--rate", type=float, default=50.0)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--quick", action="store_true")
@@ -240,15 +271,19 @@ def main() -> None:
         url = f"unix://{directory / 'redis.sock'}"
         try:
             print(f"1. server CPU per proxied connection ({args.connections} connections)")
-            results = {}
-            for kind in ("memory", "redis", "redis+counts"):
-                results[kind] = cpu_per_connection(kind, url, args.connections, redis.pid)
-            base = results["memory"][0]
-            for kind, (cpu, redis_cpu) in results.items():
-                print(
-                    f"   {kind:<13} {cpu * 1e6:7.0f} us  ({cpu / base:.2f}x memory)"
-                    f"   redis-server {redis_cpu * 1e6:5.0f} us"
-                )
+            for workload in WORKLOADS:
+                print(f"   {workload}:")
+                results = {}
+                for kind in ("memory", "redis", "redis+counts"):
+                    results[kind] = cpu_per_connection(
+                        kind, url, args.connections, redis.pid, workload
+                    )
+                base = results["memory"][0]
+                for kind, (cpu, redis_cpu, calls) in results.items():
+                    print(
+                        f"     {kind:<13} {cpu * 1e6:6.0f} us  ({cpu / base:.2f}x memory)"
+                        f"   redis-server {redis_cpu * 1e6:4.0f} us   {calls:.3f} Redis calls"
+                    )
             print(f"2. one limit of {args.rate:g}/s across 4 processes for {args.seconds:g} s")
             allowed, expected = accuracy(url, args.rate, args.seconds)
             error = (allowed - expected) / expected
