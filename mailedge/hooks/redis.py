@@ -38,6 +38,7 @@ import attrs
 import trio
 
 from mailedge.hooks import _redis_scripts as scripts
+from mailedge.hooks.redis_client import open_client
 from mailedge.hooks.store import Entry, GCRAResult, MemoryStore, RateStore
 from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
 
@@ -423,19 +424,14 @@ class RedisStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and keep the ban view current until cancelled. Never fails on Redis errors."""
-        import coredis
-        from coredis.retry import NoRetryPolicy
-
-        # No retries: a retried call would wait past `timeout` (coredis retries twice by
-        # default); the failure policy is the retry.
-        client = coredis.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=max(self.timeout, 1.0),
-        )
+        # No retries in the client (one server, Sentinel or Cluster: redis_client.py): a
+        # retried call would wait past `timeout`; the failure policy is the retry.
         with trio.CancelScope() as self._cancel:
-            async with client:
+            async with open_client(
+                self.url,
+                connect_timeout=max(self.timeout, 1.0),
+                retry_interval=self.breaker.probe_interval,
+            ) as client:
                 self._client = client
                 self._scripts = {
                     name: client.register_script(getattr(scripts, name))
