@@ -146,8 +146,8 @@ async def test_sentinel_shares_through_the_primary_and_follows_a_failover(
                 if first.allowed and not second.allowed:
                     break
                 await trio.sleep(0.05)
-        resumed = trio.current_time() - killed
-        print(f"sharing resumed {resumed:.2f} s after the primary was killed")
+        # How long this takes is benchmarks/store_failover.py's to say; here only that it ends.
+        assert trio.current_time() - killed < FAILOVER
         assert sentinel_set.primary_port() == sentinel_set.replica.port
         assert one.errors > 0 and one.breaker.closed >= 1
         # A ban made after the failover reaches the other store: its subscriber follows too.
