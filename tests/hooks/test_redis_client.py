@@ -154,8 +154,6 @@ async def test_sentinel_shares_through_the_primary_and_follows_a_failover(
         await one.set("ab:ban:203.0.113.9", "after", 600.0)
         with trio.fail_after(PROPAGATION):
             await two.view.wait_for(lambda view: view.get("ab:ban:203.0.113.9") is not None)
-        # The ban made before the failover was replicated: the new primary has it.
-        assert "mailedge:ab:ban:{198.51.100.7}" in sentinel_set.replica.command("KEYS", "*")
 
 
 # -- Cluster ----------------------------------------------------------------------------------
