@@ -59,7 +59,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.workers",
         ),
     ),
-    ("hooks", ("mailedge.hooks",)),
+    # redis_client is named for the lookup table in docs/architecture.md; the prefix covers it.
+    ("hooks", ("mailedge.hooks", "mailedge.hooks.redis_client")),
     # `python -m mailedge` is the console script, so it sits with the cli.
     ("cli", ("mailedge.cli", "mailedge.__main__")),
 )

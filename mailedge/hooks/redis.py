@@ -40,8 +40,15 @@ import trio
 from mailedge.hooks import _redis_scripts as scripts
 from mailedge.hooks.leases import LeaseTable, spare_cap
 from mailedge.hooks.redis_batch import Batcher, Op, Reply
+from mailedge.hooks.redis_client import open_client
 from mailedge.hooks.store import Entry, GCRAResult, MemoryStore, RateStore
-from mailedge.store_settings import StoreBackend, StoreFailurePolicy, StoreSettings
+from mailedge.store_settings import (
+    StoreBackend,
+    StoreFailurePolicy,
+    StoreSettings,
+    StoreTopology,
+    parse_store_url,
+)
 
 __all__ = [
     "DEFAULT_MIRRORED_PREFIXES",
@@ -133,6 +140,16 @@ def redis_key(prefix: str, key: str) -> str:
     if start < 0:
         return prefix + key
     return f"{prefix}{key[:start]}{{{key[start:]}}}"
+
+
+def hash_tag(name: str) -> str:
+    """What picks a Redis key's Cluster slot: its hash tag's content, or the whole key."""
+    start = name.find("{")
+    if start >= 0:
+        end = name.find("}", start + 1)
+        if end > start + 1:
+            return name[start + 1 : end]
+    return name
 
 
 def _caller_key(prefix: str, name: str) -> str:
@@ -421,20 +438,18 @@ class RedisStore:
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, and keep the ban view current until cancelled. Never fails on Redis errors."""
-        import coredis
-        from coredis.retry import NoRetryPolicy
-
-        # No retries: a retried call would wait past `timeout` (coredis retries twice by
-        # default); the failure policy is the retry.
-        client = coredis.Redis.from_url(
-            self.url,
-            decode_responses=True,
-            retry_policy=NoRetryPolicy(),
-            connect_timeout=max(self.timeout, 1.0),
-        )
+        # No retries in the client (one server, Sentinel or Cluster: redis_client.py): a
+        # retried call would wait past `timeout`; the failure policy is the retry.
         with trio.CancelScope() as self._cancel:
-            async with client:
+            async with open_client(
+                self.url,
+                connect_timeout=max(self.timeout, 1.0),
+                retry_interval=self.breaker.probe_interval,
+            ) as client:
                 self._client = client
+                if parse_store_url(self.url).topology is StoreTopology.CLUSTER:
+                    # One script may touch the keys of one slot only: batch per client.
+                    self._batcher.group = hash_tag
                 self._scripts = {
                     name: client.register_script(getattr(scripts, name))
                     for name in ("BATCH", "HIT", "GET", "SET", "DELETE", "TIME")

@@ -26,6 +26,7 @@ from mailedge.hooks.redis import (
     BanView,
     CircuitBreaker,
     RedisStore,
+    hash_tag,
     open_store,
     redis_key,
 )
@@ -83,6 +84,13 @@ def keys(server: RedisServer) -> list[str]:
 )
 def test_redis_key_puts_the_client_in_a_hash_tag(key: str, expected: str) -> None:
     assert redis_key("mailedge:", key) == expected
+    assert hash_tag(expected) == (expected.partition("{")[2].rstrip("}") or expected)
+
+
+def test_hash_tag_follows_redis_rules() -> None:
+    assert hash_tag("a{b}c{d}") == "b"  # the first tag
+    assert hash_tag("a{}b{c}") == "a{}b{c}"  # an empty first tag: the whole key
+    assert hash_tag("a{b") == "a{b"
 
 
 async def test_every_key_has_a_ttl_and_one_client_one_tag(

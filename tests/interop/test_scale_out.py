@@ -15,6 +15,7 @@ import smtplib
 import socket
 import ssl
 import sys
+import tomllib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -30,7 +31,7 @@ from interop_support import (
     run_process,
     snippets,
 )
-from redis_support import RedisServer
+from redis_support import RedisSentinelSet, RedisServer
 
 pytest.importorskip("coredis")
 pytestmark = pytest.mark.filterwarnings(
@@ -50,14 +51,14 @@ def example_table(state: Path) -> str:
 
 @contextlib.asynccontextmanager
 async def example_server(
-    name: str, tmp_path: Path, redis: RedisServer
+    name: str, tmp_path: Path, redis_url: str
 ) -> AsyncIterator[tuple[RunningProcess, int]]:
     port = free_port()
     directory = tmp_path / name
     directory.mkdir()
     config = directory / "mailedge.toml"
     config.write_text(
-        render(SCALE_OUT_DOC, "scale-out-mailedge", SMTP_PORT=port, REDIS_URL=redis.url)
+        render(SCALE_OUT_DOC, "scale-out-mailedge", SMTP_PORT=port, REDIS_URL=redis_url)
         + example_table(directory)
     )
     argv = [sys.executable, str(EXAMPLES / "mailserver.py"), "--config", str(config)]
@@ -108,8 +109,8 @@ async def test_rate_limit_and_ban_hold_across_two_servers_behind_haproxy(
     redis.start()
     try:
         async with (
-            example_server("mx1", tmp_path, redis) as (mx1, port1),
-            example_server("mx2", tmp_path, redis) as (mx2, port2),
+            example_server("mx1", tmp_path, redis.url) as (mx1, port1),
+            example_server("mx2", tmp_path, redis.url) as (mx2, port2),
         ):
             frontend = free_port()
             config = render(HAPROXY_DOC, "haproxy-defaults") + render(
@@ -146,5 +147,85 @@ async def test_rate_limit_and_ban_hold_across_two_servers_behind_haproxy(
                 # Both servers served the client and refused it: the limits were shared.
                 assert re.search(r"on_connect refused .*client=127\.0\.0\.3", log), log
                 assert re.search(r"on_connect refused .*client=127\.0\.0\.2", log), log
+    finally:
+        redis.stop()
+
+
+def haproxy_config(frontend: int, port1: int, port2: int) -> str:
+    return render(HAPROXY_DOC, "haproxy-defaults") + render(
+        SCALE_OUT_DOC,
+        "scale-out-haproxy",
+        FRONTEND_PORT=frontend,
+        MX1_ADDRESS="127.0.0.1",
+        MX1_PORT=port1,
+        MX2_ADDRESS="127.0.0.1",
+        MX2_PORT=port2,
+    )
+
+
+def banned_on_both(port: int, source: str) -> bool:
+    """Three failed logins from ``source``; then whether both servers refuse it."""
+    for _ in range(3):
+        failed_login(port, source)
+    return all(banner(port, source).startswith(b"421 4.7.0 ") for _ in range(2))
+
+
+@pytest.mark.slow
+async def test_haproxy_two_servers_and_sentinel_share_a_ban_after_a_failover(
+    tmp_path: Path,
+) -> None:
+    """The HA deployment: HAProxy, two servers, a primary, its replica and a Sentinel with the
+    doc's sentinel.conf (one Sentinel, so quorum 1, and short timings). A ban spread over both
+    servers holds on both before the primary dies and again after the Sentinel's failover,
+    with nothing restarted: the stores find the new primary by themselves. Roundrobin puts
+    the three failures 2 + 1 on the servers, so per-process state (a store still on its
+    fallback) bans no one: a ban on both means shared state."""
+    redis = RedisSentinelSet(tmp_path / "redis")
+    redis.sentinel.sentinel_config = render(
+        SCALE_OUT_DOC,
+        "scale-out-sentinel",
+        edits=[
+            ("${PRIMARY_PORT} 2", "${PRIMARY_PORT} 1"),
+            ("down-after-milliseconds mymaster 5000", "down-after-milliseconds mymaster 500"),
+            ("failover-timeout mymaster 60000", "failover-timeout mymaster 2000"),
+        ],
+        SENTINEL_PORT=redis.sentinel.port,
+        PRIMARY_ADDRESS="127.0.0.1",
+        PRIMARY_PORT=redis.primary.port,
+    )
+    store = render(
+        SCALE_OUT_DOC,
+        "scale-out-store-sentinel",
+        # Two of the three Sentinels are not running: the stores skip them.
+        SENTINEL_1=f"127.0.0.1:{redis.dead_sentinel_port}",
+        SENTINEL_2=redis.sentinel.address,
+        SENTINEL_3=f"127.0.0.1:{free_port()}",
+    )
+    url = tomllib.loads(store)["Store"]["url"]
+    await trio.to_thread.run_sync(redis.start)
+    try:
+        async with (
+            example_server("mx1", tmp_path, url) as (mx1, port1),
+            example_server("mx2", tmp_path, url) as (mx2, port2),
+        ):
+            frontend = free_port()
+            async with run_haproxy(haproxy_config(frontend, port1, port2), tmp_path):
+                assert await trio.to_thread.run_sync(banned_on_both, frontend, "127.0.0.2")
+                redis.primary.kill()
+                # Bans shared again once the stores are on the new primary: a fresh client
+                # each try, as a try that failed meanwhile may have banned it on one server.
+                with trio.fail_after(60):
+                    for last in range(10, 40):
+                        source = f"127.0.0.{last}"
+                        if await trio.to_thread.run_sync(banned_on_both, frontend, source):
+                            break
+                        await trio.sleep(1.0)
+                    else:
+                        raise AssertionError("no shared ban after the failover")
+                assert redis.primary_port() == redis.replica.port
+            for running in (mx1, mx2):
+                assert re.search(
+                    rf"on_connect refused .*client={re.escape(source)}", running.output()
+                )
     finally:
         redis.stop()
