@@ -7,6 +7,9 @@ one at a time:
   IPv4 source, no validation): the floor for a trio server doing this exchange;
 - ``mailedge``: ``mailedge.serve``: limits, the gate with full validation, the context, the
   idle-timeout stream, and a handler doing the same exchange;
+- ``mailedge-console``: ``mailedge`` with the console's decision ring as the gate's event
+  sink (as the example server runs it), so every routine decision becomes an event; the
+  ratio ``mailedge-console/mailedge`` is what the console costs a connection;
 - ``gate`` (informational): the bare server's loop with ``ProxyGate.admit`` and nothing else
   of mailedge's server layer, which splits mailedge's cost into the gate's and the layer's;
 - ``aiosmtpd``: aiosmtpd 1.4.6 with ``proxy_protocol_timeout`` (its PROXY support) and a
@@ -55,7 +58,7 @@ from mailedge.proxy import Command, InetAddress, encode_v2
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 HOST = "127.0.0.1"
 PHASES = ("sequential", "concurrent")
-KINDS = ("bare", "gate", "mailedge", "aiosmtpd")
+KINDS = ("bare", "gate", "mailedge", "mailedge-console", "aiosmtpd")
 CONCURRENCY = 50
 # Each connection claims one of these sources, so per-client limits never trip.
 CLIENTS = 250
@@ -290,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {rounds} round(s); server CPU from the server's own getrusage"
     )
     header = (
-        f"{'server':<10} {'phase':<11} {'conn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'server':<16} {'phase':<11} {'conn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'CPU us/conn':>12} {'errors':>7}"
     )
     print(header)
@@ -299,15 +302,21 @@ def main(argv: list[str] | None = None) -> int:
         for phase_name in ("sequential", "concurrent"):
             row = by_phase[phase_name]
             print(
-                f"{kind:<10} {phase_name:<11} {row['rate']:>8.0f} {row['p50_ms']:>8.2f} "
+                f"{kind:<16} {phase_name:<11} {row['rate']:>8.0f} {row['p50_ms']:>8.2f} "
                 f"{row['p99_ms']:>8.2f} {row['cpu_us']:>12.1f} {row['errors']:>7.0f}"
             )
     for kind, reason in unavailable.items():
-        print(f"{kind:<10} n/a: {reason}")
+        print(f"{kind:<16} n/a: {reason}")
 
     ratios: dict[str, dict[str, float]] = {}
     verdicts: dict[str, bool] = {}
-    pairs = [("mailedge", "bare"), ("mailedge", "aiosmtpd"), ("gate", "bare"), ("mailedge", "gate")]
+    pairs = [
+        ("mailedge", "bare"),
+        ("mailedge", "aiosmtpd"),
+        ("gate", "bare"),
+        ("mailedge", "gate"),
+        ("mailedge-console", "mailedge"),
+    ]
     for mine, other in pairs:
         if mine in table and other in table:
             ratios[f"{mine}/{other}"] = {
@@ -325,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verdicts[name] = all(value <= limit for value in ratio.values())
                 verdict = f"target <= {limit:.2f}: {'met' if verdicts[name] else 'NOT met'}"
-            print(f"  {name:<18} {cells}  {verdict}")
+            print(f"  {name:<26} {cells}  {verdict}")
 
     errors = sum(by_phase[name]["errors"] for by_phase in table.values() for name in PHASES)
     payload: dict[str, object] = {
