@@ -451,7 +451,10 @@ def run_aiosmtpd() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["bare", "gate", "mailedge", "mailedge-console", "aiosmtpd", "mailedge-smtp"])
+    parser.add_argument(
+        "kind",
+        choices=["bare", "gate", "mailedge", "mailedge-console", "aiosmtpd", "mailedge-smtp"],
+    )
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT)
     parser.add_argument("--max-connections", type=int, default=512)
     parser.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")

@@ -25,6 +25,12 @@ after each measured phase; warm-up connections are not counted. Latency is clien
 connect to reply. Rounds rotate the order of the servers; each figure is the median over the
 rounds. Only ratios within one run mean anything.
 
+The console's sink costs a few microseconds, less than those servers' run-to-run noise on a
+shared machine, so it is also measured in this process (``--sink``, on by default with
+``mailedge-console``): ``ProxyGate.admit`` on in-memory streams, a v2 header each, by a gate
+without a sink and one with the console's ``DecisionRing``, in alternating blocks, CPU time
+per admit; the ratio of the two medians is the sink's share of the gate's own work.
+
 Targets: mailedge at most 10 % more server CPU per connection than the bare server, and no
 more than aiosmtpd. They are reported, not enforced: the exit status is 1 only when a
 connection failed or got a wrong answer. ``--quick`` is a seconds-long smoke run.
@@ -221,6 +227,53 @@ def run_server(
         server.stop()
 
 
+# --- the console's sink, in process ----------------------------------------------------------
+
+SINK_BLOCK = 500
+
+
+def sink_overhead(blocks: int) -> dict[str, float]:
+    """CPU microseconds per ``admit`` without and with the decision ring as the gate's sink."""
+    import trio.testing
+    from bench_servers import _mailedge_settings
+
+    from mailedge.decisions import DecisionRing
+    from mailedge.gate import ProxyGate
+
+    settings = _mailedge_settings(10.0, 512)
+    gates = {
+        "no sink": ProxyGate(settings),
+        "decision ring": ProxyGate(settings, on_event=DecisionRing().record),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in gates}
+
+    async def block(gate: ProxyGate) -> float:
+        start = time.process_time()
+        for index in range(SINK_BLOCK):
+            ours, theirs = trio.testing.memory_stream_pair()
+            await theirs.send_all(HEADERS[index % CLIENTS][0])
+            _, context = await gate.admit(
+                ours, listener="smtp", peer=(HOST, 40000), local=(HOST, 25)
+            )
+            assert context.proxied
+        return (time.process_time() - start) / SINK_BLOCK * 1e6
+
+    async def run() -> None:
+        for _ in range(2):  # warm-up
+            for gate in gates.values():
+                await block(gate)
+        for round_ in range(blocks):
+            # Alternate which goes first, so drift in the machine's load hits both alike.
+            order = list(gates.items()) if round_ % 2 == 0 else list(gates.items())[::-1]
+            for name, gate in order:
+                samples[name].append(await block(gate))
+
+    trio.run(run)
+    result = {name: median(values) for name, values in samples.items()}
+    result["ratio"] = result["decision ring"] / result["no sink"]
+    return result
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -243,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         "--servers", default=",".join(KINDS), help=f"which servers, comma-separated ({KINDS})"
     )
     parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
+    parser.add_argument(
+        "--sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the console's sink in process (default: with mailedge-console)",
+    )
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.servers.split(",") if kind]
     if not set(kinds) <= set(KINDS):
@@ -336,6 +395,16 @@ def main(argv: list[str] | None = None) -> int:
                 verdict = f"target <= {limit:.2f}: {'met' if verdicts[name] else 'NOT met'}"
             print(f"  {name:<26} {cells}  {verdict}")
 
+    sink: dict[str, float] = {}
+    if args.sink or (args.sink is None and "mailedge-console" in kinds):
+        print("\nthe console's sink, in process ...", file=sys.stderr, flush=True)
+        sink = sink_overhead(10 if args.quick else 40)
+        print(
+            f"\nProxyGate.admit, CPU us per connection (median of blocks of {SINK_BLOCK}): "
+            f"no sink {sink['no sink']:.2f}, decision ring {sink['decision ring']:.2f}, "
+            f"ratio {sink['ratio']:.3f} (+{sink['decision ring'] - sink['no sink']:.2f} us)"
+        )
+
     errors = sum(by_phase[name]["errors"] for by_phase in table.values() for name in PHASES)
     payload: dict[str, object] = {
         "benchmark": "gate_overhead",
@@ -356,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "median": table,
         "cpu_ratios": ratios,
+        "sink_in_process_us": sink,
         "targets_met": verdicts,
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),
