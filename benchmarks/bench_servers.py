@@ -18,6 +18,9 @@ The kinds:
 ``mailedge``
     ``mailedge.serve`` with the gate, the context and the same exchange as ``bare``, the
     reply carrying ``context.client_ip``.
+``mailedge-console``
+    ``mailedge`` with the console's decision ring (``mailedge.decisions.DecisionRing``) as
+    the gate's ``on_event`` sink, as the example server wires it: what the console costs.
 ``gate``
     informational: the bare server's loop with ``ProxyGate.admit`` in place of its minimal
     parse, and nothing else of the server layer (no limits, hooks or idle timeouts), so the
@@ -348,16 +351,22 @@ async def _mailedge_exchange(stream: trio.abc.Stream, context: Any) -> None:
 
 
 async def run_mailedge(
-    handler: Callable[[trio.abc.Stream, Any], Any], header_timeout: float, max_connections: int
+    handler: Callable[[trio.abc.Stream, Any], Any],
+    header_timeout: float,
+    max_connections: int,
+    decision_ring: bool = False,
 ) -> None:
+    from mailedge.decisions import DecisionRing
+    from mailedge.gate import ProxyGate
     from mailedge.server import Server, serve
     from mailedge.settings import ListenerProtocol
 
     settings = _mailedge_settings(header_timeout, max_connections)
+    gate = ProxyGate(settings, on_event=DecisionRing().record) if decision_ring else None
     async with trio.open_nursery() as nursery:
         server: Server = await nursery.start(
             lambda task_status: serve(
-                settings, {ListenerProtocol.SMTP: handler}, task_status=task_status
+                settings, {ListenerProtocol.SMTP: handler}, gate=gate, task_status=task_status
             )
         )
         _say(f"PORT {server.addresses['smtp'][0][1]}")
@@ -442,7 +451,10 @@ def run_aiosmtpd() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("kind", choices=["bare", "gate", "mailedge", "aiosmtpd", "mailedge-smtp"])
+    parser.add_argument(
+        "kind",
+        choices=["bare", "gate", "mailedge", "mailedge-console", "aiosmtpd", "mailedge-smtp"],
+    )
     parser.add_argument("--header-timeout", type=float, default=HEADER_TIMEOUT)
     parser.add_argument("--max-connections", type=int, default=512)
     parser.add_argument("--nofile", type=int, default=0, help="raise RLIMIT_NOFILE to this")
@@ -460,8 +472,14 @@ def main(argv: list[str] | None = None) -> None:
         trio.run(run_bare)
     elif args.kind == "gate":
         trio.run(run_gate)
-    elif args.kind == "mailedge":
-        trio.run(run_mailedge, _mailedge_exchange, args.header_timeout, args.max_connections)
+    elif args.kind in ("mailedge", "mailedge-console"):
+        trio.run(
+            run_mailedge,
+            _mailedge_exchange,
+            args.header_timeout,
+            args.max_connections,
+            args.kind == "mailedge-console",
+        )
     elif args.kind == "aiosmtpd":
         run_aiosmtpd()
     else:

@@ -7,6 +7,9 @@ one at a time:
   IPv4 source, no validation): the floor for a trio server doing this exchange;
 - ``mailedge``: ``mailedge.serve``: limits, the gate with full validation, the context, the
   idle-timeout stream, and a handler doing the same exchange;
+- ``mailedge-console``: ``mailedge`` with the console's decision ring as the gate's event
+  sink (as the example server runs it), so every routine decision becomes an event; the
+  ratio ``mailedge-console/mailedge`` is what the console costs a connection;
 - ``gate`` (informational): the bare server's loop with ``ProxyGate.admit`` and nothing else
   of mailedge's server layer, which splits mailedge's cost into the gate's and the layer's;
 - ``aiosmtpd``: aiosmtpd 1.4.6 with ``proxy_protocol_timeout`` (its PROXY support) and a
@@ -21,6 +24,12 @@ The server's CPU time per connection comes from the server's own
 after each measured phase; warm-up connections are not counted. Latency is client-side,
 connect to reply. Rounds rotate the order of the servers; each figure is the median over the
 rounds. Only ratios within one run mean anything.
+
+The console's sink costs a few microseconds, less than those servers' run-to-run noise on a
+shared machine, so it is also measured in this process (``--sink``, on by default with
+``mailedge-console``): ``ProxyGate.admit`` on in-memory streams, a v2 header each, by a gate
+without a sink and one with the console's ``DecisionRing``, in alternating blocks, CPU time
+per admit; the ratio of the two medians is the sink's share of the gate's own work.
 
 Targets: mailedge at most 10 % more server CPU per connection than the bare server, and no
 more than aiosmtpd. They are reported, not enforced: the exit status is 1 only when a
@@ -55,7 +64,7 @@ from mailedge.proxy import Command, InetAddress, encode_v2
 BENCH_PYTHON = ROOT / ".venv-bench" / "bin" / "python"
 HOST = "127.0.0.1"
 PHASES = ("sequential", "concurrent")
-KINDS = ("bare", "gate", "mailedge", "aiosmtpd")
+KINDS = ("bare", "gate", "mailedge", "mailedge-console", "aiosmtpd")
 CONCURRENCY = 50
 # Each connection claims one of these sources, so per-client limits never trip.
 CLIENTS = 250
@@ -218,6 +227,53 @@ def run_server(
         server.stop()
 
 
+# --- the console's sink, in process ----------------------------------------------------------
+
+SINK_BLOCK = 500
+
+
+def sink_overhead(blocks: int) -> dict[str, float]:
+    """CPU microseconds per ``admit`` without and with the decision ring as the gate's sink."""
+    import trio.testing
+    from bench_servers import _mailedge_settings
+
+    from mailedge.decisions import DecisionRing
+    from mailedge.gate import ProxyGate
+
+    settings = _mailedge_settings(10.0, 512)
+    gates = {
+        "no sink": ProxyGate(settings),
+        "decision ring": ProxyGate(settings, on_event=DecisionRing().record),
+    }
+    samples: dict[str, list[float]] = {name: [] for name in gates}
+
+    async def block(gate: ProxyGate) -> float:
+        start = time.process_time()
+        for index in range(SINK_BLOCK):
+            ours, theirs = trio.testing.memory_stream_pair()
+            await theirs.send_all(HEADERS[index % CLIENTS][0])
+            _, context = await gate.admit(
+                ours, listener="smtp", peer=(HOST, 40000), local=(HOST, 25)
+            )
+            assert context.proxied
+        return (time.process_time() - start) / SINK_BLOCK * 1e6
+
+    async def run() -> None:
+        for _ in range(2):  # warm-up
+            for gate in gates.values():
+                await block(gate)
+        for round_ in range(blocks):
+            # Alternate which goes first, so drift in the machine's load hits both alike.
+            order = list(gates.items()) if round_ % 2 == 0 else list(gates.items())[::-1]
+            for name, gate in order:
+                samples[name].append(await block(gate))
+
+    trio.run(run)
+    result = {name: median(values) for name, values in samples.items()}
+    result["ratio"] = result["decision ring"] / result["no sink"]
+    return result
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -240,6 +296,12 @@ def main(argv: list[str] | None = None) -> int:
         "--servers", default=",".join(KINDS), help=f"which servers, comma-separated ({KINDS})"
     )
     parser.add_argument("--no-save", action="store_true", help="do not write the JSON file")
+    parser.add_argument(
+        "--sink",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="measure the console's sink in process (default: with mailedge-console)",
+    )
     args = parser.parse_args(argv)
     kinds = [kind for kind in args.servers.split(",") if kind]
     if not set(kinds) <= set(KINDS):
@@ -290,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
         f"median of {rounds} round(s); server CPU from the server's own getrusage"
     )
     header = (
-        f"{'server':<10} {'phase':<11} {'conn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+        f"{'server':<16} {'phase':<11} {'conn/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
         f"{'CPU us/conn':>12} {'errors':>7}"
     )
     print(header)
@@ -299,15 +361,21 @@ def main(argv: list[str] | None = None) -> int:
         for phase_name in ("sequential", "concurrent"):
             row = by_phase[phase_name]
             print(
-                f"{kind:<10} {phase_name:<11} {row['rate']:>8.0f} {row['p50_ms']:>8.2f} "
+                f"{kind:<16} {phase_name:<11} {row['rate']:>8.0f} {row['p50_ms']:>8.2f} "
                 f"{row['p99_ms']:>8.2f} {row['cpu_us']:>12.1f} {row['errors']:>7.0f}"
             )
     for kind, reason in unavailable.items():
-        print(f"{kind:<10} n/a: {reason}")
+        print(f"{kind:<16} n/a: {reason}")
 
     ratios: dict[str, dict[str, float]] = {}
     verdicts: dict[str, bool] = {}
-    pairs = [("mailedge", "bare"), ("mailedge", "aiosmtpd"), ("gate", "bare"), ("mailedge", "gate")]
+    pairs = [
+        ("mailedge", "bare"),
+        ("mailedge", "aiosmtpd"),
+        ("gate", "bare"),
+        ("mailedge", "gate"),
+        ("mailedge-console", "mailedge"),
+    ]
     for mine, other in pairs:
         if mine in table and other in table:
             ratios[f"{mine}/{other}"] = {
@@ -325,7 +393,17 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 verdicts[name] = all(value <= limit for value in ratio.values())
                 verdict = f"target <= {limit:.2f}: {'met' if verdicts[name] else 'NOT met'}"
-            print(f"  {name:<18} {cells}  {verdict}")
+            print(f"  {name:<26} {cells}  {verdict}")
+
+    sink: dict[str, float] = {}
+    if args.sink or (args.sink is None and "mailedge-console" in kinds):
+        print("\nthe console's sink, in process ...", file=sys.stderr, flush=True)
+        sink = sink_overhead(10 if args.quick else 40)
+        print(
+            f"\nProxyGate.admit, CPU us per connection (median of blocks of {SINK_BLOCK}): "
+            f"no sink {sink['no sink']:.2f}, decision ring {sink['decision ring']:.2f}, "
+            f"ratio {sink['ratio']:.3f} (+{sink['decision ring'] - sink['no sink']:.2f} us)"
+        )
 
     errors = sum(by_phase[name]["errors"] for by_phase in table.values() for name in PHASES)
     payload: dict[str, object] = {
@@ -347,6 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "median": table,
         "cpu_ratios": ratios,
+        "sink_in_process_us": sink,
         "targets_met": verdicts,
         "loadavg_before": load_before,
         "loadavg_after": _loadavg(),

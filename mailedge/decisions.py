@@ -1,9 +1,10 @@
 """The recent gate decisions: a bounded ring, live subscribers, and capped per-peer counts.
 
-:class:`DecisionRing` is a gate ``on_event`` sink. It keeps the last decisions as
-:class:`Decision` values (what an operator's console lists), hands each new one to every
+:class:`DecisionRing` is a gate ``on_event`` sink. It keeps the last decisions, numbered in
+order (what an operator's console lists, and resumes from), hands each new one to every
 subscriber's bounded queue (a console's live stream), and counts untrusted PROXY headers by
-peer under a label cap (what a dashboard graphs).
+peer under a label cap (what a dashboard graphs). It keeps the gate's events as they are and
+builds the JSON-ready :class:`Decision` only when someone reads one.
 
 Wiring a sink makes every decision an event: the gate builds routine ones (``proxy.direct``,
 ``proxy.accepted``) only when someone listens. ``docs/console.md`` has what that costs.
@@ -12,6 +13,8 @@ Wiring a sink makes every decision an event: the gate builds routine ones (``pro
 from __future__ import annotations
 
 import collections
+import itertools
+import secrets
 import time
 from collections.abc import Callable, Iterator
 
@@ -27,6 +30,7 @@ __all__ = [
     "OTHER_PEERS",
     "Decision",
     "DecisionRing",
+    "Kept",
     "PeerCounts",
     "Subscription",
     "fan_out",
@@ -106,25 +110,36 @@ class PeerCounts:
         return iter(sorted(self._counts.items()))
 
 
+# One kept decision as the ring stores it: (sequence number, wall-clock time, the event).
+# The JSON-ready Decision is built only when someone reads it: recording stays a tuple and an
+# append, the cost a connection pays for the console (docs/console.md, "What it costs").
+Kept = tuple[int, float, GateEvent]
+
+
 @attrs.define(eq=False, repr=False)
 class Subscription:
     """One subscriber's queue of new decisions; ``dropped`` counts those it fell behind on."""
 
-    _receive: trio.MemoryReceiveChannel[Decision]
-    _send: trio.MemorySendChannel[Decision]
+    _receive: trio.MemoryReceiveChannel[Kept]
+    _send: trio.MemorySendChannel[Kept]
     dropped: int = 0
 
     def __repr__(self) -> str:
         return f"<Subscription dropped={self.dropped}>"
 
-    def offer(self, decision: Decision) -> None:
+    def offer(self, kept: Kept) -> None:
         try:
-            self._send.send_nowait(decision)
+            self._send.send_nowait(kept)
         except trio.WouldBlock:
             self.dropped += 1
 
     async def receive(self) -> Decision:
-        return await self._receive.receive()
+        return (await self.receive_numbered())[1]
+
+    async def receive_numbered(self) -> tuple[int, Decision]:
+        """The next new decision with its sequence number (see :meth:`DecisionRing.after`)."""
+        seq, now, event = await self._receive.receive()
+        return seq, Decision.from_event(event, now)
 
     def close(self) -> None:
         self._send.close()
@@ -135,17 +150,24 @@ class Subscription:
 class DecisionRing:
     """The last ``size`` gate decisions, their subscribers, and the untrusted peers' counts.
 
-    Pass :meth:`record` (or a :func:`fan_out` including it) as the gate's ``on_event``.
+    Pass :meth:`record` (or a :func:`fan_out` including it) as the gate's ``on_event``. Every
+    decision gets the next sequence number (1, 2, ...): a reader that remembers the last one
+    it saw asks :meth:`after` for exactly the ones it has not, so none is missed or doubled.
+    ``epoch`` names this ring among others (another process, a restart): a number is
+    meaningful only with its ring's epoch.
     """
 
     size: int = attrs.field(default=DEFAULT_RING_SIZE, validator=attrs.validators.gt(0))
     wall_clock: Callable[[], float] = attrs.field(default=time.time, kw_only=True)
     untrusted_peers: PeerCounts = attrs.field(factory=PeerCounts, kw_only=True)
-    _ring: collections.deque[Decision] = attrs.field(init=False)
+    epoch: str = attrs.field(factory=lambda: secrets.token_hex(4), kw_only=True)
+    _ring: collections.deque[Kept] = attrs.field(init=False)
     _subscribers: list[Subscription] = attrs.field(factory=list, init=False)
+    # The sequence number of the newest decision; 0 before the first.
+    last: int = attrs.field(default=0, init=False)
 
     @_ring.default
-    def _make_ring(self) -> collections.deque[Decision]:
+    def _make_ring(self) -> collections.deque[Kept]:
         return collections.deque(maxlen=self.size)
 
     def __repr__(self) -> str:
@@ -153,27 +175,37 @@ class DecisionRing:
 
     def record(self, event: GateEvent) -> None:
         """The gate's ``on_event`` sink: keep the decision and pass it to every subscriber."""
-        decision = Decision.from_event(event, self.wall_clock())
-        self._ring.append(decision)
+        self.last += 1
+        kept = (self.last, self.wall_clock(), event)
+        self._ring.append(kept)
         if event.name is EventName.UNTRUSTED_HEADER:
             self.untrusted_peers.add(event.listener, str(event.peer_ip))
         for subscription in self._subscribers:
-            subscription.offer(decision)
+            subscription.offer(kept)
 
     def recent(self) -> list[Decision]:
         """The kept decisions, newest first."""
-        return list(reversed(self._ring))
+        return [Decision.from_event(event, now) for _, now, event in reversed(self._ring)]
+
+    def after(self, seq: int) -> tuple[list[tuple[int, Decision]], int]:
+        """The kept decisions numbered after ``seq``, oldest first, and how many of those
+        the ring no longer holds (they fell out of it)."""
+        first = self.last - len(self._ring) + 1
+        lost = max(0, first - seq - 1)
+        start = max(0, seq - first + 1)
+        kept = itertools.islice(self._ring, start, None)
+        return [(n, Decision.from_event(event, now)) for n, now, event in kept], lost
 
     def counts(self) -> collections.Counter[tuple[str, str]]:
         """The kept decisions by (listener, event name)."""
-        return collections.Counter((d.listener, d.event) for d in self._ring)
+        return collections.Counter((event.listener, str(event.name)) for _, _, event in self._ring)
 
     def subscribe(self, queue: int = DEFAULT_SUBSCRIBER_QUEUE) -> _Subscribed:
         """``with ring.subscribe() as subscription:`` new decisions, until the block ends."""
         return _Subscribed(self, queue)
 
     def _add(self, queue: int) -> Subscription:
-        send, receive = trio.open_memory_channel[Decision](queue)
+        send, receive = trio.open_memory_channel[Kept](queue)
         subscription = Subscription(receive, send)
         self._subscribers.append(subscription)
         return subscription

@@ -109,3 +109,48 @@ async def test_a_gate_with_the_ring_as_sink_records_routine_decisions() -> None:
         "192.0.2.8:5000",
         "192.0.2.8:5000",
     )
+
+
+def test_decisions_are_numbered_and_read_after_a_number() -> None:
+    ring = DecisionRing(size=3, wall_clock=lambda: 1_700_000_000.0)
+    assert ring.last == 0
+    assert ring.after(0) == ([], 0)
+    for n in range(1, 6):
+        ring.record(event(n))
+    assert ring.last == 5
+    # The ring holds 3, 4 and 5; 1 and 2 fell out of it.
+    numbered, lost = ring.after(3)
+    assert [(seq, d.connection_id) for seq, d in numbered] == [(4, 4), (5, 5)]
+    assert lost == 0
+    numbered, lost = ring.after(0)
+    assert [seq for seq, _ in numbered] == [3, 4, 5]
+    assert lost == 2
+    assert ring.after(1) == (ring.after(0)[0], 1)
+    assert ring.after(5) == ([], 0)
+    # A number this ring never gave (another process's) gives nothing, not an error.
+    assert ring.after(99) == ([], 0)
+    assert numbered[0][1] == ring.recent()[-1]
+
+
+def test_each_ring_has_its_own_epoch() -> None:
+    assert DecisionRing().epoch != DecisionRing().epoch
+    assert DecisionRing(epoch="abc").epoch == "abc"
+
+
+async def test_subscribers_get_the_numbers_too() -> None:
+    ring = DecisionRing()
+    ring.record(event(1))
+    with ring.subscribe() as subscription:
+        ring.record(event(2))
+        seq, decision = await subscription.receive_numbered()
+    assert (seq, decision.connection_id) == (2, 2)
+
+
+def test_the_ring_keeps_the_event_and_builds_the_decision_when_read() -> None:
+    clock = iter([1.0, 2.0])
+    ring = DecisionRing(wall_clock=lambda: next(clock))
+    ring.record(event(1))
+    ring.record(event(2))
+    # The time is the one recorded, not the time of reading.
+    assert [d.time for d in ring.recent()] == [2.0, 1.0]
+    assert [d.time for d in ring.recent()] == [2.0, 1.0]

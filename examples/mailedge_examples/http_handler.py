@@ -9,7 +9,8 @@ Routes (GET and HEAD, except where noted):
   one;
 * ``/admin/``: the operator's console (with a :class:`~mailedge_examples.console.Console`):
   its page, ``/admin/api/state`` (listeners and trusted networks), ``/admin/api/decisions``
-  (the recent gate decisions), ``/admin/events`` (new decisions as server-sent events) and
+  (the recent gate decisions), ``/admin/events`` (the recent decisions, then each new one,
+  as server-sent events that a reconnecting client resumes from ``Last-Event-ID``) and
   ``POST /admin/api/trusted`` (edit the trusted networks; see ``docs/console.md``).
 
 The admin routes answer only direct connections from a loopback address (not proxied,
@@ -46,6 +47,7 @@ from prometheus_client.registry import Collector
 
 from mailedge.connlog import ConnectionLogger
 from mailedge.context import ConnectionContext, context_to_json
+from mailedge.decisions import Decision, DecisionRing
 from mailedge.hooks.autoban import AutoBan
 from mailedge.shutdown import ShuttingDown, awaiting_command, draining
 from mailedge_examples.console import (
@@ -192,6 +194,27 @@ class _EventStream:
     """The route's answer for ``/admin/events``: a stream, not one reply."""
 
     console: Console
+    # The request's Last-Event-ID: the id of the last decision a reconnecting client got.
+    last_event_id: str | None = None
+
+
+# An event's id: "<ring epoch>-<sequence number>" (mailedge.decisions.DecisionRing).
+_EVENT_ID = re.compile(r"(?P<epoch>[0-9a-f]+)-(?P<seq>[0-9]{1,18})")
+
+
+def _resume_from(ring: DecisionRing, last_event_id: str | None) -> int | None:
+    """The sequence number a client that last got ``last_event_id`` resumes after; None when
+    it got nothing from this ring (no id, or one from another process or an earlier run)."""
+    match = _EVENT_ID.fullmatch(last_event_id or "")
+    if match is None or match["epoch"] != ring.epoch:
+        return None
+    return min(int(match["seq"]), ring.last)
+
+
+def _event_frame(ring: DecisionRing, seq: int, decision: Decision, kind: str | None) -> bytes:
+    line = json.dumps(decision.to_json(), separators=(",", ":"))
+    event = f"event: {kind}\n" if kind else ""
+    return f"id: {ring.epoch}-{seq}\n{event}data: {line}\n\n".encode()
 
 
 def _text(status: int, text: str, *, headers: Headers = (), close: bool = False) -> _Reply:
@@ -466,7 +489,7 @@ class _Connection:
         if path == b"/admin/api/decisions":
             return _json(200, [d.to_json() for d in console.decisions.recent()])
         if path == b"/admin/events":
-            return _EventStream(console)
+            return _EventStream(console, _header(request, b"last-event-id"))
         return _text(404, "not found\n")
 
     def page(self, console: Console, query: bytes) -> _Reply:
@@ -521,28 +544,71 @@ class _Connection:
         return _json(200, {"ok": True, "message": message})
 
     async def stream_events(self, events: _EventStream) -> None:
-        """New decisions as server-sent events, until the client goes or the server stops."""
+        """The recent decisions, then each new one, as server-sent events, until the client
+        goes or the server stops.
+
+        Each event's ``id`` is the ring's epoch and the decision's number. A new client gets
+        the whole ring first, as ``backlog`` events (oldest first); a client that reconnects
+        with ``Last-Event-ID`` gets only what came after it. Subscribing and reading the
+        ring happen with no checkpoint between, so no decision falls in a gap between the
+        two, and none is sent twice.
+        """
         headers = [
             ("Server", self.handler.server_name),
             ("Content-Type", "text/event-stream"),
             ("Cache-Control", "no-store"),
         ]
-        await self.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
         console = events.console
-        with console.decisions.subscribe() as subscription:
+        ring = console.decisions
+        with ring.subscribe() as subscription:
+            resumed = _resume_from(ring, events.last_event_id)
+            backlog, lost = ring.after(resumed or 0)
+            await self.send(h11.Response(status_code=200, headers=headers, reason=b"OK"))
             # Tell the page the stream is up (it can show it, and a test can wait for it).
             await self.send(h11.Data(data=b": connected\n\n"))
+            last = resumed or 0
+            dropped = 0
             try:
+                if resumed is not None and lost:
+                    await self._lost(lost)
+                kind = None if resumed is not None else "backlog"
+                for seq, decision in backlog:
+                    await self.send(h11.Data(data=_event_frame(ring, seq, decision, kind)))
+                    last = seq
                 while True:
+                    received = None
                     # Waiting for a decision is idle: shutdown ends the stream at once.
                     with awaiting_command(), trio.move_on_after(console.heartbeat):
-                        decision = await subscription.receive()
-                        line = json.dumps(decision.to_json(), separators=(",", ":"))
-                        await self.send(h11.Data(data=f"data: {line}\n\n".encode()))
+                        received = await subscription.receive_numbered()
+                    if received is None:
+                        await self.send(h11.Data(data=b": heartbeat\n\n"))
                         continue
-                    await self.send(h11.Data(data=b": heartbeat\n\n"))
+                    seq, decision = received
+                    if seq <= last:
+                        continue  # already sent, from the backlog or the ring
+                    if seq == last + 1 and subscription.dropped == dropped:
+                        await self.send(h11.Data(data=_event_frame(ring, seq, decision, None)))
+                        last = seq
+                        continue
+                    # This client fell behind and its queue dropped the newest: take them from
+                    # the ring while it still holds them, rather than wait for one more.
+                    dropped = subscription.dropped
+                    missed, lost = ring.after(last)
+                    if lost:
+                        await self._lost(lost)
+                    for seq, decision in missed:
+                        await self.send(h11.Data(data=_event_frame(ring, seq, decision, None)))
+                        last = seq
             except ShuttingDown:
                 await self.send(h11.EndOfMessage())
+
+    async def _lost(self, count: int) -> None:
+        """Say (as a comment) that ``count`` decisions left the ring before this client got
+        them."""
+        self.log.info(
+            "event stream: %d decisions fell out of the ring before they were sent", count
+        )
+        await self.send(h11.Data(data=f": {count} decisions were missed\n\n".encode()))
 
     async def respond(self, reply: _Reply, *, head: bool = False) -> None:
         headers = [

@@ -8,6 +8,8 @@ chromium-driver, unless ``MAILEDGE_REQUIRE_INTEROP=1``.
 
 from __future__ import annotations
 
+import http.client
+import json
 import os
 import pathlib
 import shutil
@@ -182,9 +184,16 @@ def open_console(driver: WebDriver, server: Script) -> str:
 def test_decisions_appear_live_with_their_diagnosis(
     server: Script, browser: WebDriver, tmp_path: pathlib.Path
 ) -> None:
-    open_console(browser, server)
     proxy = server.address("smtp-proxy")
     direct = server.address("smtp")
+    # A decision from before the page opened comes with the stream's backlog, listed once.
+    exchange(proxy, proxy_header("203.0.113.9") + b"QUIT\r\n")
+    open_console(browser, server)
+    decision_row(browser, "proxy.accepted", APPEARS_WITHIN, client="203.0.113.9:40000")
+    rows = browser.find_elements(By.CSS_SELECTOR, "#decisions tbody tr")
+    assert sum("203.0.113.9:40000" in r.text for r in rows) == 1
+    ids = [r.get_attribute("data-id") for r in rows]
+    assert all(ids) and len(set(ids)) == len(ids)
 
     # A good header from the trusted local proxy: the client is the header's.
     assert exchange(proxy, proxy_header() + b"QUIT\r\n").startswith(b"220")
@@ -232,6 +241,88 @@ def screenshot(driver: WebDriver, tmp_path: pathlib.Path) -> None:
     target = os.environ.get(SCREENSHOT_DIR_ENV)
     if target:
         shutil.copyfile(path, pathlib.Path(target) / "console.png")
+
+
+def read_events(response: http.client.HTTPResponse, count: int) -> list[dict[str, str]]:
+    """The next ``count`` server-sent events' fields (comments skipped), read line by line."""
+    events: list[dict[str, str]] = []
+    fields: dict[str, str] = {}
+    # Bounded: each event is a few lines, comments and heartbeats a line each.
+    for _ in range(count * 10 + 10):
+        line = response.readline().decode()
+        assert line, f"the stream ended after {events}"
+        if line == "\n":
+            if fields:
+                events.append(fields)
+                fields = {}
+            if len(events) == count:
+                return events
+        elif not line.startswith(":"):
+            name, _, value = line.rstrip("\n").partition(": ")
+            fields[name] = value
+    pytest.fail(f"no {count} events; got {events}")
+
+
+def data(event: dict[str, str]) -> dict[str, str]:
+    value = json.loads(event["data"])
+    assert isinstance(value, dict)
+    return value
+
+
+def open_events(server: Script, *headers: tuple[str, str]) -> http.client.HTTPConnection:
+    connection = http.client.HTTPConnection(*server.address("http"), timeout=CLIENT_TIMEOUT)
+    connection.request("GET", "/admin/events", headers=dict(headers))
+    return connection
+
+
+def test_the_event_stream_starts_with_the_backlog_and_a_reconnect_loses_nothing(
+    server: Script,
+) -> None:
+    # Over a real socket, as the page's EventSource does: the stream alone carries the recent
+    # decisions and then the new ones, and a reconnect resumes from Last-Event-ID.
+    proxy = server.address("smtp-proxy")
+    direct = server.address("smtp")
+    exchange(proxy, proxy_header("203.0.113.1") + b"QUIT\r\n")
+    exchange(direct, proxy_header())
+    connection = open_events(server)
+    try:
+        response = connection.getresponse()
+        assert response.status == 200
+        assert response.getheader("Content-Type") == "text/event-stream"
+        backlog = read_events(response, 4)
+        assert [e["event"] for e in backlog] == ["backlog"] * 4
+        # The direct listener serves the peer directly, then refuses its PROXY header; the
+        # last is this very connection to the http listener.
+        assert [(d["listener"], d["event"]) for d in map(data, backlog)] == [
+            ("smtp-proxy", "proxy.accepted"),
+            ("smtp", "proxy.direct"),
+            ("smtp", "proxy.untrusted_header"),
+            ("http", "proxy.direct"),
+        ]
+        epoch, _, first = backlog[0]["id"].rpartition("-")
+        assert [e["id"] for e in backlog] == [f"{epoch}-{int(first) + n}" for n in range(4)]
+        exchange(proxy, proxy_header("203.0.113.2") + b"QUIT\r\n")
+        [live] = read_events(response, 1)
+        assert "event" not in live
+        assert data(live)["client"] == "203.0.113.2:40000"
+    finally:
+        connection.close()
+    # The page is gone for a moment; a decision made meanwhile comes first when it is back.
+    exchange(proxy, proxy_header("203.0.113.3") + b"QUIT\r\n")
+    connection = open_events(server, ("Last-Event-ID", live["id"]))
+    try:
+        response = connection.getresponse()
+        # What it missed, then (as before) this connection's own decision; nothing twice.
+        missed = read_events(response, 2)
+        assert all("event" not in e for e in missed)
+        assert [(d["listener"], d["client"]) for d in map(data, missed)] == [
+            ("smtp-proxy", "203.0.113.3:40000"),
+            ("http", data(missed[1])["peer"]),
+        ]
+        after = int(live["id"].rpartition("-")[2])
+        assert [e["id"] for e in missed] == [f"{epoch}-{after + 1}", f"{epoch}-{after + 2}"]
+    finally:
+        connection.close()
 
 
 def test_lifting_a_ban_from_the_page_lets_the_client_back_in(

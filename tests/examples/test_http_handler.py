@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 
 import attrs
+import h11
 import prometheus_client
 import pytest
 import trio
@@ -18,6 +19,7 @@ from mailedge_examples.console import Console
 from mailedge_examples.http_handler import DEFAULT_MAX_REQUEST_SIZE, HTTPHandler
 
 from mailedge.context import AddressSource, ConnectionContext, TLSTerminator, context_to_json
+from mailedge.decisions import DEFAULT_SUBSCRIBER_QUEUE, DecisionRing
 from mailedge.events import EventCounters, EventName, GateEvent
 from mailedge.hooks.autoban import AutoBan
 from mailedge.proxy import (
@@ -1002,6 +1004,153 @@ async def test_the_event_stream_sends_each_new_decision_and_heartbeats(
         await trio.sleep(15.0)
         while b": heartbeat" not in client.buffer:
             await client._fill()
+
+
+def gate_event(n: int) -> GateEvent:
+    return GateEvent(
+        name=EventName.DIRECT,
+        listener="smtp",
+        connection_id=n,
+        peer_ip=ip("192.0.2.1"),
+        peer_port=40000 + n,
+        reason="untrusted",
+        message=f"decision {n}",
+        elapsed=0.0,
+    )
+
+
+@attrs.define
+class EventStreamClient:
+    """A client of ``/admin/events``: h11 undoes the chunked framing, then the server-sent
+    events are split into their fields (a comment's text is under the name "")."""
+
+    stream: trio.abc.Stream
+    machine: h11.Connection = attrs.field(factory=lambda: h11.Connection(h11.CLIENT))
+    text: str = ""
+    response: h11.Response | None = None
+
+    async def open(self, *headers: tuple[str, str]) -> None:
+        request = h11.Request(
+            method="GET", target="/admin/events", headers=[("Host", "localhost"), *headers]
+        )
+        await self.stream.send_all(self.machine.send(request) or b"")
+        await self.stream.send_all(self.machine.send(h11.EndOfMessage()) or b"")
+
+    async def _more(self) -> None:
+        while True:
+            event = self.machine.next_event()
+            if event is h11.NEED_DATA:
+                self.machine.receive_data(bytes(await self.stream.receive_some()))
+            elif isinstance(event, h11.Response):
+                self.response = event
+            elif isinstance(event, h11.Data):
+                self.text += bytes(event.data).decode()
+                return
+            else:
+                raise AssertionError(f"unexpected {event!r}; unparsed {self.text!r}")
+
+    async def block(self) -> dict[str, str]:
+        while "\n\n" not in self.text:
+            await self._more()
+        block, _, self.text = self.text.partition("\n\n")
+        fields = {}
+        for line in block.split("\n"):
+            name, _, value = line.partition(":")
+            fields[name] = value.removeprefix(" ")
+        return fields
+
+    async def events(self, count: int) -> list[dict[str, str]]:
+        """The next ``count`` events, comments skipped."""
+        found: list[dict[str, str]] = []
+        while len(found) < count:
+            fields = await self.block()
+            if set(fields) != {""}:
+                found.append(fields)
+        return found
+
+
+def numbers(events: list[dict[str, str]]) -> list[int]:
+    return [json.loads(e["data"])["connection_id"] for e in events]
+
+
+async def test_the_event_stream_starts_with_the_recent_decisions_each_with_an_id(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The page opens the stream and nothing else: decisions made before it are in it, so
+    # none can fall between a list of the recent ones and the stream's start.
+    handler, console = console_handler()
+    ring = console.decisions
+    ring.record(gate_event(1))
+    ring.record(gate_event(2))
+    async with handler_session(handler, loopback_context()) as stream:
+        client = EventStreamClient(stream)
+        await client.open()
+        backlog = await client.events(2)
+        assert [(e["event"], e["id"]) for e in backlog] == [
+            ("backlog", f"{ring.epoch}-1"),
+            ("backlog", f"{ring.epoch}-2"),
+        ]
+        assert numbers(backlog) == [1, 2]
+        ring.record(gate_event(3))
+        [live] = await client.events(1)
+        assert live["id"] == f"{ring.epoch}-3" and "event" not in live
+        assert numbers([live]) == [3]
+
+
+@pytest.mark.parametrize(
+    ("last_event_id", "expected", "kind", "comment"),
+    [
+        # A reconnecting page: what came after its last id, nothing twice.
+        ("{epoch}-4", [5], None, None),
+        ("{epoch}-0", [3, 4, 5], None, "2 decisions were missed"),
+        # Decision 2 fell out of the ring (size 3) before the page got it: said so.
+        ("{epoch}-1", [3, 4, 5], None, "1 decisions were missed"),
+        # Another process's (or an earlier run's) id: this ring's decisions are all new.
+        ("0000-4", [3, 4, 5], "backlog", None),
+        ("garbage", [3, 4, 5], "backlog", None),
+    ],
+)
+async def test_a_reconnecting_client_resumes_after_its_last_event_id(
+    autojump_clock: trio.testing.MockClock,
+    last_event_id: str,
+    expected: list[int],
+    kind: str | None,
+    comment: str | None,
+) -> None:
+    ring = DecisionRing(size=3)
+    handler, _ = console_handler(decisions=ring)
+    for n in range(1, 6):
+        ring.record(gate_event(n))
+    async with handler_session(handler, loopback_context()) as stream:
+        client = EventStreamClient(stream)
+        await client.open(("Last-Event-ID", last_event_id.format(epoch=ring.epoch)))
+        assert await client.block() == {"": "connected"}
+        if comment is not None:
+            assert await client.block() == {"": comment}
+        got = await client.events(len(expected))
+        assert numbers(got) == expected
+        assert all(e.get("event") == kind for e in got)
+        ring.record(gate_event(6))
+        assert numbers(await client.events(1)) == [6]
+
+
+async def test_a_client_that_falls_behind_gets_the_rest_from_the_ring(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    handler, console = console_handler()
+    ring = console.decisions
+    async with handler_session(handler, loopback_context()) as stream:
+        client = EventStreamClient(stream)
+        await client.open()
+        assert await client.block() == {"": "connected"}
+        # More than a subscriber's queue holds, with no checkpoint for the stream to run:
+        # its queue drops the newest, and the stream takes them from the ring instead.
+        count = DEFAULT_SUBSCRIBER_QUEUE + 44
+        for n in range(1, count + 1):
+            ring.record(gate_event(n))
+        got = await client.events(count)
+        assert numbers(got) == list(range(1, count + 1))
+        assert [e["id"] for e in got[-2:]] == [f"{ring.epoch}-{count - 1}", f"{ring.epoch}-{count}"]
 
 
 async def test_metrics_include_the_consoles(autojump_clock: trio.testing.MockClock) -> None:

@@ -7,6 +7,7 @@ blocking clients in a worker thread. The signal tests run the real script in a s
 from __future__ import annotations
 
 import email
+import errno
 import http.client
 import imaplib
 import importlib.util
@@ -352,7 +353,54 @@ def test_sigterm_drains_an_open_session_and_delivers_it(
     assert message["Subject"] == "hi"
 
 
+def busy(addresses: list[tuple[str, str, int]]) -> list[str]:
+    """Which of ``addresses`` (listener, host, port) another process listens on, as
+    ``"smtp 127.0.0.1:2525"``. Bound as the server binds (``SO_REUSEADDR``, so a closed
+    connection's TIME_WAIT does not count), and closed at once."""
+    taken = []
+    for name, host, port in addresses:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                if exc.errno != errno.EADDRINUSE:
+                    raise
+                taken.append(
+                    f"{name} {host}:{port}"
+                    if family == socket.AF_INET
+                    else f"{name} [{host}]:{port}"
+                )
+    return taken
+
+
+def embedded_default_addresses() -> list[tuple[str, str, int]]:
+    document, _ = mailserver.load(None)
+    return [
+        (conf.name, str(bind.host), bind.port)
+        for conf in document.settings.listeners
+        for bind in conf.bind
+    ]
+
+
+def test_a_busy_port_is_named() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as other:
+        port = other.getsockname()[1]
+        assert busy([("smtp", "127.0.0.1", port)]) == [f"smtp 127.0.0.1:{port}"]
+    assert busy([("smtp", "127.0.0.1", port)]) == []
+
+
 def test_embedded_default_starts_and_answers(tmp_path: pathlib.Path) -> None:
+    # The embedded default's fixed ports, as `make serve` binds them: a server already on
+    # one (a stray `make serve`) would make this fail for a reason that is not the code's.
+    taken = busy(embedded_default_addresses())
+    if taken:
+        pytest.fail(
+            f"the embedded default's ports are in use: {', '.join(taken)}. This test runs "
+            "examples/mailserver.py on them, as `make serve` does; stop the server that "
+            "holds them (`ss -ltnp` names it) and run the test again."
+        )
     script = Script(tmp_path)
     try:
         assert sorted(script.listeners) == sorted(

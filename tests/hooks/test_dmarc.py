@@ -12,6 +12,7 @@ import authres
 import policy_support
 import pytest
 import trio
+import trio.testing
 from dns_support import (
     FORBIDDEN_IP,
     PERMITTED_IP,
@@ -244,7 +245,9 @@ async def test_a_dkim_key_that_cannot_be_fetched_defers_instead_of_rejecting(
     )
 
 
-async def test_no_answer_within_the_deadline_is_a_temporary_failure(server: ZoneServer) -> None:
+async def test_no_answer_within_the_deadline_is_a_temporary_failure(
+    server: ZoneServer, autojump_clock: trio.testing.MockClock
+) -> None:
     hook = DMARCHook(AUTHSERV_ID, server.settings(timeout=2, lifetime=4), deadline=0.3)
     sender = "alice@slow.test"
     with trio.fail_after(5):
@@ -269,7 +272,9 @@ async def test_a_bug_in_the_libraries_is_a_temporary_failure(
     assert "DMARC check of a message from <alice@example.test> failed" in caplog.text
 
 
-async def test_cancellation_is_never_swallowed(server: ZoneServer) -> None:
+async def test_cancellation_is_never_swallowed(
+    server: ZoneServer, autojump_clock: trio.testing.MockClock
+) -> None:
     hook = DMARCHook(AUTHSERV_ID, server.settings(timeout=2, lifetime=4))
     sender = "alice@slow.test"
     with trio.move_on_after(0.2) as scope:

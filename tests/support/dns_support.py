@@ -8,7 +8,10 @@ both servers in ``finally``, so a failing test leaves no thread or socket behind
 
 A zone maps names to records, answers NXDOMAIN for names it does not hold and NODATA for types
 a name lacks, and can make chosen names fail: ``servfail`` answers SERVFAIL (a broken
-authoritative server: the resolver's temperror), ``silent`` never answers (a timeout).
+authoritative server: the resolver's temperror), ``silent`` never answers (a timeout). A test
+that expects an answer uses :meth:`ZoneServer.settings` (bounds generous enough for a loaded
+machine); one that expects a timeout asks a silent name with :meth:`ZoneServer.silent_settings`
+(short bounds: no answer comes however long it waits).
 
 DKIM keys are made in the test (:func:`dkim_key`, RSA 2048 with ``cryptography``) and exist
 only in memory: no private key is ever written to disk or committed. :func:`standard_zone` is
@@ -34,6 +37,7 @@ import logging
 import smtplib
 import socket
 import threading
+import time
 from collections.abc import AsyncIterator, Iterable, Iterator, Mapping, Sequence
 
 import attrs
@@ -95,10 +99,18 @@ TXT_CHUNK = 255
 # RFC 1035 4.2.1: a UDP answer over 512 octets is truncated (TC set), and the resolver asks
 # again over TCP; a record that long exercises the TCP half of the server.
 UDP_LIMIT = 512
-# The tests' resolver bounds: the server is local, so an answer takes milliseconds, and a
-# silent name should fail the query quickly rather than after the 5 s/10 s production bounds.
-TEST_TIMEOUT = 1.0
-TEST_LIFETIME = 2.0
+# The resolver bounds of a test that expects an answer. The server is local and answers in
+# milliseconds, but in dnslib's threads: on a loaded machine (a full test run beside other
+# work) a thread can wait its turn for over a second, and a 1 s timeout once failed a test
+# that way. Generous, then, and well inside the 120 s test timeout; a hung server still
+# fails the test.
+TEST_TIMEOUT = 10.0
+TEST_LIFETIME = 20.0
+# The bounds of a test that expects a timeout: it asks a ``silent`` name (no answer ever
+# comes, however loaded the machine), so short bounds cannot flake, and keep the test quick
+# rather than waiting out the 5 s/10 s production bounds.
+SILENT_TIMEOUT = 0.2
+SILENT_LIFETIME = 0.5
 
 
 def _key(name: str) -> str:
@@ -128,6 +140,9 @@ class Zone:
     )
     servfail: frozenset[str] = attrs.field(factory=frozenset, converter=_names)
     silent: frozenset[str] = attrs.field(factory=frozenset, converter=_names)
+    # Seconds every answer waits before it is sent: what a loaded machine can do to the
+    # server's threads (for the test that the bounds of TEST_TIMEOUT allow for it).
+    delay: float = 0.0
 
     def with_records(self, name: str, rtype: str, *values: str) -> Zone:
         """A copy with ``values`` as the ``rtype`` records of ``name`` (replacing any)."""
@@ -201,6 +216,9 @@ class _Handler(dnslib.server.DNSHandler):  # type: ignore[misc]
     answer keeps its question (dnslib's own drops it, and resolvers discard such a reply)."""
 
     def handle(self) -> None:
+        delay = self.server.resolver.zone.delay
+        if delay:
+            time.sleep(delay)  # in the server's thread: a stand-in for a loaded machine
         if self.server.socket_type == socket.SOCK_DGRAM:
             with contextlib.suppress(Exception):
                 request = dnslib.DNSRecord.parse(self.request[0])
@@ -256,10 +274,15 @@ class ZoneServer:
     def settings(
         self, *, timeout: float = TEST_TIMEOUT, lifetime: float = TEST_LIFETIME
     ) -> ResolverSettings:
-        """Resolver settings that ask this server only, with test-sized bounds."""
+        """Resolver settings that ask this server only, with bounds for a test that expects
+        an answer (``silent_settings`` for one that expects a timeout)."""
         return ResolverSettings(
             nameservers=((self.host, self.port),), timeout=timeout, lifetime=lifetime
         )
+
+    def silent_settings(self) -> ResolverSettings:
+        """Settings that give up on a ``silent`` name quickly: for a test expecting a timeout."""
+        return self.settings(timeout=SILENT_TIMEOUT, lifetime=SILENT_LIFETIME)
 
 
 def _start(resolver: _ZoneResolver, host: str) -> tuple[dnslib.server.DNSServer, ...]:

@@ -143,9 +143,13 @@ function visible(d) {
   return (!listener || d.listener === listener) && (!outcome || d.event === outcome);
 }
 
-function addDecision(d, atTop) {
+// A decision's row, newest on top; id is the event's ("<epoch>-<number>"), so a decision the
+// stream sends again (it never should) is not listed twice. False when it was already there.
+function addDecision(d, id) {
   const body = document.querySelector("#decisions tbody");
-  const row = body.insertRow(atTop ? 0 : -1);
+  if (id && body.querySelector(`tr[data-id="${CSS.escape(id)}"]`)) return false;
+  const row = body.insertRow(0);
+  if (id) row.dataset.id = id;
   row.dataset.event = d.event;
   row.dataset.listener = d.listener;
   row.dataset.peer = d.peer;
@@ -162,6 +166,7 @@ function addDecision(d, atTop) {
   cell(row, text, "message");
   row.hidden = !visible(d);
   while (body.rows.length > MAX_ROWS) body.deleteRow(-1);
+  return true;
 }
 
 function applyFilters() {
@@ -177,9 +182,17 @@ async function refresh() {
   await showBans();
 }
 
+// The stream starts with the server's recent decisions ("backlog" events, oldest first), then
+// sends each new one; on a reconnect the browser sends the last id it got (Last-Event-ID) and
+// the server resumes after it. Opening the stream is the only read: nothing falls between a
+// list and a stream.
 function listen() {
   const badge = document.getElementById("stream");
   const source = new EventSource("/admin/events");
+  source.addEventListener("backlog", (message) => {
+    // Already in the listeners' counts the state brought.
+    addDecision(JSON.parse(message.data), message.lastEventId);
+  });
   source.onopen = () => {
     badge.textContent = "live";
     badge.className = "badge on";
@@ -190,7 +203,7 @@ function listen() {
   };
   source.onmessage = (message) => {
     const d = JSON.parse(message.data);
-    addDecision(d, true);
+    if (!addDecision(d, message.lastEventId)) return;
     // The listeners' counts follow at once; the next refresh brings the server's own.
     const l = state && state.listeners.find((x) => x.name === d.listener);
     if (l) {
@@ -210,7 +223,6 @@ async function start() {
   document.getElementById("filter-listener").addEventListener("change", applyFilters);
   document.getElementById("filter-event").addEventListener("change", applyFilters);
   await refresh();
-  for (const d of await getJSON("/admin/api/decisions")) addDecision(d, false);
   listen();
   setInterval(() => refresh().catch(() => {}), REFRESH_MS);
 }
