@@ -121,8 +121,9 @@ class Batcher:
         """Send what is queued, batch after batch, until cancelled."""
         while True:
             await self._queued.wait()
-            with trio.move_on_after(self.background_delay):
-                await self._urgent.wait()
+            if not self._urgent.is_set():
+                with trio.move_on_after(self.background_delay):
+                    await self._urgent.wait()
             self._queued = trio.Event()
             self._urgent = trio.Event()
             while self._queue:
