@@ -809,17 +809,6 @@ def test_a_config_without_listeners_is_refused(tmp_path: pathlib.Path) -> None:
 # -- scale-out (issue 11): [Store], --workers ----------------------------------------------------
 
 
-@pytest.fixture
-def redis_server(tmp_path: pathlib.Path) -> Iterator[RedisServer]:
-    pytest.importorskip("coredis")
-    server = RedisServer(tmp_path)
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
-
-
 def store_config(tmp_path: pathlib.Path, redis: RedisServer, name: str) -> pathlib.Path:
     path = tmp_path / f"{name}.toml"
     (tmp_path / name).mkdir(exist_ok=True)

@@ -113,15 +113,7 @@ async def test_rate_limit_and_ban_hold_across_two_servers_behind_haproxy(
             example_server("mx2", tmp_path, redis.url) as (mx2, port2),
         ):
             frontend = free_port()
-            config = render(HAPROXY_DOC, "haproxy-defaults") + render(
-                SCALE_OUT_DOC,
-                "scale-out-haproxy",
-                FRONTEND_PORT=frontend,
-                MX1_ADDRESS="127.0.0.1",
-                MX1_PORT=port1,
-                MX2_ADDRESS="127.0.0.1",
-                MX2_PORT=port2,
-            )
+            config = haproxy_config(frontend, port1, port2)
             async with run_haproxy(config, tmp_path):
                 # The rate: one client, ten connections alternating between the servers.
                 replies = [
