@@ -27,6 +27,7 @@ import socket
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from functools import partial
 
 import attrs
 import trio
@@ -41,6 +42,7 @@ from mailedge.policy import Action, BaseHooks, Hooks, Verdict
 from mailedge.sessions import LiveSession, OpenSessions
 from mailedge.settings import ListenerProtocol, NetworkListener, Settings
 from mailedge.shutdown import DRAIN, Drain
+from mailedge.spread import turn_of
 from mailedge.streams import IdleTimeoutStream, SessionEnded
 from mailedge.tls import starttls
 
@@ -365,12 +367,24 @@ class Server:
     async def _accept_loop(
         self, name: str, sockets: list[trio.SocketListener], sessions: trio.Nursery
     ) -> None:
+        given = self.sockets.get(name, ())
         async with trio.open_nursery() as nursery:
-            for listener in sockets:
-                nursery.start_soon(self._accept, name, listener, sessions)
+            for index, listener in enumerate(sockets):
+                # A socket shared with other worker processes: they take turns (mailedge.spread).
+                turn = turn_of(given[index]) if given else None
+                accept = (
+                    partial(turn.accept, given[index])
+                    if turn is not None
+                    else listener.socket.accept
+                )
+                nursery.start_soon(self._accept, name, listener, sessions, accept)
 
     async def _accept(
-        self, name: str, listener: trio.SocketListener, sessions: trio.Nursery
+        self,
+        name: str,
+        listener: trio.SocketListener,
+        sessions: trio.Nursery,
+        accept: Callable[[], Awaitable[tuple[trio.socket.SocketType, object]]],
     ) -> None:
         """Accept and hand over, as ``trio.serve_listeners`` does, and nothing more.
 
@@ -383,7 +397,7 @@ class Server:
         async with listener:
             while True:
                 try:
-                    sock, peer = await listener.socket.accept()
+                    sock, peer = await accept()
                 except OSError as exc:
                     if exc.errno in _ACCEPT_SKIP:
                         continue

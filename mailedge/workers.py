@@ -15,6 +15,10 @@ Usable by any trio server, in three pieces:
   counting as ready once every worker has said so, or died), and :func:`watch_parent` shuts
   the worker down when the parent goes away (workers run in their own process group, so a
   terminal's Ctrl-C reaches only the parent, which forwards it once).
+
+On shared sockets the parent also keeps a :class:`~mailedge.spread.SpreadTable` that the
+workers' accept loops use to take turns (:mod:`mailedge.spread`): without it, whichever
+worker the scheduler runs first takes the next connection, dozens in a row.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import trio
 
 from mailedge.server import LISTEN_BACKLOG, BindError
 from mailedge.settings import Settings
+from mailedge.spread import SpreadTable, Turn, take_turns
 
 __all__ = [
     "ENV_INDEX",
@@ -121,6 +126,17 @@ def bind_listeners(
     return per_worker
 
 
+def _shared(sockets: Sequence[WorkerSockets]) -> list[socket.socket]:
+    """The sockets every worker shares, in the order each worker describes them; or none."""
+    flat = [[s for socks in worker.values() for s in socks] for worker in sockets]
+    if len(flat) < 2 or any(
+        len(other) != len(flat[0]) or any(a is not b for a, b in zip(other, flat[0], strict=True))
+        for other in flat[1:]
+    ):
+        return []
+    return flat[0]
+
+
 def worker_index() -> int | None:
     """This process's worker number, or None when it is not a worker."""
     value = os.environ.get(ENV_INDEX)
@@ -157,6 +173,13 @@ def inherited() -> Inherited | None:
         name: [socket.socket(fileno=fd) for fd in fds]
         for name, fds in described["listeners"].items()
     }
+    spread = described.get("spread")
+    if spread is not None:
+        # Shared sockets: row k of the table is the k-th socket, in this order.
+        flat = [sock for socks in sockets.values() for sock in socks]
+        table = SpreadTable.attach(spread["fd"], spread["workers"], len(flat))
+        for row, sock in enumerate(flat):
+            take_turns(sock, Turn(table, row, int(os.environ[ENV_INDEX])))
     for socks in sockets.values():
         for sock in socks:
             sock.setblocking(False)
@@ -210,6 +233,8 @@ class Supervisor:
     # Set when a worker kept dying (MAX_RESTARTS): the parent exits with an error.
     failed: bool = attrs.field(default=False, init=False)
     _stopped: trio.Event = attrs.field(factory=trio.Event, init=False)
+    # Shared sockets only: who took how many connections, while run() runs.
+    _table: SpreadTable | None = attrs.field(default=None, init=False)
 
     def __attrs_post_init__(self) -> None:
         self.workers = [Worker(i, s) for i, s in enumerate(self.sockets)]
@@ -227,14 +252,22 @@ class Supervisor:
         With ``nursery.start``, it returns once every worker has said it is ready (or died).
         """
         signals = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-        with trio.open_signal_receiver(*signals) as received:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward, received)
-                async with trio.open_nursery() as workers:
-                    for worker in self.workers:
-                        await workers.start(self._keep, worker)
-                    task_status.started()
-                nursery.cancel_scope.cancel()
+        shared = _shared(self.sockets)
+        if shared:
+            self._table = SpreadTable.create(len(self.workers), len(shared))
+        try:
+            with trio.open_signal_receiver(*signals) as received:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._forward, received)
+                    async with trio.open_nursery() as workers:
+                        for worker in self.workers:
+                            await workers.start(self._keep, worker)
+                        task_status.started()
+                    nursery.cancel_scope.cancel()
+        finally:
+            if self._table is not None:
+                self._table.close()
+                self._table = None
 
     def stop(self) -> None:
         """Drain: SIGTERM to every worker, and no more restarts."""
@@ -280,6 +313,8 @@ class Supervisor:
             async with trio.lowlevel.FdStream(ready_read) as ready:
                 if await ready.receive_some(1):
                     logger.info("worker %d ready (pid %d)", worker.index, process.pid)
+                    if self._table is not None:
+                        self._table.serving(worker.index, True)
             if not started:
                 task_status.started()
                 started = True
@@ -289,6 +324,8 @@ class Supervisor:
                 # Closing our end tells a worker that outlives us (we were cancelled) to stop.
                 os.close(write_end)
             worker.process = None
+            if self._table is not None:
+                self._table.serving(worker.index, False)
             if self.on_exit is not None:
                 self.on_exit(process.pid)
             if self._stopped.is_set():
@@ -319,13 +356,17 @@ class Supervisor:
 
     async def _spawn(self, worker: Worker, parent_fd: int, ready_fd: int) -> trio.Process:
         fds = [s.fileno() for socks in worker.sockets.values() for s in socks]
-        described = {
+        described: dict[str, object] = {
             "listeners": {
                 name: [s.fileno() for s in socks] for name, socks in worker.sockets.items()
             },
             "parent": parent_fd,
             "ready": ready_fd,
         }
+        if self._table is not None:
+            self._table.level(worker.index)
+            described["spread"] = {"fd": self._table.fd, "workers": self._table.workers}
+            fds.append(self._table.fd)
         env = {
             **os.environ,
             **self.env,

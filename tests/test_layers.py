@@ -56,6 +56,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
             "mailedge.policy",
             "mailedge.sessions",
             "mailedge.shutdown",
+            "mailedge.spread",
             "mailedge.workers",
         ),
     ),
