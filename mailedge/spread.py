@@ -94,6 +94,15 @@ class SpreadTable:
     def take(self, row: int, worker: int) -> None:
         self._cells[self.workers * (row + 1) + worker] += 1
 
+    def peers_taken(self, row: int, worker: int) -> int:
+        """How many connections the serving peers of ``worker`` took on ``row``, together."""
+        base = self.workers * (row + 1)
+        return sum(
+            self._cells[base + peer]
+            for peer in range(self.workers)
+            if peer != worker and self._cells[peer]
+        )
+
     def ahead(self, row: int, worker: int) -> bool:
         """True when ``worker`` took more than SPREAD_LEAD beyond a serving peer on ``row``."""
         base = self.workers * (row + 1)
@@ -115,13 +124,23 @@ class SpreadTable:
             self._cells[base + worker] = min(self._cells[base + p] for p in peers)
 
 
-@attrs.frozen
+@attrs.define(eq=False, repr=False)
 class Turn:
-    """One worker's place at one shared socket: its row in the table and its column."""
+    """One worker's place at one shared socket: its row in the table and its column.
+
+    A worker that waited its whole turn and saw no peer take anything does not wait again
+    until a peer does: a peer that is stuck, or too busy to accept, must not cost every new
+    connection the wait (which would cap this worker at SPREAD_STEPS steps per connection).
+    """
 
     table: SpreadTable
     row: int
     worker: int
+    # The peers' total when a whole wait went unanswered; None while they keep up.
+    _stalled_at: int | None = attrs.field(default=None, init=False)
+
+    def __repr__(self) -> str:
+        return f"<Turn row={self.row} worker={self.worker}>"
 
     async def accept(self, listener: socket.socket) -> tuple[trio.socket.SocketType, object]:
         """One connection from ``listener``, once it is readable and this worker's turn.
@@ -131,10 +150,16 @@ class Turn:
         """
         while True:
             await trio.lowlevel.wait_readable(listener)
-            for _ in range(SPREAD_STEPS):
-                if not self.table.ahead(self.row, self.worker):
-                    break
-                await trio.sleep(SPREAD_STEP)
+            peers = self.table.peers_taken(self.row, self.worker)
+            if self._stalled_at != peers:
+                self._stalled_at = None
+                for _ in range(SPREAD_STEPS):
+                    if not self.table.ahead(self.row, self.worker):
+                        break
+                    await trio.sleep(SPREAD_STEP)
+                else:
+                    if self.table.peers_taken(self.row, self.worker) == peers:
+                        self._stalled_at = peers
             try:
                 sock, address = listener.accept()
             except BlockingIOError:

@@ -131,6 +131,32 @@ async def test_a_worker_ahead_waits_a_few_steps_then_takes_it_itself(
     assert table.taken(0, 0) == SPREAD_LEAD + 2
 
 
+async def test_a_stuck_peer_costs_one_wait_not_one_per_connection(
+    table: SpreadTable, listener: socket.socket, autojump_clock: trio.testing.MockClock
+) -> None:
+    took(table, [SPREAD_LEAD + 1, 0])
+    turn = Turn(table, 0, 0)
+    port = listener.getsockname()[1]
+    waits = []
+    for _ in range(5):
+        client = await connect(port)
+        start = trio.current_time()
+        sock, _ = await turn.accept(listener)
+        waits.append(trio.current_time() - start)
+        sock.close()
+        await client.aclose()
+    # The peer took nothing during the first wait: the next connections are taken at once.
+    assert waits == [pytest.approx(SPREAD_STEPS * SPREAD_STEP), 0, 0, 0, 0]
+    # Once the peer takes one again, it gets its turns back.
+    table.take(0, 1)
+    client = await connect(port)
+    start = trio.current_time()
+    sock, _ = await turn.accept(listener)
+    sock.close()
+    await client.aclose()
+    assert trio.current_time() - start == pytest.approx(SPREAD_STEPS * SPREAD_STEP)
+
+
 async def test_a_worker_not_ahead_takes_it_at_once(
     table: SpreadTable, listener: socket.socket, autojump_clock: trio.testing.MockClock
 ) -> None:
