@@ -6,10 +6,13 @@ Starts its own ``redis-server`` (Debian's) on a unix socket in a temporary direc
    high enough to let every connection in, so each one runs the full GCRA step) and auto-ban
    (a ban check per connection) active. The server runs in a child process (``--child``) with
    one store: ``memory``, ``redis``, or ``redis`` with ``maxConnectionsPerIp`` shared as well
-   (``redis+counts``). This process opens ``--connections`` connections one after another,
-   each with a PROXY v2 header naming one of 256 clients; the child reports its own
-   ``time.process_time`` around them (redis-server's CPU is reported apart). The number that
-   matters is the ratio to ``memory`` within one run (target: redis at most 1.25x).
+   (``redis+counts``). This process opens ``--connections`` connections, each with a PROXY v2
+   header, after a warm-up past each client's first leases, in three workloads (``WORKLOADS``):
+   ``repeat`` (256 clients in turn, one connection at a time), ``one-off`` (every connection a
+   new client) and ``busy`` (new clients, 16 at a time). The child reports its own
+   ``time.process_time`` and how many Redis calls it made (redis-server's CPU is reported
+   apart). The number that matters is the ratio to ``memory`` within one workload of one run
+   (target: redis at most 1.25x).
 2. **Limit accuracy across 4 processes**: four processes, each with its own ``RedisStore``,
    ask for one GCRA limit (``--rate`` per second, burst 1) as fast as they can for
    ``--seconds``; allowed in total vs the configured rate (target: within 10%).
