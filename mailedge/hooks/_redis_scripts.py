@@ -116,8 +116,8 @@ TIME = _NOW + "\nreturn version\n"
 # ARGV[4i-3 .. 4i] its operation and three arguments (unused ones ''):
 #
 # - 'g' interval, tolerance (µs), want: GCRA for up to `want` events at once (a lease): grants
-#   as many as the burst still holds, at least one or none. Returns granted, 0; or 0 and the
-#   µs until one would be granted.
+#   as many as the burst still holds, at least one or none. Returns granted and the µs until
+#   the bucket is full again; or 0 and the µs until one would be granted.
 # - 'r' interval (µs), count: hand back `count` unspent granted events. Returns 0, 0.
 # - 't' limit, member, lease (ms): take a connection slot if fewer than `limit` members are
 #   live (each scored by when it expires). Returns 1 or 0, and 0.
@@ -152,6 +152,7 @@ for i = 1, #KEYS do
         first = want
         if interval > 0 then first = math.min(want, math.floor(room / interval) + 1) end
         new_tat = tat + first * interval
+        second = new_tat - now
       end
     elseif tat > now then
       new_tat = math.max(now, tat - tonumber(b) * interval)

@@ -18,6 +18,12 @@ The bounds, which docs/scale-out.md states:
 - **Small limits are exact.** A limit whose burst is below ``2 * LEASE_FRACTION`` tokens
   never leases more than one token at a time, which is exactly the one-step decision.
 
+A client whose bucket this process knows to be full (never seen, or rested since) gets one
+more thing: its first decision is made here and recorded with the store afterwards
+(:meth:`LeaseTable.credit`), since a full bucket allows it. Should the other processes have
+emptied the whole burst meanwhile, the excess is that one event, once per time the bucket
+drains (at most 1/40 of the burst per process); the reply tells this process the truth.
+
 The same idea holds for shared connection counts (``maxConnectionsPerIp``): a slot whose
 connection closed is kept for :data:`LEASE_SECONDS` for the client's next connection
 (:func:`spare_cap` of them per client), so a client that comes back costs no round trip; the
@@ -99,10 +105,16 @@ class LeaseTable:
     seconds: float = LEASE_SECONDS
     max_keys: int = MAX_LEASES
     spent: int = attrs.field(default=0, init=False)
+    credited: int = attrs.field(default=0, init=False)
     _leases: dict[str, _Lease] = attrs.field(factory=dict, init=False)
+    # Keys whose bucket is not full, as far as this process knows: when it will be again
+    # (infinity while a decision's reply is awaited). A key absent here is rested.
+    _unrested: dict[str, float] = attrs.field(factory=dict, init=False)
 
     def __repr__(self) -> str:
-        return f"<LeaseTable keys={len(self._leases)} held={self.held}>"
+        return (
+            f"<LeaseTable keys={len(self._leases)} held={self.held} unrested={len(self._unrested)}>"
+        )
 
     @property
     def held(self) -> int:
@@ -123,6 +135,36 @@ class LeaseTable:
         lease.remaining -= 1
         self.spent += 1
         return True
+
+    def credit(
+        self, key: str, emission_interval: float, burst_tolerance: float, now: float
+    ) -> bool:
+        """Allow one event for ``key`` now and record it with Redis afterwards (True)?
+
+        Only for a client whose bucket this process knows no use of (never seen, or rested
+        since its last reply): the event is within its burst unless the other processes
+        emptied the whole burst meanwhile, and then the excess is this one event, once per
+        time the bucket drains. Never for a limit below a burst of 40, nor with the table
+        full. Call it after :meth:`spend` said False; then :meth:`settled` with the reply.
+        """
+        if lease_cap(emission_interval, burst_tolerance) <= 1:
+            return False
+        if self._unrested.get(key, now) > now:
+            return False
+        if key not in self._unrested and len(self._unrested) >= self.max_keys:
+            return False
+        self._unrested[key] = math.inf
+        self.granted(key, emission_interval, burst_tolerance, now, 1)
+        self.credited += 1
+        return True
+
+    def settled(self, key: str, now: float, rested_in: float) -> None:
+        """A reply said ``key``'s bucket is full again in ``rested_in`` seconds."""
+        if rested_in > 0:
+            if key in self._unrested or len(self._unrested) < self.max_keys:
+                self._unrested[key] = now + rested_in
+        else:
+            self._unrested.pop(key, None)
 
     def want(
         self, key: str, emission_interval: float, burst_tolerance: float, now: float
@@ -180,6 +222,9 @@ class LeaseTable:
         A lease expired for less than another :data:`LEASE_SECONDS` with nothing left is
         kept, so that a client coming back soon still gets its larger lease.
         """
+        for key, rested_at in list(self._unrested.items()):
+            if now >= rested_at:
+                del self._unrested[key]
         handed_back = []
         for key, lease in list(self._leases.items()):
             if now < lease.expires_at:

@@ -615,9 +615,32 @@ class RedisStore:
         now = trio.current_time()
         if self.leases.spend(key, emission_interval, burst_tolerance, now):
             return GCRAResult(True)
-        want, unused = self.leases.want(key, emission_interval, burst_tolerance, now)
         name = redis_key(self.key_prefix, key)
         interval_us = round(emission_interval * 1e6)
+        tolerance_us = round(burst_tolerance * 1e6)
+
+        def settle(reply: Reply) -> None:
+            # Granted: the bucket is full again in reply[1] µs. Refused: reply[1] µs until
+            # one more fits, and the whole burst after that.
+            granted, micros = reply
+            rested_in = micros / 1e6 if granted else micros / 1e6 + burst_tolerance
+            self.leases.settled(key, trio.current_time(), rested_in)
+
+        def unknown() -> None:
+            # No reply: assume the bucket is as far from full as it can be.
+            self.leases.settled(key, trio.current_time(), burst_tolerance + emission_interval)
+
+        if (
+            self._client is not None
+            and not self.breaker.is_open
+            and self.leases.credit(key, emission_interval, burst_tolerance, now)
+        ):
+            # A bucket this process knows no use of: allowed now, recorded on the way.
+            self._batcher.background(
+                Op(name, "g", interval_us, tolerance_us, 1, then=settle, lost=unknown)
+            )
+            return GCRAResult(True)
+        want, unused = self.leases.want(key, emission_interval, burst_tolerance, now)
         if unused:
             self._batcher.background(Op(name, "r", interval_us, unused))
 
@@ -627,7 +650,7 @@ class RedisStore:
                 self._batcher.background(Op(name, "r", interval_us, reply[0]))
 
         reply = await self._submit(
-            Op(name, "g", interval_us, round(burst_tolerance * 1e6), want, undo=hand_back)
+            Op(name, "g", interval_us, tolerance_us, want, undo=hand_back, then=settle)
         )
         if reply is not None:
             granted, retry_us = reply

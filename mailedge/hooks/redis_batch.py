@@ -56,8 +56,11 @@ class Op:
     c: str | int = ""
     # Run with the reply when nobody waits for it any more (the caller timed out or left).
     undo: Callable[[Reply], None] | None = None
-    # Run when the call failed after it may have reached Redis: the outcome is unknown.
+    # Run when the call failed after it may have reached Redis (or was never made): the
+    # outcome is unknown.
     lost: Callable[[], None] | None = None
+    # Run with the reply, whoever waits for it.
+    then: Callable[[Reply], None] | None = None
     reply: Reply | None = None
     done: trio.Event | None = None
     abandoned: bool = False
@@ -99,6 +102,8 @@ class Batcher:
         """Queue an operation nobody waits for (it may be dropped if Redis stays away)."""
         if len(self._queue) >= self.max_queue:
             self.dropped += 1
+            if op.lost is not None:
+                op.lost()
             return
         self._queue.append(op)
         self._queued.set()
@@ -154,6 +159,8 @@ class Batcher:
         for index, op in enumerate(ops):
             if ok:
                 op.reply = (int(reply[2 * index]), int(reply[2 * index + 1]))
+                if op.then is not None:
+                    op.then(op.reply)
                 if op.abandoned and op.undo is not None:
                     op.undo(op.reply)
             elif op.lost is not None:

@@ -81,9 +81,9 @@ def test_the_sweep_hands_back_what_expired_leases_hold_and_forgets_old_ones() ->
     assert table.sweep(now=LEASE_SECONDS) == [("a", interval, 9)]
     assert table.sweep(now=LEASE_SECONDS) == []  # handed back once
     assert table.sweep(now=1.0 + LEASE_SECONDS) == [("b", interval, 9)]
-    assert repr(table) == "<LeaseTable keys=2 held=0>"
+    assert repr(table) == "<LeaseTable keys=2 held=0 unrested=0>"
     table.sweep(now=1.0 + 2 * LEASE_SECONDS)
-    assert repr(table) == "<LeaseTable keys=0 held=0>"
+    assert repr(table) == "<LeaseTable keys=0 held=0 unrested=0>"
 
 
 def test_a_changed_limit_starts_again_and_hands_back() -> None:
@@ -98,11 +98,11 @@ def test_a_changed_limit_starts_again_and_hands_back() -> None:
 def test_small_limits_and_a_full_table_keep_no_lease() -> None:
     table = LeaseTable(max_keys=2)
     table.granted("small", *limit("10/1m"), 0.0, 1)
-    assert repr(table) == "<LeaseTable keys=0 held=0>"
+    assert repr(table) == "<LeaseTable keys=0 held=0 unrested=0>"
     interval, tolerance = limit("1000/1h")
     for key in ("a", "b", "c"):
         table.granted(key, interval, tolerance, 0.0, 5)
-    assert repr(table) == "<LeaseTable keys=2 held=8>"
+    assert repr(table) == "<LeaseTable keys=2 held=8 unrested=0>"
     assert not table.spend("c", interval, tolerance, now=0.0)
     assert table.want("c", interval, tolerance, now=0.0) == (1, 0)
 
@@ -110,3 +110,33 @@ def test_small_limits_and_a_full_table_keep_no_lease() -> None:
 @pytest.mark.parametrize(("limit", "spares"), [(1, 0), (19, 0), (20, 1), (100, 5), (10_000, 64)])
 def test_spare_connection_slots_are_a_twentieth_of_the_limit(limit: int, spares: int) -> None:
     assert spare_cap(limit) == spares
+
+
+def test_a_rested_client_gets_one_credit_until_a_reply_says_when_it_is_full_again() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")  # T = 3.6 s
+    assert table.credit("k", interval, tolerance, now=0.0)
+    assert not table.credit("k", interval, tolerance, now=0.0)  # its reply is awaited
+    table.settled("k", 0.01, rested_in=interval)  # one token in use: full again in T
+    assert not table.credit("k", interval, tolerance, now=1.0)
+    table.sweep(now=0.01 + interval)
+    assert table.credit("k", interval, tolerance, now=0.01 + interval)
+    assert table.credited == 2
+
+
+def test_a_client_at_its_limit_gets_no_credit_until_its_bucket_drains() -> None:
+    table = LeaseTable()
+    interval, tolerance = limit("1000/1h")
+    # Refused: one more fits in 1 s, and the whole burst an hour after that.
+    table.settled("k", 0.0, rested_in=1.0 + tolerance)
+    assert not table.credit("k", interval, tolerance, now=tolerance)
+    assert table.credit("k", interval, tolerance, now=1.0 + tolerance)
+    table.settled("other", 0.0, rested_in=0.0)  # full now: nothing to remember
+    assert repr(table).endswith("unrested=1>")
+
+
+def test_no_credit_for_small_limits_or_with_the_table_full() -> None:
+    table = LeaseTable(max_keys=1)
+    assert not table.credit("small", *limit("39/1m"), now=0.0)
+    assert table.credit("a", *limit("1000/1h"), now=0.0)
+    assert not table.credit("b", *limit("1000/1h"), now=0.0)

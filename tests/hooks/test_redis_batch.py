@@ -46,6 +46,14 @@ async def eventually(predicate: Callable[[], Awaitable[bool] | bool], within: fl
     raise AssertionError(f"not within {within} s")
 
 
+async def take_all(store: RedisStore, key: str, limit: RateLimit) -> int:
+    """How many decisions ``store`` allows for ``key`` before the first refusal."""
+    for allowed in range(limit.count + 50):
+        if not (await store.gcra(key, limit.emission_interval, limit.burst_tolerance)).allowed:
+            return allowed
+    raise AssertionError("never refused")
+
+
 def held_slots(server: RedisServer) -> int:
     return int(server.command("ZCARD", SLOT_SET).strip().lstrip(b":"))
 
@@ -129,18 +137,12 @@ async def test_leased_tokens_never_exceed_the_limit_and_unspent_ones_come_back(
         held = one.leases.held
         assert 0 < held < 10
 
-        async def take_all(store: RedisStore) -> int:
-            for allowed in range(250):
-                if not (await store.gcra(key, *args)).allowed:
-                    return allowed
-            raise AssertionError("never refused")
-
         # Never looser: what one holds is not available to two.
-        assert await take_all(two) == 200 - 150 - held
+        assert await take_all(two, key, limit) == 200 - 150 - held
         # One's lease expires; the keeper hands its unspent tokens back to Redis.
         await eventually(lambda: one.leases.held == 0, SLOW)
         await trio.sleep(0.3)
-        assert await take_all(two) == held
+        assert await take_all(two, key, limit) == held
 
 
 async def test_a_closed_connections_slot_is_kept_for_the_clients_next_one(
@@ -172,3 +174,32 @@ async def test_small_connection_limits_keep_no_spare(redis_server: RedisServer) 
         store.release_connection(CONN, token)
         assert store.spare_slots == 0
         await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+
+
+async def test_a_new_clients_first_decision_makes_no_round_trip_and_is_counted(
+    redis_server: RedisServer,
+) -> None:
+    limit = RateLimit.parse("200/1h")
+    key = "rl:conn:smtp:198.51.100.7"
+    async with make_store(redis_server) as one, make_store(redis_server) as two:
+        sent = one._batcher.sent
+        result = await one.gcra(key, limit.emission_interval, limit.burst_tolerance)
+        assert result.allowed
+        assert (one._batcher.sent, one.leases.credited) == (sent, 1)
+        # Recorded on the way: the other store finds one token gone.
+        await eventually(lambda: one._batcher.sent == sent + 1, SLOW)
+        assert await take_all(two, key, limit) == 199
+
+
+async def test_a_credit_against_a_burst_emptied_elsewhere_is_one_event_once(
+    redis_server: RedisServer,
+) -> None:
+    # The bound of the credit: the other process emptied the burst; this one, knowing no
+    # use of it, allows one event, learns the truth from the reply, and refuses from then on.
+    limit = RateLimit.parse("200/1h")
+    key = "rl:conn:smtp:198.51.100.7"
+    async with make_store(redis_server) as one, make_store(redis_server) as two:
+        assert await take_all(two, key, limit) == 200
+        assert await take_all(one, key, limit) == 1
+        assert one.leases.credited == 1
+        assert await take_all(one, key, limit) == 0
