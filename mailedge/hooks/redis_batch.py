@@ -123,32 +123,41 @@ class Batcher:
         return op.reply
 
     async def run(self) -> None:
-        """Send what is queued, batch after batch, until cancelled."""
+        """Send what is queued, batch after batch, until cancelled.
+
+        A decision someone waits for goes at once, with everything queued; while decisions
+        keep coming, what queued during one call goes in the next. Operations nobody waits
+        for wait ``background_delay`` for one (or for each other) before they go.
+        """
         while True:
             await self._queued.wait()
             if not self._urgent.is_set():
                 with trio.move_on_after(self.background_delay):
                     await self._urgent.wait()
-            self._queued = trio.Event()
-            self._urgent = trio.Event()
             while self._queue:
+                self._queued = trio.Event()
+                self._urgent = trio.Event()
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
                 # A caller that stopped waiting before its operation left decided without it.
                 batch = [op for op in batch if not op.abandoned]
-                if not batch:
-                    continue
                 if self.group is None:
                     await self._send(batch)
-                    continue
-                groups: dict[str, list[Op]] = {}
-                for op in batch:
-                    groups.setdefault(self.group(op.key), []).append(op)
-                async with trio.open_nursery() as nursery:
-                    for ops in groups.values():
-                        nursery.start_soon(self._send, ops)
+                else:
+                    groups: dict[str, list[Op]] = {}
+                    for op in batch:
+                        groups.setdefault(self.group(op.key), []).append(op)
+                    async with trio.open_nursery() as nursery:
+                        for ops in groups.values():
+                            nursery.start_soon(self._send, ops)
+                if not self._urgent.is_set():
+                    break  # only operations nobody waits for: they wait their delay
+            if self._queue:
+                self._queued.set()
 
     async def _send(self, ops: list[Op]) -> None:
+        if not ops:
+            return
         keys = [op.key for op in ops]
         args: list[str | int] = []
         for op in ops:
