@@ -154,7 +154,6 @@ class LeaseTable:
         if key not in self._unrested and len(self._unrested) >= self.max_keys:
             return False
         self._unrested[key] = math.inf
-        self.granted(key, emission_interval, burst_tolerance, now, 1)
         self.credited += 1
         return True
 
