@@ -159,9 +159,8 @@ class Batcher:
         if not ops:
             return
         keys = [op.key for op in ops]
-        args: list[str | int] = []
-        for op in ops:
-            args += (op.code, op.a, op.b, op.c)
+        # One argument per operation (the BATCH script splits it at the commas).
+        args: list[str | int] = [f"{op.code},{op.a},{op.b},{op.c}" for op in ops]
         self.batches += 1
         self.sent += len(ops)
         ok, reply = await self.call(keys, args)
