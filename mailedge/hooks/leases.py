@@ -34,6 +34,7 @@ This module is sans-IO: it keeps the table and says what to ask for; the store t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import attrs
@@ -66,6 +67,7 @@ _MIN_ELAPSED = 0.001
 MAX_LEASES = 10_000
 
 
+@functools.lru_cache(maxsize=256)  # a server has a handful of limits
 def lease_cap(emission_interval: float, burst_tolerance: float) -> int:
     """The most tokens one lease may hold for a limit: 1 means no leasing."""
     if emission_interval <= 0:
