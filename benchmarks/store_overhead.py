@@ -9,7 +9,9 @@ Starts its own ``redis-server`` (Debian's) on a unix socket in a temporary direc
    (``redis+counts``). This process opens ``--connections`` connections, each with a PROXY v2
    header, after a warm-up past each client's first leases, in three workloads (``WORKLOADS``):
    ``repeat`` (256 clients in turn, one connection at a time), ``one-off`` (every connection a
-   new client) and ``busy`` (new clients, 16 at a time). The child reports its own
+   new client), ``busy`` (new clients, 16 at a time), all under a limit far above what they
+   send, and ``one-off, exact`` (new clients under a limit small enough to be decided exactly,
+   one Redis step per decision: the worst case). The child reports its own
    ``time.process_time`` and how many Redis calls it made (redis-server's CPU is reported
    apart). Each workload runs ``--rounds`` rounds, the stores taking turns within each; the
    medians are compared, since one measurement on a shared machine moves by a tenth or more.
@@ -56,10 +58,14 @@ proxyTrustedNetworks = ["127.0.0.1"]
 name = "smtp"
 protocol = "smtp"
 bind = ["127.0.0.1:0"]
-# Far above what the benchmark sends: every connection is allowed, after the full GCRA step.
-rateLimitConnections = "100000/1s"
+rateLimitConnections = "{rate}"
 maxConnectionsPerIp = 100
 """
+# Far above what the benchmark sends: every connection is allowed, after the full GCRA step.
+LARGE_LIMIT = "100000/1s"
+# A burst below 40: no lease and no credit, every decision one exact step in Redis. Each
+# client of the workload that uses it connects once, so every connection is still allowed.
+EXACT_LIMIT = "20/1m"
 CLIENTS = 256
 # The stores measured in part 1, in the order each round runs them.
 KINDS = ("memory", "redis", "redis+counts")
@@ -78,7 +84,7 @@ def process_cpu(pid: int) -> float:
 # -- 1. the server, in a child process ------------------------------------------------------------
 
 
-async def child(kind: str, url: str) -> None:
+async def child(kind: str, url: str, rate: str) -> None:
     from mailedge.config import loads
     from mailedge.gate import ProxyGate
     from mailedge.hooks import HookChain
@@ -88,7 +94,7 @@ async def child(kind: str, url: str) -> None:
     from mailedge.hooks.store import MemoryStore, RateStore
     from mailedge.server import serve
 
-    settings = loads(SERVER_CONFIG, format="toml")
+    settings = loads(SERVER_CONFIG.format(rate=rate), format="toml")
 
     async def handler(stream: trio.abc.Stream, context: object) -> None:
         await stream.send_all(b"220 ok\r\n")
@@ -132,15 +138,17 @@ def client_header(index: int) -> bytes:
     )
 
 
-# The three workloads: who connects, and how many at once.
+# The workloads: who connects, how many at once, and under which connection rate limit.
 WORKLOADS = {
     # 256 clients in turn, one connection at a time: a client comes back every 256 connections,
     # like relays of large senders and users' mail clients.
-    "repeat": (CLIENTS, 1),
-    # Every connection a new client, one at a time: the worst case, nothing to reuse.
-    "one-off": (0, 1),
+    "repeat": (CLIENTS, 1, LARGE_LIMIT),
+    # Every connection a new client, one at a time.
+    "one-off": (0, 1, LARGE_LIMIT),
     # Every connection a new client, 16 at a time: a busy server.
-    "busy": (0, CONCURRENCY),
+    "busy": (0, CONCURRENCY, LARGE_LIMIT),
+    # New clients one at a time under a small limit, which is decided exactly: the worst case.
+    "one-off, exact": (0, 1, EXACT_LIMIT),
 }
 
 
@@ -148,11 +156,13 @@ def cpu_per_connection(
     kind: str, url: str, connections: int, redis_pid: int, workload: str = "repeat"
 ) -> tuple[float, float, float]:
     """Server CPU, redis-server CPU and Redis calls, each per connection."""
-    clients, concurrency = WORKLOADS[workload]
+    clients, concurrency, rate = WORKLOADS[workload]
     total = WARM_UP + connections
     headers = [client_header(i % clients if clients else i) for i in range(total)]
     process = subprocess.Popen(
-        [sys.executable, __file__, "--child", kind, url], stdout=subprocess.PIPE, text=True
+        [sys.executable, __file__, "--child", kind, url, rate],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     assert process.stdout is not None
     port = int(process.stdout.readline())
@@ -365,7 +375,7 @@ if __name__ == "__main__":
     elif len(sys.argv) > 1 and sys.argv[1] == "--spread":
         print_spread()
     elif len(sys.argv) > 1 and sys.argv[1] == "--child":
-        trio.run(child, sys.argv[2], sys.argv[3])
+        trio.run(child, sys.argv[2], sys.argv[3], sys.argv[4])
     elif len(sys.argv) > 1 and sys.argv[1] == "--hammer":
         trio.run(hammer, sys.argv[2], float(sys.argv[3]), float(sys.argv[4]))
     else:
