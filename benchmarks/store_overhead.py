@@ -63,9 +63,9 @@ maxConnectionsPerIp = 100
 """
 # Far above what the benchmark sends: every connection is allowed, after the full GCRA step.
 LARGE_LIMIT = "100000/1s"
-# A burst below 40: no lease and no credit, every decision one exact step in Redis. Each
+# A burst below 10: no lease and no credit, every decision one exact step in Redis. Each
 # client of the workload that uses it connects once, so every connection is still allowed.
-EXACT_LIMIT = "20/1m"
+EXACT_LIMIT = "5/1m"
 CLIENTS = 256
 # The stores measured in part 1, in the order each round runs them.
 KINDS = ("memory", "redis", "redis+counts")

@@ -16,13 +16,15 @@ The bounds, which docs/scale-out.md states:
 - **Briefly stricter, then repaired.** Tokens a process holds are not available to the
   others; a lease that expires unspent is handed back to the store (:meth:`LeaseTable.sweep`).
 - **Small limits are exact.** A limit whose burst is below ``2 * LEASE_FRACTION`` tokens
-  never leases more than one token at a time, which is exactly the one-step decision.
+  never leases more than one token at a time, which is exactly the one-step decision (below
+  :data:`CREDIT_MIN_BURST`, not even the first decision is credited).
 
 A client whose bucket this process knows to be full (never seen, or rested since) gets one
 more thing: its first decision is made here and recorded with the store afterwards
 (:meth:`LeaseTable.credit`), since a full bucket allows it. Should the other processes have
 emptied the whole burst meanwhile, the excess is that one event, once per time the bucket
-drains (at most 1/40 of the burst per process); the reply tells this process the truth.
+drains (at most a tenth of the burst per process, since limits with a burst below
+:data:`CREDIT_MIN_BURST` get no credit); the reply tells this process the truth.
 
 The same idea holds for shared connection counts (``maxConnectionsPerIp``): a slot whose
 connection closed is kept for :data:`LEASE_SECONDS` for the client's next connection
@@ -40,11 +42,13 @@ import math
 import attrs
 
 __all__ = [
+    "CREDIT_MIN_BURST",
     "LEASE_FRACTION",
     "LEASE_SECONDS",
     "MAX_LEASE",
     "MAX_LEASES",
     "LeaseTable",
+    "burst_of",
     "lease_cap",
     "spare_cap",
 ]
@@ -62,18 +66,25 @@ MAX_LEASE = 64
 # The shortest time a pace is measured over: two decisions in the same instant mean "busy",
 # not an infinite rate (the cap bounds the lease anyway).
 _MIN_ELAPSED = 0.001
+# A credit can exceed the limit by one event per process each time a client's bucket has
+# drained: below a burst of 10, that one event would be more than a tenth of it.
+CREDIT_MIN_BURST = 10
 # Clients with a lease held at once; beyond this, decisions for new clients take one token
 # each (the exact one-step decision). Each entry is about 200 bytes.
 MAX_LEASES = 10_000
 
 
 @functools.lru_cache(maxsize=256)  # a server has a handful of limits
+def burst_of(emission_interval: float, burst_tolerance: float) -> int:
+    """How many events a limit allows at once (its burst)."""
+    if emission_interval <= 0:
+        return 1  # no interval, no schedule to share: every decision is the exact one
+    return int(burst_tolerance / emission_interval + 1e-9) + 1
+
+
 def lease_cap(emission_interval: float, burst_tolerance: float) -> int:
     """The most tokens one lease may hold for a limit: 1 means no leasing."""
-    if emission_interval <= 0:
-        return 1
-    burst = int(burst_tolerance / emission_interval + 1e-9) + 1
-    return max(1, min(MAX_LEASE, burst // LEASE_FRACTION))
+    return max(1, min(MAX_LEASE, burst_of(emission_interval, burst_tolerance) // LEASE_FRACTION))
 
 
 def spare_cap(limit: int) -> int:
@@ -146,10 +157,11 @@ class LeaseTable:
         Only for a client whose bucket this process knows no use of (never seen, or rested
         since its last reply): the event is within its burst unless the other processes
         emptied the whole burst meanwhile, and then the excess is this one event, once per
-        time the bucket drains. Never for a limit below a burst of 40, nor with the table
-        full. Call it after :meth:`spend` said False; then :meth:`settled` with the reply.
+        time the bucket drains. Never for a limit below a burst of :data:`CREDIT_MIN_BURST`,
+        nor with the table full. Call it after :meth:`spend` said False; then
+        :meth:`settled` with the reply.
         """
-        if lease_cap(emission_interval, burst_tolerance) <= 1:
+        if burst_of(emission_interval, burst_tolerance) < CREDIT_MIN_BURST:
             return False
         if self._unrested.get(key, now) > now:
             return False

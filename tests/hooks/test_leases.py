@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 
-from mailedge.hooks.leases import LEASE_SECONDS, MAX_LEASE, LeaseTable, lease_cap, spare_cap
+from mailedge.hooks.leases import (
+    LEASE_SECONDS,
+    MAX_LEASE,
+    LeaseTable,
+    burst_of,
+    lease_cap,
+    spare_cap,
+)
 from mailedge.settings import RateLimit
 
 
@@ -137,6 +144,13 @@ def test_a_client_at_its_limit_gets_no_credit_until_its_bucket_drains() -> None:
 
 def test_no_credit_for_small_limits_or_with_the_table_full() -> None:
     table = LeaseTable(max_keys=1)
-    assert not table.credit("small", *limit("39/1m"), now=0.0)
+    assert not table.credit("small", *limit("9/1m"), now=0.0)
+    assert table.credit("a", *limit("10/1m"), now=0.0)
+    table.settled("a", 0.0, rested_in=0.0)
     assert table.credit("a", *limit("1000/1h"), now=0.0)
     assert not table.credit("b", *limit("1000/1h"), now=0.0)
+
+
+@pytest.mark.parametrize(("text", "burst"), [("1/1s", 1), ("9/1m", 9), ("60/1m", 60)])
+def test_the_burst_of_a_limit_is_its_count(text: str, burst: int) -> None:
+    assert burst_of(*limit(text)) == burst

@@ -190,7 +190,8 @@ async def test_four_processes_share_one_limit_within_ten_percent(
 ) -> None:
     # 100 per second with a burst of 30: the burst absorbs a loaded machine's scheduling gaps
     # (with none, every moment no process happened to ask would be lost), and is small enough
-    # that every decision takes one token in one step (no lease below a burst of 40).
+    # that every decision takes one token in one step (no lease below a burst of 40; each
+    # process's first decision is credited, which a full bucket allows anyway).
     interval, seconds, burst_tokens = 0.01, 1.5, 30
     burst = (burst_tokens - 1) * interval
     command = [
