@@ -62,6 +62,7 @@ from mailedge_examples.console import Console, CountedRateLimits
 from mailedge_examples.http_handler import HTTPHandler
 from mailedge_examples.imap_handler import IMAPHandler
 from mailedge_examples.smtp_handler import SMTPHandler
+from mailedge_examples.store_metrics import BREAKER_OPEN, StoreCollector
 
 log = logging.getLogger("mailedge.examples.mailserver")
 
@@ -463,6 +464,9 @@ METRICS_SYNC_INTERVAL = 1.0
 # Gauges every worker reports alike (the bans in the shared store, the listeners' PROXY
 # switch from the one config): summing them would count each once per worker.
 SHARED_GAUGES = frozenset({"mailedge_bans", "mailedge_listener_proxy_enabled"})
+# Gauges a scrape reports as their largest worker's value: the shared ones above, and whether
+# any worker's circuit breaker is open (a sum would say 2 for two workers cut off from Redis).
+MAX_GAUGES = SHARED_GAUGES | {BREAKER_OPEN}
 
 
 @attrs.define(repr=False)
@@ -475,7 +479,7 @@ class MetricsMirror:
     sample's growth is added to a multiprocess ``Counter`` of the same name and labels (summed
     over every process that ever ran, so a restart never makes a total go down), and each
     gauge sample is set on a ``livesum`` ``Gauge`` (dead workers' are dropped), or a
-    ``livemax`` one for the gauges in :data:`SHARED_GAUGES`.
+    ``livemax`` one for the gauges in :data:`MAX_GAUGES`.
     """
 
     source: CollectorRegistry
@@ -535,7 +539,7 @@ class MetricsMirror:
                     documentation,
                     names,
                     registry=None,
-                    multiprocess_mode="livemax" if name in SHARED_GAUGES else "livesum",
+                    multiprocess_mode="livemax" if name in MAX_GAUGES else "livesum",
                 )
             )
             self._metrics[name] = metric
@@ -659,6 +663,11 @@ def build(
             counters_source=lambda: gate.counters, autoban=autoban, console=console
         ),
     }
+    if isinstance(store, RedisStore):
+        # /metrics shows the shared store too: its failure policy, round trips and slots.
+        http = handlers[ListenerProtocol.HTTP]
+        assert isinstance(http, HTTPHandler)
+        http.registry.register(StoreCollector(store))
     return Parts(gate, handlers, tls, hooks, autoban, console)
 
 

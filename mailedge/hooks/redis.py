@@ -882,6 +882,24 @@ class RedisStore:
         while len(self._journal) > MAX_JOURNAL:
             del self._journal[next(iter(self._journal))]
 
+    # -- read-only counters for metrics (the batcher's are private) -----------------------------
+
+    @property
+    def batches(self) -> int:
+        """Round trips the batcher made: calls of the ``BATCH`` script, decisions and
+        background operations together."""
+        return self._batcher.batches
+
+    @property
+    def operations(self) -> int:
+        """Operations sent in those round trips."""
+        return self._batcher.sent
+
+    @property
+    def dropped_operations(self) -> int:
+        """Background operations dropped because the batcher's queue was full (Redis away)."""
+        return self._batcher.dropped
+
 
 @asynccontextmanager
 async def open_store(settings: StoreSettings) -> AsyncIterator[RateStore]:
