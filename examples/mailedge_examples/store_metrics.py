@@ -53,8 +53,9 @@ class StoreCollector(Collector):
             ),
             CounterMetricFamily(
                 "mailedge_store_calls",
-                "Round trips to Redis for decisions: BATCH script calls, each carrying every "
-                "decision and background operation queued at the time.",
+                "Round trips to Redis for decisions and records: BATCH script calls (each "
+                "carrying every decision and background operation queued at the time) and the "
+                "single calls (hits, ban writes, listings); the view's re-reads apart.",
             ),
             CounterMetricFamily(
                 "mailedge_store_operations", "Operations (decisions and background) sent in them."
@@ -112,7 +113,7 @@ class StoreCollector(Collector):
         breaker_open.add_metric([], int(store.breaker.is_open))
         transitions.add_metric(["open"], store.breaker.opened)
         transitions.add_metric(["closed"], store.breaker.closed)
-        calls.add_metric([], store.batches)
+        calls.add_metric([], store.calls)
         operations.add_metric([], store.operations)
         dropped.add_metric([], store.dropped_operations)
         decisions.add_metric(["lease"], store.leases.spent)

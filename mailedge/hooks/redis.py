@@ -357,7 +357,8 @@ class RedisStore:
     ``await nursery.start(store.run)``) connects, subscribes and keeps the ban view current.
     Calls made before it runs, or while Redis is unreachable, are answered by ``on_failure``.
 
-    Counters for metrics: ``errors`` (calls that failed or timed out), ``fallbacks`` (calls
+    Counters for metrics: ``calls`` (round trips on the connection path and the admin's,
+    batches included), ``errors`` (calls that failed or timed out), ``fallbacks`` (calls
     answered without Redis), ``messages`` (pub/sub changes applied), ``replayed`` (outage writes
     sent once Redis was back); the breaker's ``opened``/``closed``; the view's ``resyncs``.
     """
@@ -374,6 +375,7 @@ class RedisStore:
     # The lease of a shared connection slot and how often this process renews its own.
     connection_lease: float = CONNECTION_LEASE
     connection_heartbeat: float = CONNECTION_HEARTBEAT
+    calls: int = attrs.field(default=0, init=False)
     errors: int = attrs.field(default=0, init=False)
     fallbacks: int = attrs.field(default=0, init=False)
     messages: int = attrs.field(default=0, init=False)
@@ -581,6 +583,7 @@ class RedisStore:
         if self._client is None or not self.breaker.allow():
             self.fallbacks += fallbacks
             return False, None
+        self.calls += 1
         try:
             with trio.fail_after(bound or self.timeout):
                 reply = await call()
