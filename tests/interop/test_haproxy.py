@@ -80,10 +80,10 @@ async def test_smtp_v2_crc32c_and_unique_id(tmp_path: Path) -> None:
 
 async def test_health_checks_send_local_and_stay_quiet(tmp_path: Path) -> None:
     async with behind_haproxy(
-        # Half a second: HAProxy's check times out after `inter`, and a loaded machine can
-        # take longer than 100 ms to answer one, marking the server down.
         tmp_path,
         "haproxy-smtp-health-check",
+        # Half a second: HAProxy's check times out after `inter`, and a loaded machine can
+        # take longer than 100 ms to answer one, marking the server down.
         CHECK_INTERVAL="500ms",
     ) as setup:
         me = setup.mailedge
