@@ -7,7 +7,6 @@ keeps its limits and bans in a real ``redis-server``, so the store's metrics are
 
 from __future__ import annotations
 
-import http.client
 import json
 import pathlib
 import re
@@ -18,6 +17,7 @@ import pytest
 import trio
 from interop_support import require_binary
 from mailedge_examples import mailserver
+from mailserver_support import scrape_metrics
 from prometheus_client.parser import text_string_to_metric_families
 from redis_support import RedisServer
 
@@ -57,17 +57,7 @@ async def exported_names(
     server: Server = await nursery.start(partial(mailserver.run, document, example))
     host, port = server.addresses["http"][0]
 
-    def scrape() -> str:
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-        try:
-            connection.request("GET", "/metrics")
-            response = connection.getresponse()
-            assert response.status == 200
-            return response.read().decode()
-        finally:
-            connection.close()
-
-    text = await trio.to_thread.run_sync(scrape)
+    text = await trio.to_thread.run_sync(scrape_metrics, (host, port))
     server.shutdown()
     names = set()
     for family in text_string_to_metric_families(text):

@@ -33,7 +33,7 @@ import attrs
 import pytest
 import trio
 from mailedge_examples import mailserver
-from mailserver_support import CLIENT_TIMEOUT, EXAMPLES, Script
+from mailserver_support import CLIENT_TIMEOUT, EXAMPLES, Script, scrape_metrics
 from proxied_clients import ProxiedHTTPConnection, ProxiedIMAP4, ProxiedSMTP
 from redis_support import RedisServer
 
@@ -883,12 +883,7 @@ def test_workers_serve_one_port_and_metrics_count_every_worker(
             assert ehlo_banner(script.address("smtp")).startswith(b"220 ")
 
         def decisions() -> float:
-            conn = http.client.HTTPConnection(*http_address, timeout=CLIENT_TIMEOUT)
-            try:
-                conn.request("GET", "/metrics")
-                text = conn.getresponse().read().decode()
-            finally:
-                conn.close()
+            text = scrape_metrics(http_address)
             return sum(
                 float(line.rpartition(" ")[2])
                 for line in text.splitlines()
@@ -903,12 +898,7 @@ def test_workers_serve_one_port_and_metrics_count_every_worker(
             time.sleep(0.1)
         assert decisions() == 20
         # A gauge every worker reports alike is reported once, not once per worker.
-        conn = http.client.HTTPConnection(*http_address, timeout=CLIENT_TIMEOUT)
-        try:
-            conn.request("GET", "/metrics")
-            text = conn.getresponse().read().decode()
-        finally:
-            conn.close()
+        text = scrape_metrics(http_address)
         proxy_on = [
             line
             for line in text.splitlines()

@@ -8,7 +8,6 @@ the wall clock: the outage is a real process's, like the store's own outage test
 
 from __future__ import annotations
 
-import http.client
 import pathlib
 import signal
 import time
@@ -17,7 +16,7 @@ from functools import partial
 
 import trio
 from mailedge_examples import mailserver
-from mailserver_support import CLIENT_TIMEOUT, Script
+from mailserver_support import CLIENT_TIMEOUT, Script, scrape_metrics
 from prometheus_client.parser import text_string_to_metric_families
 from redis_support import RedisServer
 
@@ -58,19 +57,6 @@ def parse(text: str) -> tuple[Samples, dict[str, str]]:
         for sample in family.samples:
             samples[sample.name, tuple(sorted(sample.labels.items()))] = sample.value
     return samples, types
-
-
-def scrape(address: tuple[str, int], source: str = "127.0.0.1") -> str:
-    connection = http.client.HTTPConnection(
-        *address, timeout=CLIENT_TIMEOUT, source_address=(source, 0)
-    )
-    try:
-        connection.request("GET", "/metrics")
-        response = connection.getresponse()
-        assert response.status == 200
-        return response.read().decode()
-    finally:
-        connection.close()
 
 
 def sources() -> Iterator[str]:
@@ -128,7 +114,7 @@ async def test_metrics_show_the_redis_store(
     nursery: trio.Nursery, tmp_path: pathlib.Path, redis_server: RedisServer
 ) -> None:
     address = await start(nursery, tmp_path, redis_server)
-    first, types = parse(await trio.to_thread.run_sync(scrape, address))
+    first, types = parse(await trio.to_thread.run_sync(scrape_metrics, address))
     assert {name: types.get(name) for name in STORE_METRICS} == STORE_METRICS
     # The first client was rested: allowed at once, its decision recorded on the way.
     assert value(first, "mailedge_store_decisions_total", how="credit") == 1
@@ -137,7 +123,7 @@ async def test_metrics_show_the_redis_store(
     assert value(first, "mailedge_store_connection_slots", state="open") == 1
     assert value(first, "mailedge_store_breaker_open") == 0
     assert value(first, "mailedge_store_view_resyncs_total") >= 1
-    second, _ = parse(await trio.to_thread.run_sync(scrape, address))
+    second, _ = parse(await trio.to_thread.run_sync(scrape_metrics, address))
     # The first connection's slot was taken in a round trip and is now kept as a spare,
     # which the second reuses.
     assert value(second, "mailedge_store_calls_total") >= 1
@@ -155,7 +141,7 @@ async def test_the_memory_store_exports_no_store_metrics(
     nursery: trio.Nursery, tmp_path: pathlib.Path
 ) -> None:
     address = await start(nursery, tmp_path, None)
-    text = await trio.to_thread.run_sync(scrape, address)
+    text = await trio.to_thread.run_sync(scrape_metrics, address)
     assert "mailedge_gate_decisions_total" in text
     assert "mailedge_store_" not in text
 
@@ -164,7 +150,7 @@ async def test_the_breaker_opening_and_closing_shows_on_metrics(
     nursery: trio.Nursery, tmp_path: pathlib.Path, redis_server: RedisServer
 ) -> None:
     address = await start(nursery, tmp_path, redis_server)
-    scrape_from = partial(scrape, address)
+    scrape_from = partial(scrape_metrics, address)
 
     def opened(samples: Samples) -> bool:
         return value(samples, "mailedge_store_breaker_open") == 1
@@ -197,7 +183,7 @@ def test_workers_sum_the_store_counters_and_report_one_breaker(
     script = Script(tmp_path, "--config", str(config), "--workers", "2")
     try:
         address = script.address("http")
-        _, types = parse(scrape(address))
+        _, types = parse(scrape_metrics(address))
         assert {name: types.get(name) for name in STORE_METRICS} == STORE_METRICS
         redis_server.pause()
         try:
@@ -205,7 +191,7 @@ def test_workers_sum_the_store_counters_and_report_one_breaker(
             # the sum of their transitions (each copied into the shared files within 1 s).
             during = wait_until(
                 lambda s: value(s, "mailedge_store_breaker_transitions_total", to="open") == 2,
-                partial(scrape, address),
+                partial(scrape_metrics, address),
             )
         finally:
             redis_server.resume()

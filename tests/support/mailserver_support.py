@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import pathlib
 import subprocess
 import sys
@@ -70,3 +71,17 @@ class Script:
         assert self.process.stdout is not None
         self.process.stdout.close()
         self._log.close()
+
+
+def scrape_metrics(
+    address: tuple[str, int], source: str = "127.0.0.1", timeout: float = CLIENT_TIMEOUT
+) -> str:
+    """The text of ``GET /metrics`` at ``address``, asked from ``source`` (a loopback address)."""
+    connection = http.client.HTTPConnection(*address, timeout=timeout, source_address=(source, 0))
+    try:
+        connection.request("GET", "/metrics")
+        response = connection.getresponse()
+        assert response.status == 200
+        return response.read().decode()
+    finally:
+        connection.close()
