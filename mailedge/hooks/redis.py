@@ -653,7 +653,16 @@ class RedisStore:
                 self._batcher.background(Op(name, "r", interval_us, reply[0]))
 
         reply = await self._submit(
-            Op(name, "g", interval_us, tolerance_us, want, undo=hand_back, then=settle)
+            Op(
+                name,
+                "g",
+                interval_us,
+                tolerance_us,
+                want,
+                undo=hand_back,
+                then=settle,
+                lost=unknown,
+            )
         )
         if reply is not None:
             granted, retry_us = reply
