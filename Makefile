@@ -45,13 +45,15 @@ $(BENCH_STAMP): pyproject.toml benchmarks/requirements-peers.txt
 	$(BENCH_VENV)/bin/python -m pip install --quiet -e '.[redis]' -r benchmarks/requirements-peers.txt
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) venv
 	$(BENCH_VENV)/bin/python benchmarks/parse.py
 	$(BENCH_VENV)/bin/python benchmarks/gate_overhead.py
 	$(BENCH_VENV)/bin/python benchmarks/half_headers.py
 	$(BENCH_VENV)/bin/python benchmarks/redis_clients.py
 	$(BENCH_VENV)/bin/python benchmarks/message_memory.py
 	$(BENCH_VENV)/bin/python benchmarks/store_overhead.py
+	# Starts its servers with the test suite's support code, so it runs in the dev venv.
+	$(BIN)/python benchmarks/store_failover.py
 
 # Fuzz the PROXY codec: atheris for FUZZ_TIME seconds over the checked-in seeds (new inputs
 # and crashes go to .fuzz-corpus/, never into fuzz/corpus), then the Hypothesis properties
