@@ -139,6 +139,8 @@ class Batcher:
                 self._urgent = trio.Event()
                 batch = self._queue[: self.max_batch]
                 del self._queue[: self.max_batch]
+                if any(op.done is not None for op in self._queue):
+                    self._urgent.set()  # more waiting decisions than one batch holds
                 # A caller that stopped waiting before its operation left decided without it.
                 batch = [op for op in batch if not op.abandoned]
                 if self.group is None:
