@@ -123,6 +123,9 @@ class LeaseTable:
     # Keys whose bucket is not full, as far as this process knows: when it will be again
     # (infinity while a decision's reply is awaited). A key absent here is rested.
     _unrested: dict[str, float] = attrs.field(factory=dict, init=False)
+    # A reply the full table could not keep: until then, a key not in it may be one whose
+    # bucket is not full, so none is credited.
+    _forgotten_until: float = attrs.field(default=-math.inf, init=False)
 
     def __repr__(self) -> str:
         return (
@@ -158,14 +161,16 @@ class LeaseTable:
         since its last reply): the event is within its burst unless the other processes
         emptied the whole burst meanwhile, and then the excess is this one event, once per
         time the bucket drains. Never for a limit below a burst of :data:`CREDIT_MIN_BURST`,
-        nor with the table full. Call it after :meth:`spend` said False; then
+        nor with the table full, nor for a client not in it while a reply the full table
+        could not keep may be its. Call it after :meth:`spend` said False; then
         :meth:`settled` with the reply.
         """
         if burst_of(emission_interval, burst_tolerance) < CREDIT_MIN_BURST:
             return False
-        if self._unrested.get(key, now) > now:
-            return False
-        if key not in self._unrested and len(self._unrested) >= self.max_keys:
+        if key in self._unrested:
+            if self._unrested[key] > now:
+                return False
+        elif now < self._forgotten_until or len(self._unrested) >= self.max_keys:
             return False
         self._unrested[key] = math.inf
         self.credited += 1
@@ -176,6 +181,8 @@ class LeaseTable:
         if rested_in > 0:
             if key in self._unrested or len(self._unrested) < self.max_keys:
                 self._unrested[key] = now + rested_in
+            else:
+                self._forgotten_until = max(self._forgotten_until, now + rested_in)
         else:
             self._unrested.pop(key, None)
 

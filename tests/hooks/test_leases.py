@@ -146,8 +146,21 @@ def test_no_credit_for_small_limits_or_with_the_table_full() -> None:
     table = LeaseTable(max_keys=1)
     assert not table.credit("small", *limit("9/1m"), now=0.0)
     assert table.credit("a", *limit("10/1m"), now=0.0)
-    table.settled("a", 0.0, rested_in=0.0)
-    assert table.credit("a", *limit("1000/1h"), now=0.0)
+    assert not table.credit("b", *limit("1000/1h"), now=0.0)
+
+
+def test_a_reply_the_full_table_could_not_keep_stops_credit_until_that_bucket_is_full() -> None:
+    table = LeaseTable(max_keys=1)
+    interval, tolerance = limit("1000/1h")
+    assert table.credit("a", interval, tolerance, now=0.0)
+    # "b" refused while the table is full: not remembered.
+    table.settled("b", 0.0, rested_in=60.0)
+    table.settled("a", 0.0, rested_in=0.0)  # room again
+    # "b" must not pass for a client never seen; nor may any other absent client, which
+    # cannot be told from it.
+    assert not table.credit("b", interval, tolerance, now=1.0)
+    assert not table.credit("c", interval, tolerance, now=59.0)
+    assert table.credit("b", interval, tolerance, now=60.0)
     assert not table.credit("b", *limit("1000/1h"), now=0.0)
 
 
