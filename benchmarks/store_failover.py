@@ -21,7 +21,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "support"))
 
-from redis_support import RedisSentinelSet
+from redis_support import RedisSentinelSet, until_shared
 
 from mailedge.hooks.redis import CircuitBreaker, RedisStore
 
@@ -43,16 +43,8 @@ async def one_failover(directory: Path, probe: float) -> float:
             assert not (await two.gcra("rl:warm:192.0.2.1", 10.0, 0.0)).allowed
             servers.primary.kill()
             killed = trio.current_time()
-            attempt = 0
-            with trio.fail_after(GIVE_UP):
-                while True:
-                    attempt += 1
-                    key = f"rl:failover:203.0.113.{attempt % 250}:{attempt}"
-                    if (await one.gcra(key, 10.0, 0.0)).allowed and not (
-                        await two.gcra(key, 10.0, 0.0)
-                    ).allowed:
-                        return trio.current_time() - killed
-                    await trio.sleep(0.01)
+            await until_shared(one, two, GIVE_UP, pause=0.01)
+            return trio.current_time() - killed
     finally:
         servers.stop()
 

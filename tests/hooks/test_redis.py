@@ -14,12 +14,12 @@ import os
 import random
 import sys
 import textwrap
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import trio
-from redis_support import RedisServer
+from redis_support import RedisServer, make_store, wait_until
 
 from mailedge.config import loads
 from mailedge.hooks.redis import (
@@ -43,12 +43,6 @@ BAN = "ab:ban:198.51.100.7"
 SLOW = 2.0
 # How long a propagated change may take to show in another process's view here.
 PROPAGATION = 5.0
-
-
-def make_store(server: RedisServer, **kwargs: object) -> RedisStore:
-    kwargs.setdefault("timeout", SLOW)
-    kwargs.setdefault("breaker", CircuitBreaker(threshold=3, probe_interval=0.1))
-    return RedisStore(url=server.url, **kwargs)  # type: ignore[arg-type]
 
 
 @pytest.fixture
@@ -420,18 +414,6 @@ async def test_open_store_from_settings(redis_server: RedisServer) -> None:
 # -- shared per-IP connection counts (maxConnectionsPerIp across processes) -------------------
 
 CONN = "conn:smtp:198.51.100.7"
-# How often wait_until asks.
-POLL = 0.05
-
-
-async def wait_until(predicate: Callable[[], Awaitable[bool]], within: float = PROPAGATION) -> None:
-    """Poll ``predicate()`` on the real clock (Redis expires keys by its own), bounded."""
-    with trio.fail_after(within):
-        for _ in range(int(within / POLL) + 1):
-            if await predicate():
-                return
-            await trio.sleep(POLL)
-    raise AssertionError(f"not within {within} s")
 
 
 async def test_two_stores_share_one_connection_count(redis_server: RedisServer) -> None:

@@ -7,14 +7,15 @@ limit, and what a process does not spend comes back to the others.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from functools import partial
 
 import pytest
+import redis_support
 import trio
-from redis_support import RedisServer
+from redis_support import RedisServer, wait_until
 
 from mailedge.hooks.leases import LeaseTable
-from mailedge.hooks.redis import CircuitBreaker, RedisStore
+from mailedge.hooks.redis import RedisStore
 from mailedge.settings import RateLimit
 
 pytest.importorskip("coredis")
@@ -23,27 +24,8 @@ CONN = "conn:smtp:198.51.100.7"
 SLOT_SET = "mailedge:conn:smtp:{198.51.100.7}"
 # Generous for a loaded 2-core machine: these tests check behaviour, not speed.
 SLOW = 2.0
-# How often `eventually` asks.
-POLL = 0.05
-
-
-def make_store(server: RedisServer, **kwargs: object) -> RedisStore:
-    kwargs.setdefault("timeout", SLOW)
-    kwargs.setdefault("breaker", CircuitBreaker(threshold=100, probe_interval=0.1))
-    return RedisStore(url=server.url, **kwargs)  # type: ignore[arg-type]
-
-
-async def eventually(predicate: Callable[[], Awaitable[bool] | bool], within: float) -> None:
-    """Poll ``predicate`` on the real clock (Redis keeps its own), a bounded number of times."""
-    with trio.fail_after(within + 1):
-        for _ in range(int(within / POLL) + 1):
-            result = predicate()
-            if not isinstance(result, bool):
-                result = await result
-            if result:
-                return
-            await trio.sleep(POLL)
-    raise AssertionError(f"not within {within} s")
+# Every failure here is meant to be seen, not to open the breaker.
+make_store = partial(redis_support.make_store, threshold=100)
 
 
 async def take_all(store: RedisStore, key: str, limit: RateLimit) -> int:
@@ -96,7 +78,7 @@ async def test_a_caller_that_gave_up_waiting_leaves_no_slot_held(
             redis_server.resume()
         # Whether Redis took the slot when it woke or never saw the command, nobody holds it:
         # a slot a failed call may have taken is given back (the keeper retries).
-        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        await wait_until(lambda: held_slots(redis_server) == 0, SLOW)
         assert store.connection_slots == 0
         token = await store.take_connection(CONN, 5)
         assert isinstance(token, str)
@@ -114,8 +96,8 @@ async def test_a_slot_taken_for_a_cancelled_caller_is_given_back(
             assert scope.cancelled_caught
         finally:
             redis_server.resume()
-        await eventually(lambda: store._batcher.sent >= 2, SLOW)
-        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        await wait_until(lambda: store._batcher.sent >= 2, SLOW)
+        await wait_until(lambda: held_slots(redis_server) == 0, SLOW)
         assert store.connection_slots == 0
 
 
@@ -140,7 +122,7 @@ async def test_leased_tokens_never_exceed_the_limit_and_unspent_ones_come_back(
         # Never looser: what one holds is not available to two.
         assert await take_all(two, key, limit) == 200 - 150 - held
         # One's lease expires; the keeper hands its unspent tokens back to Redis.
-        await eventually(lambda: one.leases.held == 0, SLOW)
+        await wait_until(lambda: one.leases.held == 0, SLOW)
         await trio.sleep(0.3)
         assert await take_all(two, key, limit) == held
 
@@ -163,7 +145,7 @@ async def test_a_closed_connections_slot_is_kept_for_the_clients_next_one(
         assert store._batcher.sent == sent  # no round trip
         store.release_connection(CONN, first)
         # Unused for its lifetime, the spare is given back.
-        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        await wait_until(lambda: held_slots(redis_server) == 0, SLOW)
         assert store.spare_slots == 0
 
 
@@ -173,7 +155,7 @@ async def test_small_connection_limits_keep_no_spare(redis_server: RedisServer) 
         assert isinstance(token, str)
         store.release_connection(CONN, token)
         assert store.spare_slots == 0
-        await eventually(lambda: held_slots(redis_server) == 0, SLOW)
+        await wait_until(lambda: held_slots(redis_server) == 0, SLOW)
 
 
 async def test_a_new_clients_first_decision_makes_no_round_trip_and_is_counted(
@@ -187,7 +169,7 @@ async def test_a_new_clients_first_decision_makes_no_round_trip_and_is_counted(
         assert result.allowed
         assert (one._batcher.sent, one.leases.credited) == (sent, 1)
         # Recorded on the way: the other store finds one token gone.
-        await eventually(lambda: one._batcher.sent == sent + 1, SLOW)
+        await wait_until(lambda: one._batcher.sent == sent + 1, SLOW)
         assert await take_all(two, key, limit) == 199
 
 

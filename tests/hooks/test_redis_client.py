@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import pytest
+import redis_support
 import trio
-from redis_support import RedisClusterSet, RedisSentinelSet
+from redis_support import RedisClusterSet, RedisSentinelSet, until_shared
 
-from mailedge.hooks.redis import CircuitBreaker, RedisStore
 from mailedge.hooks.redis_client import open_client
 
 coredis = pytest.importorskip("coredis")
@@ -31,10 +32,7 @@ PROPAGATION = 5.0
 FAILOVER = 30.0
 
 
-def make_store(url: str, **kwargs: object) -> RedisStore:
-    kwargs.setdefault("timeout", 0.5)
-    kwargs.setdefault("breaker", CircuitBreaker(threshold=3, probe_interval=0.1))
-    return RedisStore(url=url, **kwargs)  # type: ignore[arg-type]
+make_store = partial(redis_support.make_store, timeout=0.5)
 
 
 # -- the client each URL builds (no server) -------------------------------------------------------
@@ -136,16 +134,7 @@ async def test_sentinel_shares_through_the_primary_and_follows_a_failover(
         assert (await one.gcra("rl:conn:smtp:192.0.2.1", 10.0, 0.0)).allowed
         assert await two.get("ab:ban:198.51.100.7") is not None
         # Sharing is back when one store's allowance refuses the other's next call.
-        attempt = 0
-        with trio.fail_after(FAILOVER):
-            while True:
-                attempt += 1
-                key = f"rl:conn:smtp:203.0.113.{attempt % 250}:{attempt}"
-                first = await one.gcra(key, 10.0, 0.0)
-                second = await two.gcra(key, 10.0, 0.0)
-                if first.allowed and not second.allowed:
-                    break
-                await trio.sleep(0.05)
+        await until_shared(one, two, FAILOVER)
         # How long this takes is benchmarks/store_failover.py's to say; here only that it ends.
         assert trio.current_time() - killed < FAILOVER
         assert sentinel_set.primary_port() == sentinel_set.replica.port
@@ -246,16 +235,7 @@ async def test_a_cluster_store_starts_before_its_cluster_and_joins_it(tmp_path: 
             assert (await one.gcra(key, 10.0, 0.0)).allowed
             assert (await two.gcra(key, 10.0, 0.0)).allowed
             await trio.to_thread.run_sync(cluster.start)
-            attempt = 0
-            with trio.fail_after(FAILOVER):
-                while True:
-                    attempt += 1
-                    key = f"rl:conn:smtp:203.0.113.{attempt % 250}:{attempt}"
-                    if (await one.gcra(key, 10.0, 0.0)).allowed and not (
-                        await two.gcra(key, 10.0, 0.0)
-                    ).allowed:
-                        break
-                    await trio.sleep(0.05)
+            await until_shared(one, two, FAILOVER)
             await one.set("ab:ban:192.0.2.9", "r", 600.0)
             with trio.fail_after(PROPAGATION):
                 await two.view.wait_for(lambda view: view.get("ab:ban:192.0.2.9") is not None)

@@ -21,11 +21,15 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import attrs
+import trio
 from interop_support import free_port, require_binary
+
+from mailedge.hooks.redis import CircuitBreaker, RedisStore
 
 __all__ = [
     "STARTUP_TIMEOUT",
@@ -379,3 +383,50 @@ class RedisClusterSet:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+
+# Generous for a loaded 2-core machine: the store tests check behaviour, not speed.
+STORE_TIMEOUT = 2.0
+# How often wait_until asks.
+POLL = 0.05
+
+
+def make_store(
+    server: RedisServer | str, *, timeout: float = STORE_TIMEOUT, threshold: int = 3, **kwargs: Any
+) -> RedisStore:
+    """A store on ``server`` (or a URL) whose breaker probes every 0.1 s, so that a test
+    sees recovery quickly; ``threshold`` errors in a row open it."""
+    url = server if isinstance(server, str) else server.url
+    kwargs.setdefault("breaker", CircuitBreaker(threshold=threshold, probe_interval=0.1))
+    return RedisStore(url=url, timeout=timeout, **kwargs)
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], within: float) -> None:
+    """Poll ``predicate`` on the real clock (Redis keeps its own time), a bounded number of
+    times within ``within`` seconds."""
+    with trio.fail_after(within):
+        for _ in range(int(within / POLL) + 1):
+            result = predicate()
+            if not isinstance(result, bool):
+                result = await result
+            if result:
+                return
+            await trio.sleep(POLL)
+    raise AssertionError(f"not within {within} s")
+
+
+async def until_shared(
+    one: RedisStore, two: RedisStore, within: float, pause: float = POLL
+) -> None:
+    """Until an allowance one store takes refuses the other's next call on the same key: they
+    share one Redis again (after a failover, or once a Cluster came up). Each try is a new
+    key with a burst of 1, so no lease or credit can answer it locally."""
+    with trio.fail_after(within):
+        for attempt in range(1, int(within / pause) + 2):
+            key = f"rl:shared:203.0.113.{attempt % 250}:{attempt}"
+            if (await one.gcra(key, 10.0, 0.0)).allowed and not (
+                await two.gcra(key, 10.0, 0.0)
+            ).allowed:
+                return
+            await trio.sleep(pause)
+    raise AssertionError(f"not sharing within {within} s")
